@@ -1,0 +1,227 @@
+"""The one validated configuration tree of a pdserve deployment.
+
+Every component receives only its own sub-tree: the router gets `RouterConfig` and
+`SLOConfig`, each worker gets its `PoolConfig` and the `KVTransferSettings`, the
+launcher reads the whole `ServeConfig`. Configs come from a YAML file, CLI flags, or
+both (flags win); anything invalid fails at start-up with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Mode = Literal["disaggregated", "colocated"]
+Role = Literal["prefill", "decode", "colocated"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: Path | None = Field(
+        None,
+        description="Local Hugging Face-format model directory (config.json, safetensors, "
+        "tokenizer). Unset: the embedded tiny model, built locally on first use.",
+    )
+    embedded: Literal["tiny", "small"] = Field(
+        "tiny",
+        description="Which embedded model to serve when `path` is unset: `tiny` (fast, for "
+        "tests) or `small` (~100M parameters; prefill interference is visible on a CPU).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model`; defaults to the directory name."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Context length (prompt + output tokens); defaults to the model's."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype passed to vLLM."
+    )
+    block_size: int | None = Field(
+        None, gt=0,
+        description="KV-cache block size in tokens, the same in both pools; unset: the engine's "
+        "default (the CPU backend needs a multiple of 32).",
+    )
+    seed: int = Field(0, description="Engine seed.")
+
+
+class PoolConfig(_Strict):
+    num_instances: int = Field(1, ge=0, description="Number of engine instances in this pool.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree per instance.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline-parallel degree per instance.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per instance.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per instance (0 on CPU).")
+    cpu_cores: list[list[int]] | None = Field(
+        None,
+        description="CPU backend only: the cores each instance's threads are bound to, one list "
+        "per instance (e.g. [[0], [1]]). Unset: vLLM's own default.",
+    )
+    kv_cache_gib: int = Field(
+        1, ge=1, description="CPU backend only: KV-cache space per instance in whole GiB."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="GPU backend only: share of GPU memory vLLM may use."
+    )
+    max_num_seqs: int = Field(128, ge=1, description="Most sequences one engine step may hold.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one engine step; defaults to vLLM's."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prompt prefixes.")
+
+    @model_validator(mode="after")
+    def _cores_match_instances(self) -> "PoolConfig":
+        if self.cpu_cores is not None:
+            if len(self.cpu_cores) != self.num_instances:
+                raise ValueError(
+                    f"cpu_cores has {len(self.cpu_cores)} entries but num_instances is "
+                    f"{self.num_instances}; give one core list per instance"
+                )
+            if any(not cores or min(cores) < 0 for cores in self.cpu_cores):
+                raise ValueError("every cpu_cores entry must be a non-empty list of core ids >= 0")
+        return self
+
+
+class KVTransferSettings(_Strict):
+    transport: Literal["auto", "shm", "tcp"] = Field(
+        "auto",
+        description="How decode reads a prefill's KV: shared memory (same host), TCP (any host), "
+        "or auto (shared memory when both ends share a host, else TCP).",
+    )
+    on_failure: Literal["recompute", "fail"] = Field(
+        "fail",
+        description="When KV cannot be loaded on decode: recompute the prompt there, or fail the "
+        "request with an error. Output is never computed on incomplete KV.",
+    )
+    lease_s: float = Field(
+        120.0, gt=0, description="Staged KV not claimed by a decode within this time is reclaimed."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect/read timeout.")
+    advertise_host: str | None = Field(
+        None,
+        description="Address decode instances use to reach this node's TCP transfer server; "
+        "defaults to the Ray node IP.",
+    )
+    staging_dir: Path | None = Field(
+        None,
+        description="Where staged KV segments live; defaults to /dev/shm (falls back to the "
+        "system temp dir).",
+    )
+
+
+class SLOConfig(_Strict):
+    ttft_s: float = Field(1.0, gt=0, description="Time-to-first-token SLO in seconds.")
+    tpot_s: float = Field(0.1, gt=0, description="Time-per-output-token SLO in seconds.")
+    attainment: float = Field(
+        0.9, gt=0, le=1, description="Share of requests that must meet both SLOs."
+    )
+
+
+class RouterConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP router listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the HTTP router listens on.")
+    prefill_policy: Literal["least_prompt_tokens", "round_robin"] = Field(
+        "least_prompt_tokens", description="How a prefill (or colocated) instance is chosen."
+    )
+    decode_policy: Literal["most_free_kv", "round_robin"] = Field(
+        "most_free_kv", description="How a decode instance is chosen."
+    )
+    stats_interval_s: float = Field(
+        0.25, gt=0, description="How often worker load (queues, KV usage) is polled."
+    )
+    max_pending_requests: int = Field(
+        4096, ge=1, description="Requests in flight beyond which new ones get HTTP 503."
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Existing Ray cluster address; unset starts a local Ray instance."
+    )
+    namespace: str = Field("pdserve", description="Ray namespace of the deployment's actors.")
+    object_store_memory_bytes: int = Field(
+        256 * 1024**2, gt=0, description="Object store size of a local Ray instance."
+    )
+
+
+class ServeConfig(_Strict):
+    mode: Mode = Field("disaggregated", description="Disaggregated P/D pools or colocated instances.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    colocated: PoolConfig = Field(default_factory=PoolConfig)
+    kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _pools_present(self) -> "ServeConfig":
+        if self.mode == "disaggregated":
+            if self.prefill.num_instances < 1 or self.decode.num_instances < 1:
+                raise ValueError(
+                    "disaggregated mode needs prefill.num_instances >= 1 and "
+                    "decode.num_instances >= 1"
+                )
+        elif self.colocated.num_instances < 1:
+            raise ValueError("colocated mode needs colocated.num_instances >= 1")
+        return self
+
+    def pools(self) -> dict[Role, PoolConfig]:
+        """The pools this mode runs, by role."""
+        if self.mode == "disaggregated":
+            return {"prefill": self.prefill, "decode": self.decode}
+        return {"colocated": self.colocated}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid pdserve config:\n" + "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read a YAML file (optional), apply nested `overrides` (e.g. from CLI flags), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _deep_merge(data, overrides or {})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from e
+
+
+def dump_config(config: ServeConfig) -> str:
+    """YAML text that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

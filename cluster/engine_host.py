@@ -1,0 +1,183 @@
+"""One vLLM v1 async engine, as the prefill and decode workers both use it.
+
+`EngineHost` builds `AsyncLLM` from pdserve's config for one instance, streams request
+outputs as token-id deltas (detokenization and stop strings live in the router, as vLLM's
+own front end does them), aborts requests, and keeps the engine's latest load figures
+(running and waiting requests, KV usage, connector transfer records) from a stat logger.
+vLLM is imported inside methods so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ModelConfig, PoolConfig
+from cluster.wire import SamplingSpec, TransferStat
+
+# Memory-bounding defaults for CPU engines: vLLM sizes its KV cache from this.
+_CPU_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+_CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+@dataclass
+class EngineLoad:
+    """Latest figures reported by the engine's scheduler (updated every engine step)."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    transfers: list[TransferStat] = field(default_factory=list)
+
+    def take_transfers(self) -> tuple[TransferStat, ...]:
+        taken, self.transfers = tuple(self.transfers), []
+        return taken
+
+
+def is_cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to build one engine instance."""
+
+    model_path: Path
+    model: ModelConfig
+    pool: PoolConfig
+    instance_index: int  # within its pool, selects cpu_cores
+    kv_transfer_config: dict[str, Any] | None = None
+
+
+def to_sampling_params(spec: SamplingSpec, *, max_tokens: int | None = None,
+                       min_tokens: int | None = None, kv_transfer_params: dict | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+    return SamplingParams(
+        n=1,
+        max_tokens=spec.max_tokens if max_tokens is None else max_tokens,
+        min_tokens=spec.min_tokens if min_tokens is None else min_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k if spec.top_k > 0 else 0,
+        seed=spec.seed,
+        ignore_eos=spec.ignore_eos,
+        stop_token_ids=list(spec.stop_token_ids),
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra,
+    )
+
+
+class EngineHost:
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.load = EngineLoad()
+        self.num_kv_blocks = 0
+        self._engine = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._engine is not None
+
+    def _engine_args(self):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        m, p = self.spec.model, self.spec.pool
+        kwargs: dict[str, Any] = dict(
+            model=str(self.spec.model_path),
+            served_model_name=m.served_model_name,
+            dtype=m.dtype,
+            max_model_len=m.max_model_len,
+            seed=m.seed,
+            tensor_parallel_size=p.tensor_parallel_size,
+            pipeline_parallel_size=p.pipeline_parallel_size,
+            max_num_seqs=p.max_num_seqs,
+            enable_prefix_caching=p.enable_prefix_caching,
+            disable_log_stats=False,
+        )
+        if m.block_size is not None:
+            kwargs["block_size"] = m.block_size
+        if p.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = p.max_num_batched_tokens
+        if is_cuda_available():
+            kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
+        if self.spec.kv_transfer_config is not None:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**self.spec.kv_transfer_config)
+        return AsyncEngineArgs(**kwargs)
+
+    def _set_cpu_env(self) -> None:
+        """The CPU backend reads these at engine start-up; they are per process."""
+        if is_cuda_available():
+            return
+        pool = self.spec.pool
+        os.environ[_CPU_KV_SPACE_ENV] = str(pool.kv_cache_gib)
+        if pool.cpu_cores is not None:
+            cores = pool.cpu_cores[self.spec.instance_index]
+            os.environ[_CPU_BIND_ENV] = ",".join(str(c) for c in cores)
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._set_cpu_env()
+        factory = _make_load_logger_factory(self)
+        self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
+        cache = self._engine.vllm_config.cache_config
+        self.num_kv_blocks = int(cache.num_gpu_blocks or 0)
+
+    async def stream(self, request_id: str, prompt_token_ids: list[int],
+                     sampling_params) -> AsyncIterator[Any]:
+        """Yield vLLM RequestOutputs (deltas). Cancelling the iterator aborts the request."""
+        from vllm.inputs import TokensPrompt
+
+        assert self._engine is not None, "engine not started"
+        async for out in self._engine.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_token_ids)), sampling_params, request_id
+        ):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _make_load_logger_factory(host: EngineHost):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _LoadLogger(StatLoggerBase):
+        """Copies the scheduler's figures into `host.load` on every engine step."""
+
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self._load = host.load
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is None:
+                return
+            self._load.num_running_reqs = scheduler_stats.num_running_reqs
+            self._load.num_waiting_reqs = scheduler_stats.num_waiting_reqs
+            self._load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            connector = scheduler_stats.kv_connector_stats or {}
+            for rec in connector.get("transfers", ()):
+                self._load.transfers.append(TransferStat(**rec))
+            del self._load.transfers[:-10_000]  # bounded if nobody polls
+
+        def log_engine_initialized(self):
+            pass
+
+    return _LoadLogger

@@ -1,0 +1,243 @@
+"""The composition root: starts Ray, the worker actors and the router for one `ServeConfig`.
+
+Worker classes are plain; here they are wrapped with ``ray.remote`` and given their
+resources. The router reaches them through the small adapters below, which turn Ray actor
+calls back into the protocols `router.pool` defines. Nothing imports this module but the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.engine_host import EngineSpec, is_cuda_available
+from cluster.tiny_model import ensure_tiny_model
+from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+
+log = logging.getLogger("pdserve")
+ENGINE_START_TIMEOUT_S = 900.0
+
+
+class StartupError(RuntimeError):
+    """The deployment could not start; the message says which instance and why."""
+
+
+class RayPrefillClient:
+    def __init__(self, instance_id: str, actor: Any):
+        self.instance_id = instance_id
+        self._actor = actor
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:
+        return await self._actor.prefill.remote(req)
+
+    async def release_kv(self, handle: KVHandle) -> bool:
+        return await self._actor.release_kv.remote(handle)
+
+    async def abort(self, request_id: str) -> None:
+        await self._actor.abort.remote(request_id)
+
+    async def stats(self) -> WorkerStats:
+        return await self._actor.stats.remote()
+
+
+class RayGenerateClient:
+    def __init__(self, instance_id: str, actor: Any):
+        self.instance_id = instance_id
+        self._actor = actor
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
+        import ray
+
+        stream = self._actor.generate.options(num_returns="streaming").remote(req)
+        is_done = False
+        try:
+            async for ref in stream:
+                delta = await ref
+                yield delta
+                if delta.finish_reason is not None:
+                    is_done = True
+        finally:
+            if not is_done:
+                ray.cancel(stream)
+
+    async def abort(self, request_id: str) -> None:
+        await self._actor.abort.remote(request_id)
+
+    async def stats(self) -> WorkerStats:
+        return await self._actor.stats.remote()
+
+
+def resolve_model_path(config: ServeConfig) -> Path:
+    if config.model.path is not None:
+        path = Path(config.model.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.path: {path} is not a Hugging Face model directory "
+                              "(no config.json)")
+        return path
+    return ensure_tiny_model(config.model.embedded)
+
+
+def served_model_name(config: ServeConfig, model_path: Path) -> str:
+    if config.model.served_model_name:
+        return config.model.served_model_name
+    if config.model.path is None:
+        return f"pdserve-{config.model.embedded}"
+    return model_path.name
+
+
+def with_default_cpu_cores(config: ServeConfig, cores: list[int]) -> ServeConfig:
+    """On a CPU host, give each instance its own cores unless the config pins them: two
+    engines' thread pools fighting over the same cores cost both of them."""
+    pools = config.pools()
+    num_instances = sum(p.num_instances for p in pools.values())
+    if num_instances == 0 or all(p.cpu_cores is not None for p in pools.values()):
+        return config
+    if num_instances <= len(cores):
+        per = len(cores) // num_instances
+        chunks = [cores[i * per:(i + 1) * per] for i in range(num_instances)]
+    else:
+        chunks = [[cores[i % len(cores)]] for i in range(num_instances)]
+    update: dict[str, PoolConfig] = {}
+    i = 0
+    for role, pool in pools.items():
+        assigned = chunks[i:i + pool.num_instances]
+        i += pool.num_instances
+        if pool.cpu_cores is None:
+            update[role] = pool.model_copy(update={"cpu_cores": assigned})
+    return config.model_copy(update=update)
+
+
+@dataclass
+class Deployment:
+    config: ServeConfig
+    model_path: Path
+    actors: dict[str, Any] = field(default_factory=dict)
+    prefill: list[RayPrefillClient] = field(default_factory=list)
+    decode: list[RayGenerateClient] = field(default_factory=list)
+    colocated: list[RayGenerateClient] = field(default_factory=list)
+
+    async def shutdown(self) -> None:
+        import ray
+
+        await asyncio.gather(*(_quiet(a.shutdown.remote()) for a in self.actors.values()))
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+
+
+async def _quiet(ref) -> None:
+    try:
+        await asyncio.wait_for(ref, timeout=30)
+    except Exception:
+        pass
+
+
+def init_ray(config: ServeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(namespace=config.ray.namespace, include_dashboard=False,
+                                  log_to_driver=True)
+    if config.ray.address is None:
+        needed = sum(p.num_cpus * p.num_instances for p in config.pools().values())
+        kwargs.update(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                      object_store_memory=config.ray.object_store_memory_bytes)
+    else:
+        kwargs["address"] = config.ray.address
+    ray.init(**kwargs)
+
+
+async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
+    """Create every worker actor, start their engines in parallel, wait until all are ready."""
+    import ray
+
+    from decode_worker.worker import DecodeWorker
+    from prefill_worker.worker import PrefillWorker
+
+    dep = Deployment(config=config, model_path=model_path)
+    node_ip = ray.util.get_node_ip_address()
+    for role, pool in config.pools().items():
+        for i in range(pool.num_instances):
+            instance_id = f"{role}-{i}"
+            spec = EngineSpec(model_path=model_path, model=config.model, pool=pool, instance_index=i)
+            options = dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, name=f"pdserve-{instance_id}",
+                           max_concurrency=4096)
+            if role == "prefill":
+                actor = ray.remote(PrefillWorker).options(**options).remote(
+                    instance_id, spec, config.kv_transfer, node_ip)
+                dep.prefill.append(RayPrefillClient(instance_id, actor))
+            else:
+                actor = ray.remote(DecodeWorker).options(**options).remote(
+                    instance_id, spec, config.kv_transfer, role)
+                (dep.decode if role == "decode" else dep.colocated).append(
+                    RayGenerateClient(instance_id, actor))
+            dep.actors[instance_id] = actor
+    starts = {iid: actor.start.remote() for iid, actor in dep.actors.items()}
+    try:
+        await asyncio.wait_for(asyncio.gather(*starts.values()), timeout=ENGINE_START_TIMEOUT_S)
+    except asyncio.TimeoutError as e:
+        await dep.shutdown()
+        raise StartupError(f"engines did not start within {ENGINE_START_TIMEOUT_S:.0f} s") from e
+    except ray.exceptions.RayError as e:
+        await dep.shutdown()
+        cause = getattr(e, "cause", None) or e
+        first_line = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
+        raise StartupError(f"an engine failed to start: {first_line} (the worker log above "
+                           "has the details)") from e
+    except BaseException:
+        await dep.shutdown()
+        raise
+    return dep
+
+
+def build_router_app(config: ServeConfig, model_path: Path, dep: Deployment):
+    from router.app import RouterDeps, create_app
+    from router.metrics import Metrics
+    from router.pool import WorkerPool
+    from router.tokenizer import ModelTokenizer
+
+    pool = WorkerPool.build(config.router, prefill=dep.prefill, decode=dep.decode,
+                            colocated=dep.colocated, block_size=config.model.block_size or 16)
+    num_gpus = sum(p.num_gpus * p.num_instances for p in config.pools().values())
+    num_instances = sum(p.num_instances for p in config.pools().values())
+    metrics = Metrics(config.slo, num_units=int(num_gpus) if num_gpus else num_instances,
+                      unit="gpu" if num_gpus else "instance")
+    deps = RouterDeps(config=config.router, slo=config.slo,
+                      model_name=served_model_name(config, model_path),
+                      tokenizer=ModelTokenizer(model_path, config.model.max_model_len),
+                      pool=pool, metrics=metrics)
+    return create_app(deps)
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run a deployment until SIGINT/SIGTERM."""
+    import uvicorn
+
+    model_path = resolve_model_path(config)
+    if config.ray.address is None and not is_cuda_available():
+        config = with_default_cpu_cores(config, sorted(os.sched_getaffinity(0)))
+    init_ray(config)
+    log.info("starting %s workers for %s", config.mode, model_path)
+    dep = await start_workers(config, model_path)
+    app = build_router_app(config, model_path, dep)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.router.host, port=config.router.port,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    try:
+        log.info("pdserve ready on http://%s:%d", config.router.host, config.router.port)
+        await server.serve()
+    finally:
+        await dep.shutdown()
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,126 @@
+"""A decode instance (or, with no KV handles, an ordinary colocated instance).
+
+Request lifecycle on this worker::
+
+    received ──handle given──▶ FETCHING_KV ──local segment ready──▶ LOADING (inside the engine,
+        │                          │                                  before its first step)
+        │                          └─fetch failed──▶ policy "fail": FAILED (error delta)
+        │                                            policy "recompute": RECOMPUTING
+        └─no handle (colocated)──▶ RUNNING
+    LOADING / RECOMPUTING ──first step──▶ RUNNING ──EOS / stop id / max_tokens──▶ FINISHED
+    any state ──abort (client gone)──▶ ABORTED (engine frees the blocks; an unconsumed
+                                        segment is unlinked by the consumer or the lease)
+
+The first delta says how the prompt's KV was obtained (`served_by`) and how many prompt
+tokens the engine computed itself: 1 when the KV moved (prefill's first token), the whole
+prompt when it was recomputed. A plain class; the launcher wraps it with ``ray.remote``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from cluster.config import KVTransferSettings
+from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
+from cluster.wire import (
+    EngineRequest, KVTransferError, ServedBy, TokenDelta, TransferStat, WorkerStats,
+)
+from kvtransfer.service import ConsumerService, vllm_kv_transfer_config
+
+
+class DecodeWorker:
+    def __init__(self, instance_id: str, spec: EngineSpec, kv: KVTransferSettings,
+                 role: Literal["decode", "colocated"] = "decode"):
+        self.instance_id = instance_id
+        self.role = role
+        self._kv = ConsumerService(kv)
+        if role == "decode":
+            spec = EngineSpec(
+                model_path=spec.model_path, model=spec.model, pool=spec.pool,
+                instance_index=spec.instance_index,
+                kv_transfer_config=vllm_kv_transfer_config(
+                    "kv_consumer", kv, f"{instance_id}-consumer", self._kv.staging_dir),
+            )
+        self._engine = EngineHost(spec)
+        self._queued_prompt_tokens = 0
+        self._fetch_transfers: list[TransferStat] = []
+
+    async def start(self) -> str:
+        await self._engine.start()
+        return self.instance_id
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
+        """Stream the request's output tokens. For decode, prompt_token_ids ends with the
+        prefill's first token and the handle covers every prompt id before it."""
+        kv_params = None
+        kv_load_s = None
+        served_by: ServedBy = "colocated"
+        if req.kv_handle is not None:
+            try:
+                materialized = await asyncio.to_thread(self._kv.materialize, req.kv_handle)
+            except KVTransferError as e:
+                self._fetch_transfers.append(TransferStat(
+                    transport=self._kv.transport_for(req.kv_handle), direction="fetch",
+                    num_bytes=0, duration_s=0.0, outcome="failed"))
+                if self._kv.settings.on_failure == "fail":
+                    yield TokenDelta(token_ids=(), finish_reason="error",
+                                     error=f"KV transfer failed: {e}")
+                    return
+                served_by = "recomputed"
+            else:
+                kv_params = materialized.kv_transfer_params
+                kv_load_s = materialized.stat.duration_s
+                self._fetch_transfers.append(materialized.stat)
+                served_by = "transferred"
+        sp = to_sampling_params(req.sampling, kv_transfer_params=kv_params)
+        num_prompt = len(req.prompt_token_ids)
+        first = True
+        self._queued_prompt_tokens += num_prompt
+        try:
+            async for out in self._engine.stream(req.request_id, list(req.prompt_token_ids), sp):
+                completion = out.outputs[0] if out.outputs else None
+                token_ids = tuple(completion.token_ids) if completion else ()
+                finish = _finish_reason(completion.finish_reason if completion else None,
+                                        out.finished)
+                if first:
+                    first = False
+                    self._queued_prompt_tokens -= num_prompt
+                    num_cached = int(out.num_cached_tokens or 0)
+                    if served_by == "transferred" and num_cached < num_prompt - 1:
+                        served_by = "recomputed"  # the engine could not use the segment
+                    yield TokenDelta(token_ids=token_ids, finish_reason=finish,
+                                     served_by=served_by,
+                                     num_prompt_tokens_computed=num_prompt - num_cached,
+                                     kv_load_s=kv_load_s)
+                else:
+                    yield TokenDelta(token_ids=token_ids, finish_reason=finish)
+        finally:
+            if first:
+                self._queued_prompt_tokens -= num_prompt
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    async def stats(self) -> WorkerStats:
+        load = self._engine.load
+        fetches, self._fetch_transfers = tuple(self._fetch_transfers), []
+        return WorkerStats(
+            instance_id=self.instance_id, role=self.role, is_ready=self._engine.is_ready,
+            num_running_reqs=load.num_running_reqs, num_waiting_reqs=load.num_waiting_reqs,
+            kv_cache_usage=load.kv_cache_usage, num_kv_blocks=self._engine.num_kv_blocks,
+            queued_prompt_tokens=self._queued_prompt_tokens,
+            transfers=fetches + load.take_transfers(),
+        )
+
+    async def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+def _finish_reason(reason: str | None, finished: bool):
+    if not finished:
+        return None
+    if reason in ("stop", "length", "abort"):
+        return reason
+    return "error" if reason == "error" else "stop"

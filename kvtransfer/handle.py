@@ -1,0 +1,45 @@
+"""The contents of a `KVHandle`: where a prefill staged a request's KV and how to reach it.
+
+Only this package encodes or decodes it; the router carries the bytes without reading them.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from pathlib import Path
+
+import msgspec
+
+from cluster.wire import KVHandle, KVTransferError
+
+
+class TransferDescriptor(msgspec.Struct, frozen=True):
+    segment_path: str  # on the producer's node
+    num_tokens: int  # prompt tokens whose KV the segment holds
+    node_id: str  # identifies the producer's host (same id: shared memory reaches it)
+    tcp_host: str  # the producer node's transfer server, for consumers on other hosts
+    tcp_port: int
+    producer_id: str
+    producer_epoch: str  # a restarted producer gets a new epoch; old handles are void
+
+
+@functools.cache
+def local_node_id() -> str:
+    """Stable for the life of this host's boot: same value means same /dev/shm."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "noboot"
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+def encode_handle(desc: TransferDescriptor) -> KVHandle:
+    return KVHandle(producer_id=desc.producer_id, data=msgspec.msgpack.encode(desc))
+
+
+def decode_handle(handle: KVHandle) -> TransferDescriptor:
+    try:
+        return msgspec.msgpack.decode(handle.data, type=TransferDescriptor)
+    except msgspec.DecodeError as e:
+        raise KVTransferError(f"malformed KV handle from {handle.producer_id}: {e}") from e

@@ -1,0 +1,117 @@
+"""A prefill instance: computes a prompt's KV and its first token, and stages the KV.
+
+Request lifecycle on this worker::
+
+    received ──engine prefill (max_tokens=1), KV saved layer by layer──▶ STAGED
+    STAGED ──decode fetches / loads the segment──▶ (ownership passes to decode)
+    STAGED ──release_kv (request ended at its first token, or was cancelled)──▶ freed
+    STAGED ──nobody claims it within the lease──▶ reclaimed by the sweeper
+    received ──abort──▶ aborted (partial segment discarded by the connector)
+
+A plain class: the launcher wraps it with ``ray.remote``; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cluster.config import KVTransferSettings
+from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
+from cluster.wire import EngineRequest, KVHandle, PrefillResult, WorkerStats
+from kvtransfer.service import ProducerService, vllm_kv_transfer_config
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(self, instance_id: str, spec: EngineSpec, kv: KVTransferSettings,
+                 advertise_host: str = "127.0.0.1"):
+        self.instance_id = instance_id
+        self._kv = ProducerService(instance_id, kv, advertise_host)
+        spec = EngineSpec(
+            model_path=spec.model_path, model=spec.model, pool=spec.pool,
+            instance_index=spec.instance_index,
+            kv_transfer_config=vllm_kv_transfer_config(
+                "kv_producer", kv, self._kv.engine_id, self._kv.staging_dir),
+        )
+        self._engine = EngineHost(spec)
+        self._queued_prompt_tokens = 0
+        self._in_flight: set[str] = set()
+        self._aborted: set[str] = set()  # aborted while their prefill was in flight
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        await self._engine.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        return self.instance_id
+
+    async def _sweep_forever(self) -> None:
+        interval = min(self._kv.settings.lease_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            self._kv.reclaim_expired()
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:
+        """Compute the prompt; returns the first token and a handle to the staged KV."""
+        sp = to_sampling_params(req.sampling, max_tokens=1, min_tokens=min(req.sampling.min_tokens, 1))
+        started = time.time()
+        first_token: int | None = None
+        final = None
+        self._queued_prompt_tokens += len(req.prompt_token_ids)
+        self._in_flight.add(req.request_id)
+        try:
+            async for out in self._engine.stream(f"{req.request_id}-prefill",
+                                                 list(req.prompt_token_ids), sp):
+                if out.outputs and out.outputs[0].token_ids and first_token is None:
+                    first_token = out.outputs[0].token_ids[0]
+                final = out
+        finally:
+            self._queued_prompt_tokens -= len(req.prompt_token_ids)
+            self._in_flight.discard(req.request_id)
+        handle = self._kv.handle_for(final.kv_transfer_params) if final is not None else None
+        if req.request_id in self._aborted:
+            # The router gave up while the prompt finished: nobody will claim this KV.
+            self._aborted.discard(req.request_id)
+            if handle is not None:
+                self._kv.release(handle)
+            return PrefillResult(
+                request_id=req.request_id, first_token_id=first_token or 0, finish_reason="abort",
+                kv_handle=None, num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=0,
+                prefill_start_s=started, prefill_end_s=time.time())
+        if final is None or first_token is None:
+            raise RuntimeError(f"prefill of {req.request_id} produced no token")
+        return PrefillResult(
+            request_id=req.request_id,
+            first_token_id=first_token,
+            finish_reason=None,
+            kv_handle=handle,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=int(final.num_cached_tokens or 0),
+            prefill_start_s=started,
+            prefill_end_s=time.time(),
+        )
+
+    async def release_kv(self, handle: KVHandle) -> bool:
+        return self._kv.release(handle)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._in_flight:
+            self._aborted.add(request_id)
+        await self._engine.abort(f"{request_id}-prefill")
+
+    async def stats(self) -> WorkerStats:
+        load = self._engine.load
+        return WorkerStats(
+            instance_id=self.instance_id, role="prefill", is_ready=self._engine.is_ready,
+            num_running_reqs=load.num_running_reqs, num_waiting_reqs=load.num_waiting_reqs,
+            kv_cache_usage=load.kv_cache_usage, num_kv_blocks=self._engine.num_kv_blocks,
+            queued_prompt_tokens=self._queued_prompt_tokens,
+            num_staged_segments=self._kv.num_staged(), transfers=load.take_transfers(),
+        )
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._kv.close()
+        self._engine.shutdown()

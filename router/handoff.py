@@ -1,0 +1,285 @@
+"""One request's journey through the pools, as the router drives it.
+
+Disaggregated (sequential dispatch: decode is chosen once prefill has finished)::
+
+    QUEUED ──pick prefill──▶ PREFILLING ──first token──▶ HANDOFF ──pick decode──▶ DECODING
+                                 │                          │                        │
+                                 │                          ├─first token ends it────┤
+                                 │                          │ (EOS, stop id, max=1): │
+                                 │                          │ release staged KV      ▼
+                                 └─────────── error ────────┴──────────────────▶ FINISHED
+    any non-final state ──client gone / stop string──▶ ABORTED (abort the active worker;
+                                                       release KV not yet claimed)
+    any non-final state ──worker error──▶ FAILED (same clean-up)
+
+Colocated::
+
+    QUEUED ──pick instance──▶ GENERATING ──▶ FINISHED | ABORTED | FAILED
+
+The router never reads the KV handle; it only carries it from prefill to decode and hands
+it back to its producer if nobody will claim it. Clean-up runs in tasks the request's own
+cancellation cannot interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cluster.wire import (
+    EngineRequest,
+    FinishReason,
+    KVHandle,
+    SamplingSpec,
+    ServedBy,
+)
+from router.pool import InstanceView, WorkerPool
+
+
+class RequestState(enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    HANDOFF = "handoff"
+    DECODING = "decoding"
+    GENERATING = "generating"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED)
+
+
+class RequestFailed(RuntimeError):
+    """A worker failed the request; the message is safe to show the client."""
+
+
+@dataclass
+class RequestTrace:
+    """Lifecycle events of one request (wall-clock seconds), for metrics and debugging."""
+
+    request_id: str
+    num_prompt_tokens: int
+    arrival_s: float = field(default_factory=time.time)
+    events: dict[str, float] = field(default_factory=dict)
+    state: RequestState = RequestState.QUEUED
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+    served_by: ServedBy | None = None
+    num_prompt_tokens_computed_on_decode: int | None = None
+    kv_load_s: float | None = None
+    num_output_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def mark(self, event: str, at: float | None = None) -> None:
+        self.events.setdefault(event, time.time() if at is None else at)
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id, "state": self.state.value,
+            "arrival_s": self.arrival_s, "events": dict(self.events),
+            "num_prompt_tokens": self.num_prompt_tokens, "num_output_tokens": self.num_output_tokens,
+            "prefill_instance": self.prefill_instance, "decode_instance": self.decode_instance,
+            "served_by": self.served_by,
+            "num_prompt_tokens_computed_on_decode": self.num_prompt_tokens_computed_on_decode,
+            "kv_load_s": self.kv_load_s, "finish_reason": self.finish_reason, "error": self.error,
+        }
+
+
+_cleanup_tasks: set[asyncio.Task] = set()
+
+
+def _in_background(coro) -> None:
+    """Run clean-up to completion even if the request's task is being cancelled."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _cleanup_tasks.add(task)
+    task.add_done_callback(_cleanup_tasks.discard)
+
+
+async def _quietly(coro) -> None:
+    with contextlib.suppress(Exception):
+        await coro
+
+
+class Handoff:
+    def __init__(self, pool: WorkerPool, eos_token_ids: frozenset[int], request_id: str,
+                 prompt_token_ids: list[int], sampling: SamplingSpec, trace: RequestTrace):
+        self.pool = pool
+        self.eos_token_ids = eos_token_ids
+        self.request_id = request_id
+        self.prompt_token_ids = tuple(prompt_token_ids)
+        self.sampling = sampling
+        self.trace = trace
+        self._active: InstanceView | None = None  # the instance computing right now
+        self._held_kv: tuple[InstanceView, KVHandle] | None = None
+        self._is_worker_done = False  # the active worker reported the request finished
+
+    @property
+    def state(self) -> RequestState:
+        return self.trace.state
+
+    def stop_early(self) -> None:
+        """The front end matched a stop string: a normal finish, but the worker still runs."""
+        self.trace.finish_reason = "stop"
+        self._set(RequestState.FINISHED)
+
+    def _set(self, state: RequestState) -> None:
+        self.trace.state = state
+        self.trace.mark(state.value)
+
+    async def tokens(self) -> AsyncIterator[tuple[int, ...]]:
+        """Output token ids, in groups as the workers produce them. Closing the iterator
+        early (client gone, stop string) aborts the request on the worker computing it."""
+        try:
+            if self.pool.is_disaggregated:
+                async for ids in self._disaggregated():
+                    yield ids
+            else:
+                async for ids in self._colocated():
+                    yield ids
+            if not self.state.is_final:
+                self._set(RequestState.FINISHED)
+        except RequestFailed as e:
+            self.trace.error = str(e)
+            self.trace.finish_reason = "error"
+            self._set(RequestState.FAILED)
+            raise
+        finally:
+            if not self.state.is_final:
+                self._set(RequestState.ABORTED)
+                self.trace.finish_reason = self.trace.finish_reason or "abort"
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        if self._active is not None and not self._is_worker_done:
+            view = self._active
+            _in_background(_quietly(view.client.abort(self.request_id)))
+        if self._held_kv is not None:
+            view, handle = self._held_kv
+            self._held_kv = None
+            _in_background(_quietly(view.client.release_kv(handle)))  # type: ignore[attr-defined]
+        if self._active is not None:
+            self.pool.end(self._active)
+            self._active = None
+
+    def _ends_at_first_token(self, token_id: int) -> FinishReason | None:
+        s = self.sampling
+        if token_id in s.stop_token_ids:
+            return "stop"
+        if token_id in self.eos_token_ids and not s.ignore_eos and s.min_tokens <= 1:
+            return "stop"
+        if s.max_tokens <= 1:
+            return "length"
+        return None
+
+    async def _disaggregated(self) -> AsyncIterator[tuple[int, ...]]:
+        num_prompt = len(self.prompt_token_ids)
+        view = self.pool.pick_prefill()
+        self.trace.prefill_instance = view.instance_id
+        self.pool.begin(view, num_prompt)
+        self._active = view
+        self._set(RequestState.PREFILLING)
+        try:
+            result = await view.client.prefill(EngineRequest(  # type: ignore[attr-defined]
+                request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+                sampling=self.sampling))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise RequestFailed(f"prefill failed on {view.instance_id}: {e}") from e
+        finally:
+            self.pool.prompt_done(view, num_prompt)
+        self.pool.end(view)
+        self._active = None
+        self.trace.mark("prefill_start", result.prefill_start_s)
+        self.trace.mark("prefill_end", result.prefill_end_s)
+        if result.kv_handle is not None:
+            self._held_kv = (view, result.kv_handle)
+        self._set(RequestState.HANDOFF)
+        first = result.first_token_id
+        self.trace.mark("first_token")
+        self.trace.num_output_tokens = 1
+        yield (first,)
+
+        finish = self._ends_at_first_token(first)
+        if finish is not None:
+            self.trace.finish_reason = finish
+            self.trace.served_by = "prefill_only"
+            return  # tokens()'s clean-up releases the staged KV
+        if self._held_kv is None:
+            raise RequestFailed(f"prefill on {view.instance_id} staged no KV")
+        async for ids in self._decode(first):
+            yield ids
+
+    async def _decode(self, first_token: int) -> AsyncIterator[tuple[int, ...]]:
+        assert self._held_kv is not None
+        _, handle = self._held_kv
+        s = self.sampling
+        decode_sampling = SamplingSpec(
+            max_tokens=s.max_tokens - 1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed, min_tokens=max(0, s.min_tokens - 1), ignore_eos=s.ignore_eos,
+            stop_token_ids=s.stop_token_ids)
+        view = self.pool.pick_decode()
+        self.trace.decode_instance = view.instance_id
+        self.pool.begin(view, len(self.prompt_token_ids) + 1)
+        self._active = view
+        # From here the decode worker owns the staged KV (it consumes or frees it).
+        self._held_kv = None
+        self._set(RequestState.DECODING)
+        req = EngineRequest(request_id=self.request_id,
+                            prompt_token_ids=self.prompt_token_ids + (first_token,),
+                            sampling=decode_sampling, kv_handle=handle)
+        async for ids in self._stream(view, req):
+            yield ids
+
+    async def _colocated(self) -> AsyncIterator[tuple[int, ...]]:
+        view = self.pool.pick_prefill()
+        self.trace.decode_instance = view.instance_id
+        self.pool.begin(view, len(self.prompt_token_ids))
+        self._active = view
+        self._set(RequestState.GENERATING)
+        req = EngineRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+                            sampling=self.sampling)
+        async for ids in self._stream(view, req):
+            if self.trace.num_output_tokens == len(ids):
+                self.trace.mark("first_token")
+            yield ids
+
+    async def _stream(self, view: InstanceView, req: EngineRequest) -> AsyncIterator[tuple[int, ...]]:
+        num_prompt = len(req.prompt_token_ids)
+        prompt_pending = True
+        try:
+            async with contextlib.aclosing(view.client.generate(req)) as deltas:  # type: ignore[attr-defined]
+                async for delta in deltas:
+                    if delta.served_by is not None:
+                        self.trace.served_by = delta.served_by
+                        self.trace.num_prompt_tokens_computed_on_decode = delta.num_prompt_tokens_computed
+                        self.trace.kv_load_s = delta.kv_load_s
+                    if prompt_pending:
+                        prompt_pending = False
+                        self.pool.prompt_done(view, num_prompt)
+                        if self.state == RequestState.DECODING:
+                            self.trace.mark("decode_first_token")
+                    if delta.error is not None:
+                        raise RequestFailed(delta.error)
+                    if delta.token_ids:
+                        self.trace.num_output_tokens += len(delta.token_ids)
+                        yield delta.token_ids
+                    if delta.finish_reason is not None:
+                        self._is_worker_done = True
+                        self.trace.finish_reason = delta.finish_reason
+                        return
+        except (asyncio.CancelledError, GeneratorExit, RequestFailed):
+            raise
+        except Exception as e:
+            raise RequestFailed(f"{view.role} instance {view.instance_id} failed: {e}") from e
+        finally:
+            if prompt_pending:
+                self.pool.prompt_done(view, num_prompt)
+        raise RequestFailed(f"{view.role} instance {view.instance_id} ended the stream early")
