@@ -1,0 +1,113 @@
+"""Goodput: the highest request rate at which a system still meets its SLO attainment.
+
+A system is judged on several independent traces (seeds) that are rescaled to each rate
+tried (common random numbers). A rate is feasible only if *every* trace meets the target
+attainment, which guards against one lucky trace. The search brackets the boundary by
+doubling or halving from a guess, then bisects geometrically to a relative tolerance.
+Verdicts are cached per rate, so re-asking costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from cluster.config import SLOConfig
+
+from .simulator import SimResult
+from .workload import Trace
+
+# simulate(arrival_s, trace, stop_when_lost) -> SimResult
+Simulate = Callable[[np.ndarray, Trace, bool], SimResult]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Full (never stopped early) runs of one system at one rate, pooled over traces."""
+
+    rate: float
+    attainment: float  # share meeting both SLOs, all traces pooled
+    min_attainment: float  # worst single trace
+    ttft_miss: float  # share missing TTFT
+    tpot_miss: float  # share missing TPOT
+    mean_ttft_s: float
+    mean_tpot_s: float
+    mean_transfer_s: float
+
+
+@dataclass
+class RateJudge:
+    """Feasibility of one system at any rate, memoised."""
+
+    simulate: Simulate
+    traces: list[Trace]
+    slo: SLOConfig
+    verdicts: dict[float, bool] = field(default_factory=dict)
+    num_runs: int = 0
+
+    def feasible(self, rate: float) -> bool:
+        if rate not in self.verdicts:
+            ok = True
+            for trace in self.traces:
+                self.num_runs += 1
+                result = self.simulate(trace.arrivals_at(rate), trace, True)
+                if result.stopped_early or result.attainment(self.slo) < self.slo.attainment:
+                    ok = False
+                    break
+            self.verdicts[rate] = ok
+        return self.verdicts[rate]
+
+    def measure(self, rate: float) -> Measurement:
+        results = [self.simulate(t.arrivals_at(rate), t, False) for t in self.traces]
+        self.num_runs += len(results)
+        ttft = np.concatenate([r.ttft_s for r in results])
+        tpot = np.concatenate([r.tpot_s for r in results])
+        xfer = np.concatenate([r.transfer_s for r in results])
+        meets = (ttft <= self.slo.ttft_s) & (tpot <= self.slo.tpot_s)
+        finite = np.isfinite(ttft) & np.isfinite(tpot)
+        return Measurement(
+            rate=rate,
+            attainment=float(meets.mean()),
+            min_attainment=min(r.attainment(self.slo) for r in results),
+            ttft_miss=float((ttft > self.slo.ttft_s).mean()),
+            tpot_miss=float((tpot > self.slo.tpot_s).mean()),
+            mean_ttft_s=float(ttft[finite].mean()) if finite.any() else math.inf,
+            mean_tpot_s=float(tpot[finite].mean()) if finite.any() else math.inf,
+            mean_transfer_s=float(xfer[xfer > 0].mean()) if (xfer > 0).any() else 0.0,
+        )
+
+
+def max_feasible_rate(
+    feasible: Callable[[float], bool],
+    guess: float,
+    rel_tol: float = 0.03,
+    min_rate: float = 1e-3,
+    max_rate: float = 1e5,
+) -> float:
+    """Largest rate (within `rel_tol`) for which `feasible` holds; 0 if not even `min_rate`.
+
+    Assumes feasibility is monotone in rate (true up to simulation noise).
+    """
+    guess = min(max(guess, min_rate), max_rate)
+    if feasible(guess):
+        lo, hi = guess, guess * 2
+        while hi < max_rate and feasible(hi):
+            lo, hi = hi, hi * 2
+        if hi >= max_rate:
+            return lo
+    else:
+        lo, hi = guess / 2, guess
+        while lo >= min_rate and not feasible(lo):
+            lo, hi = lo / 2, lo
+        if lo < min_rate:
+            return 0.0
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

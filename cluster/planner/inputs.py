@@ -1,0 +1,142 @@
+"""The planner's validated input tree (`PlanRequest`), read from YAML and/or CLI flags.
+
+    model, profile, profile_model, kv_capacity_csv
+    slo:      ttft_s, tpot_s, attainment            (cluster.config.SLOConfig)
+    workload: lengths {kind: fixed|uniform|lognormal|csv, ...}, arrival {process, cv}, rate
+    cluster:  num_nodes, gpus_per_node, gpu_memory_gib, bandwidths, max_gpus
+    engine:   prefill_token_budget, max_num_seqs, first_token_source, ...
+    search:   placements, max_pipeline_parallel, num_requests, num_seeds, seed, ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.config import SLOConfig
+
+from .plans import Placement
+from .workload import ArrivalProcess, LengthDistribution
+
+GIB = 1024**3
+GB = 1e9
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterSpec(_Strict):
+    num_nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per node.")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU in GiB.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory the engine may use (weights + KV)."
+    )
+    intra_node_bandwidth_gb_s: float = Field(
+        300.0, gt=0, description="GPU-to-GPU bandwidth inside a node per GPU pair, GB/s (NVLink)."
+    )
+    inter_node_bandwidth_gb_s: float = Field(
+        25.0, gt=0, description="Network bandwidth of one node's NIC, GB/s, shared by its transfers."
+    )
+    transfer_latency_ms: float = Field(0.0, ge=0, description="Fixed cost of one KV transfer, ms.")
+    max_gpus: int | None = Field(
+        None, ge=1, description="GPU budget; defaults to every GPU of the cluster."
+    )
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "ClusterSpec":
+        if self.max_gpus is not None and self.max_gpus > self.total_gpus:
+            raise ValueError(f"max_gpus {self.max_gpus} exceeds the cluster's {self.total_gpus} GPUs")
+        return self
+
+    @property
+    def total_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def gpu_budget(self) -> int:
+        return self.max_gpus if self.max_gpus is not None else self.total_gpus
+
+    @property
+    def gpu_memory_bytes(self) -> float:
+        return self.gpu_memory_gib * GIB
+
+
+class WorkloadSpec(_Strict):
+    lengths: LengthDistribution = Field(description="Prompt/output length distribution.")
+    arrival: ArrivalProcess = Field(default_factory=ArrivalProcess, description="Arrival process.")
+    rate: float | None = Field(
+        None, gt=0,
+        description="Target request rate (req/s). Set: find the fewest GPUs that sustain it. "
+        "Unset: find the highest goodput within the GPU budget.",
+    )
+
+
+class EngineSpec(_Strict):
+    prefill_token_budget: int = Field(
+        4096, ge=1, description="Prompt tokens per prefill batch (max_num_batched_tokens)."
+    )
+    max_num_seqs: int = Field(128, ge=1, description="Most requests in one decode batch.")
+    block_size: int = Field(16, ge=1, description="KV-cache block size in tokens.")
+    first_token_source: Literal["prefill", "decode"] = Field(
+        "prefill",
+        description="prefill: the prefill instance streams the first token (KV transfer delays "
+        "the second token and counts in TPOT); decode: the first token is released when its KV "
+        "lands on a decode instance (transfer and decode admission count in TTFT).",
+    )
+    framework_overhead: bool = Field(
+        False, description="Add DistServe's per-iteration overhead (2 ms + 0.1 us per context token)."
+    )
+
+
+class SearchSpec(_Strict):
+    placements: tuple[Placement, ...] = Field(
+        ("low_affinity", "high_affinity"), min_length=1, description="Placement algorithms to try."
+    )
+    max_pipeline_parallel: int = Field(8, ge=1, description="Largest pipeline degree per phase.")
+    num_requests: int = Field(
+        3000, ge=50, description="Requests per simulated trace (scaled up with instance count)."
+    )
+    num_seeds: int = Field(
+        3, ge=1, le=16, description="Independent traces per evaluation; every one must pass."
+    )
+    seed: int = Field(0, ge=0, description="Base seed; the same seed gives the same plan.")
+    num_verify: int = Field(
+        4, ge=1, description="Configurations co-simulated in full after the per-phase pruning."
+    )
+    rel_tol: float = Field(0.03, gt=0, lt=0.5, description="Relative precision of goodput bisection.")
+    compare_colocated: bool = Field(
+        False, description="Also report the best colocated (vLLM-style) deployment for contrast."
+    )
+
+
+class PlanRequest(_Strict):
+    model: str = Field(
+        description="Local model directory with config.json, or a reference model name "
+        "(facebook/opt-13b, facebook/opt-66b, facebook/opt-175b)."
+    )
+    profile: Path = Field(description="Latency profile JSON (DistServe format).")
+    profile_model: str | None = Field(
+        None, description="Key of the model in the profile; defaults to the model name, or the "
+        "profile's only model."
+    )
+    colocated_profile: Path | None = Field(
+        None, description="Profile of the colocated baseline's engine (e.g. DistServe's vLLM "
+        "profile); defaults to `profile`. Used only with search.compare_colocated."
+    )
+    kv_capacity_csv: Path | None = Field(
+        None, description="Optional model,tp,pp,max_num_tokens table overriding computed KV capacity."
+    )
+    slo: SLOConfig = Field(default_factory=SLOConfig, description="Latency targets.")
+    workload: WorkloadSpec
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+
+    @property
+    def bytes_per_s(self) -> tuple[float, float]:
+        """(intra-node per GPU pair, inter-node per NIC) in bytes/s."""
+        return self.cluster.intra_node_bandwidth_gb_s * GB, self.cluster.inter_node_bandwidth_gb_s * GB

@@ -1,0 +1,142 @@
+"""Per-phase pruning (DistServe's first step): the goodput of ONE instance of each parallel
+configuration for each phase in isolation.
+
+- prefill: a single prefill instance, TTFT only;
+- decode: a single decode instance fed at arrival (instant prefill and transfer), TPOT only;
+- colocated (baseline): a single colocated instance, both SLOs.
+
+These numbers rank configurations and size instance counts cheaply; full plans are then
+co-simulated (`search`). Analytic capacity estimates only seed the bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .colocated import ColocatedScheduler
+from .goodput import RateJudge, max_feasible_rate
+from .plans import ParallelConfig
+from .problem import PlanningProblem
+from .simulator import simulate_colocated, simulate_decode_only, simulate_prefill_only
+from .workload import Trace
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class PhaseGoodput:
+    phase: Phase
+    config: ParallelConfig
+    goodput_rps: float  # one instance
+    kv_capacity_tokens: int
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.goodput_rps / self.config.num_gpus
+
+
+@dataclass(frozen=True)
+class ColocatedGoodput:
+    tp: int
+    scheduler: ColocatedScheduler
+    goodput_rps: float  # one instance
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.goodput_rps / self.tp
+
+
+def prefill_rate_guess(problem: PlanningProblem, config: ParallelConfig) -> float:
+    """Requests/s a pipeline sustains when serving mean-length prompts one at a time."""
+    mean_in = problem.lengths["input_mean"]
+    latency = problem.timing(config).prefill_latency_s(mean_in, mean_in**2)
+    return 0.8 * config.pp / latency
+
+
+def decode_rate_guess(problem: PlanningProblem, config: ParallelConfig) -> float:
+    """Requests/s of a full-enough batch whose step still meets TPOT."""
+    timing = problem.timing(config)
+    mean_in, mean_out = problem.lengths["input_mean"], problem.lengths["output_mean"]
+    lanes = config.pp
+    batch = max(1, min(problem.request.engine.max_num_seqs,
+                       int(problem.kv_capacity(config) / (mean_in + mean_out) / lanes)))
+    while batch > 1 and timing.decode_step_s(batch, batch * (mean_in + mean_out / 2)) > \
+            0.9 * problem.request.slo.tpot_s:
+        batch //= 2
+    step = timing.decode_step_s(batch, batch * (mean_in + mean_out / 2))
+    return 0.8 * lanes * batch / step / max(mean_out - 1, 1)
+
+
+def phase_goodput(
+    problem: PlanningProblem, phase: Phase, config: ParallelConfig, traces: list[Trace]
+) -> tuple[PhaseGoodput, int]:
+    """(goodput of one instance, simulations run)."""
+    slo = problem.request.slo
+    if phase == "prefill":
+        pool = problem.prefill_pool(config, 1)
+        guess = prefill_rate_guess(problem, config)
+
+        def simulate(arrival_s, trace, stop):
+            return simulate_prefill_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
+    else:
+        pool = problem.decode_pool(config, 1)
+        guess = decode_rate_guess(problem, config)
+
+        def simulate(arrival_s, trace, stop):
+            return simulate_decode_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
+
+    judge = RateJudge(simulate, traces, slo)
+    rate = max_feasible_rate(judge.feasible, guess, problem.request.search.rel_tol)
+    return PhaseGoodput(phase, config, rate, problem.kv_capacity(config)), judge.num_runs
+
+
+def colocated_goodput(
+    problem: PlanningProblem, tp: int, scheduler: ColocatedScheduler, traces: list[Trace]
+) -> tuple[ColocatedGoodput, int]:
+    slo = problem.request.slo
+    pool = problem.colocated_pool(tp, 1, scheduler)
+    config = ParallelConfig(tp, 1)
+    guess = min(prefill_rate_guess(problem, config), decode_rate_guess(problem, config))
+
+    def simulate(arrival_s, trace, stop):
+        return simulate_colocated(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
+
+    judge = RateJudge(simulate, traces, slo)
+    rate = max_feasible_rate(judge.feasible, guess, problem.request.search.rel_tol)
+    return ColocatedGoodput(tp, scheduler, rate), judge.num_runs
+
+
+def enumerate_configs(
+    problem: PlanningProblem,
+) -> tuple[list[ParallelConfig], list[tuple[ParallelConfig, str]]]:
+    """(usable configurations, [(excluded configuration, reason)]) for either phase.
+
+    Candidates: every profiled TP degree x every pipeline degree that divides the layers,
+    up to `max_pipeline_parallel`, that at least one enabled placement could host.
+    """
+    req = problem.request
+    c, placements = req.cluster, req.search.placements
+    layers = problem.shape.num_layers
+    pps = [p for p in range(1, req.search.max_pipeline_parallel + 1) if layers % p == 0]
+    usable, excluded = [], []
+    for tp in sorted(problem.profiles):
+        for pp in pps:
+            config = ParallelConfig(tp, pp)
+            if config.num_gpus > c.gpu_budget:
+                continue
+            hostable = (("low_affinity" in placements and config.num_gpus <= c.gpus_per_node)
+                        or ("high_affinity" in placements and pp <= c.num_nodes
+                            and tp < c.gpus_per_node))
+            reason = problem.exclusion(config) or (
+                None if hostable else "no enabled placement can host an instance this large")
+            if reason:
+                excluded.append((config, reason))
+            else:
+                usable.append(config)
+    return usable, excluded
+
+
+def ceil_div(a: float, b: float) -> int:
+    return max(1, math.ceil(a / b - 1e-9))

@@ -1,0 +1,109 @@
+"""A planning problem with every input loaded: the imperative shell's hand-off to the pure search.
+
+`build_problem(request)` reads the profile, the model shape and the optional capacity table
+(the only file I/O of planning; the length CSV is read when traces are made). Everything
+after that is a pure function of the `PlanningProblem`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .colocated import ColocatedPool, ColocatedScheduler
+from .decode_pool import DecodePool
+from .inputs import PlanRequest
+from .latency_model import EngineTiming, LatencyProfile, ProfileError, load_profiles
+from .model_shape import ModelShape, kv_capacity_tokens, load_capacity_table, load_model_shape
+from .plans import ParallelConfig
+from .prefill_pool import PrefillPool
+from .workload import length_summary
+
+
+@dataclass(frozen=True)
+class PlanningProblem:
+    request: PlanRequest
+    shape: ModelShape
+    profile_model: str  # key of the model in the profile file
+    profiles: dict[int, LatencyProfile]  # by tensor-parallel degree
+    kv_bytes_per_token: int
+    capacity_table: dict[tuple[int, int], int] | None = None
+    lengths: dict[str, float] = field(default_factory=dict)  # length_summary of the workload
+    colocated_profiles: dict[int, LatencyProfile] | None = None  # None: same as `profiles`
+
+    def timing(self, config: ParallelConfig) -> EngineTiming:
+        return EngineTiming(self.profiles[config.tp], config.pp, self.request.engine.framework_overhead)
+
+    def kv_capacity(self, config: ParallelConfig) -> int:
+        """KV tokens of one instance: capacity table > measured (profile, pp 1) > computed."""
+        if self.capacity_table is not None:
+            return self.capacity_table.get((config.tp, config.pp), 0)
+        measured = self.profiles[config.tp].kv_capacity_tokens if config.tp in self.profiles else None
+        if measured is not None and config.pp == 1:
+            return measured
+        c = self.request.cluster
+        return kv_capacity_tokens(self.shape, config.tp, config.pp, c.gpu_memory_bytes,
+                                  c.gpu_memory_utilization, self.request.engine.block_size)
+
+    def exclusion(self, config: ParallelConfig) -> str | None:
+        """Why an instance of this shape cannot serve, or None."""
+        if config.tp not in self.profiles:
+            return f"no latency profile for TP{config.tp}"
+        if self.shape.num_attention_heads % config.tp:
+            return f"{self.shape.num_attention_heads} attention heads do not split over TP{config.tp}"
+        if config.tp > self.request.cluster.gpus_per_node:
+            return "tensor parallelism would span nodes"
+        capacity = self.kv_capacity(config)
+        if capacity <= 0:
+            return "weights do not fit in GPU memory"
+        if capacity < self.lengths["input_max"]:
+            return f"KV cache ({capacity} tokens) is smaller than the longest prompt"
+        return None
+
+    def prefill_pool(self, config: ParallelConfig, num_instances: int) -> PrefillPool:
+        return PrefillPool(num_instances, self.timing(config), self.request.engine.prefill_token_budget)
+
+    def decode_pool(self, config: ParallelConfig, num_instances: int) -> DecodePool:
+        return DecodePool(num_instances, self.timing(config), self.kv_capacity(config),
+                          self.request.engine.max_num_seqs)
+
+    def colocated_tps(self) -> list[int]:
+        return sorted(self.colocated_profiles if self.colocated_profiles is not None else self.profiles)
+
+    def colocated_pool(self, tp: int, num_instances: int, scheduler: ColocatedScheduler) -> ColocatedPool:
+        config = ParallelConfig(tp, 1)
+        e = self.request.engine
+        profiles = self.colocated_profiles if self.colocated_profiles is not None else self.profiles
+        timing = EngineTiming(profiles[tp], 1, e.framework_overhead)
+        return ColocatedPool(num_instances, timing, self.kv_capacity(config), scheduler,
+                             e.prefill_token_budget, e.max_num_seqs)
+
+
+def build_problem(request: PlanRequest) -> PlanningProblem:
+    """Load what the request names. Raises ValueError subclasses with readable messages."""
+    shape = load_model_shape(request.model)
+    table = load_profiles(request.profile)
+    key = request.profile_model
+    if key is None:
+        if request.model in table.models():
+            key = request.model
+        elif len(table.models()) == 1:
+            key = table.models()[0]
+        else:
+            raise ProfileError(
+                f"profile {request.profile} has models {table.models()}; choose one with profile_model"
+            )
+    profiles = {tp: table.get(key, tp) for tp in table.tensor_parallel_sizes(key)}
+    measured_kv = {p.kv_bytes_per_token for p in profiles.values() if p.kv_bytes_per_token}
+    kv_bytes = measured_kv.pop() if len(measured_kv) == 1 else shape.kv_bytes_per_token
+    capacity = (load_capacity_table(request.kv_capacity_csv, key)
+                if request.kv_capacity_csv is not None else None)
+    colocated = None
+    if request.colocated_profile is not None:
+        other = load_profiles(request.colocated_profile)
+        colocated = {tp: other.get(key, tp) for tp in other.tensor_parallel_sizes(key)}
+    return PlanningProblem(
+        request=request, shape=shape, profile_model=key, profiles=profiles,
+        kv_bytes_per_token=kv_bytes, capacity_table=capacity,
+        lengths=length_summary(request.workload.lengths, request.search.seed),
+        colocated_profiles=colocated,
+    )

@@ -1,0 +1,153 @@
+"""Human-readable report of a planning outcome: the plan, its numbers, and why."""
+
+from __future__ import annotations
+
+from .goodput import Measurement
+from .phase_goodput import PhaseGoodput
+from .placement import layout_plan
+from .plans import Plan
+from .problem import PlanningProblem
+from .search import EvaluatedPlan, PlanOutcome
+from .workload import CsvLengths
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _measurement(m: Measurement) -> str:
+    transfer = f", mean KV transfer {1000 * m.mean_transfer_s:.1f} ms" if m.mean_transfer_s else ""
+    return (f"attainment {_pct(m.attainment)} (TTFT missed {_pct(m.ttft_miss)}, TPOT missed "
+            f"{_pct(m.tpot_miss)}); mean TTFT {m.mean_ttft_s:.3f} s, mean TPOT "
+            f"{1000 * m.mean_tpot_s:.1f} ms{transfer}")
+
+
+def _layout(plan: Plan, problem: PlanningProblem) -> str:
+    c = problem.request.cluster
+    layout = layout_plan(plan, c.num_nodes, c.gpus_per_node)
+    if layout is None:
+        return "(no layout)"
+    per_node: dict[int, list[str]] = {}
+    for role, nodes_of in (("P", layout.prefill_nodes), ("D", layout.decode_nodes)):
+        for i, nodes in enumerate(nodes_of):
+            for stage, node in enumerate(nodes):
+                tag = f"{role}{i}" + (f".s{stage}" if len(nodes) > 1 else "")
+                per_node.setdefault(node, []).append(tag)
+    return "; ".join(f"node {n}: {' '.join(tags)}" for n, tags in sorted(per_node.items()))
+
+
+def _phase(outcome: PlanOutcome, phase: str, plan_config) -> PhaseGoodput:
+    return next(g for g in outcome.phases if g.phase == phase and g.config == plan_config)
+
+
+def _why(e: EvaluatedPlan, outcome: PlanOutcome, problem: PlanningProblem) -> list[str]:
+    plan = e.plan
+    gp, gd = _phase(outcome, "prefill", plan.prefill), _phase(outcome, "decode", plan.decode)
+    slo = problem.request.slo
+    lines = [
+        f"one prefill {plan.prefill.label} instance alone sustains {gp.goodput_rps:.2f} req/s "
+        f"within TTFT {slo.ttft_s:g} s ({gp.goodput_per_gpu:.2f}/GPU); one decode "
+        f"{plan.decode.label} instance alone sustains {gd.goodput_rps:.2f} req/s within TPOT "
+        f"{slo.tpot_s:g} s ({gd.goodput_per_gpu:.2f}/GPU, {gd.kv_capacity_tokens} KV tokens)",
+        f"{plan.num_prefill}:{plan.num_decode} prefill:decode balances the phases "
+        f"({plan.num_prefill * gp.goodput_rps:.2f} vs {plan.num_decode * gd.goodput_rps:.2f} "
+        f"req/s by the per-phase estimate); co-simulated together the plan reaches "
+        f"{e.goodput_rps:.2f} req/s",
+    ]
+    if e.beyond is not None:
+        lines.append(
+            f"what gives first: at {e.beyond.rate:.2f} req/s TTFT misses {_pct(e.beyond.ttft_miss)} "
+            f"and TPOT misses {_pct(e.beyond.tpot_miss)} of requests -> limited by {e.limited_by}")
+    return lines
+
+
+def _plan_block(e: EvaluatedPlan, problem: PlanningProblem, outcome: PlanOutcome) -> list[str]:
+    lines = [
+        f"  goodput      {e.goodput_rps:.2f} req/s  ({e.goodput_per_gpu:.3f} req/s per GPU, "
+        f"{e.plan.num_gpus} GPUs)",
+        f"  at goodput   {_measurement(e.at_goodput)}",
+    ]
+    if e.at_target is not None and outcome.target_rate is not None:
+        lines.append(f"  at {outcome.target_rate:g} req/s  {_measurement(e.at_target)}")
+    lines.append(f"  layout       {_layout(e.plan, problem)}")
+    if e.plan.placement == "high_affinity":
+        lines.append("  routing      pair each prefill only with decode instances on its own node(s)")
+    return lines
+
+
+def _compare(e: EvaluatedPlan, best: EvaluatedPlan) -> str:
+    if best.goodput_per_gpu <= 0:
+        return ""
+    delta = e.goodput_per_gpu / best.goodput_per_gpu - 1
+    text = f"{delta:+.0%} per GPU vs chosen; limited by {e.limited_by}"
+    m = e.beyond or e.at_goodput
+    if m.mean_transfer_s > 2 * max(best.at_goodput.mean_transfer_s, 1e-3):
+        text += f"; KV transfer {1000 * m.mean_transfer_s:.0f} ms on average (inter-node link)"
+    return text
+
+
+def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: float | None = None) -> str:
+    req = problem.request
+    c, slo, w = req.cluster, req.slo, req.workload
+    lengths = problem.lengths
+    source = (f"{w.lengths.path.name}" if isinstance(w.lengths, CsvLengths) else w.lengths.kind)
+    arrival = ("Poisson" if w.arrival.process == "poisson" else f"gamma (cv {w.arrival.cv:g})")
+    out = [
+        f"pdserve plan: {req.model} on {c.num_nodes} node(s) x {c.gpus_per_node} GPUs "
+        f"({c.gpu_memory_gib:g} GiB each, budget {c.gpu_budget} GPUs)",
+        f"  profile      {req.profile} [{problem.profile_model}], TP {sorted(problem.profiles)}",
+        f"  workload     {source}: prompt mean {lengths['input_mean']:.0f}, output mean "
+        f"{lengths['output_mean']:.0f} tokens; {arrival} arrivals",
+        f"  SLO          TTFT <= {slo.ttft_s:g} s and TPOT <= {slo.tpot_s:g} s for >= "
+        f"{_pct(slo.attainment)} of requests (first token from {req.engine.first_token_source})",
+        f"  network      NVLink {c.intra_node_bandwidth_gb_s:g} GB/s per GPU pair, NIC "
+        f"{c.inter_node_bandwidth_gb_s:g} GB/s per node; KV {problem.kv_bytes_per_token / 1e6:.3f} MB/token",
+        "  objective    " + ("highest goodput within the GPU budget" if outcome.objective == "max_goodput"
+                            else f"fewest GPUs sustaining {outcome.target_rate:g} req/s"),
+        "",
+    ]
+    best = outcome.best
+    if best is None or best.goodput_rps <= 0:
+        if outcome.objective == "min_gpus":
+            out.append(f"NO PLAN within {c.gpu_budget} GPUs sustains {outcome.target_rate:g} req/s.")
+            if outcome.fallback is not None and outcome.fallback.goodput_rps > 0:
+                fb = outcome.fallback
+                out.append(f"Best achievable: {fb.plan.label}, {fb.goodput_rps:.2f} req/s "
+                           f"on {fb.plan.num_gpus} GPUs.")
+        else:
+            out.append(f"NO PLAN within {c.gpu_budget} GPUs meets the SLO at any request rate. In the "
+                       "per-phase table a 0 means one instance cannot meet that SLO even alone (too "
+                       "many requests exceed it at zero load); see also the excluded configurations.")
+    else:
+        out.append(f"Chosen plan: {best.plan.label}")
+        out += _plan_block(best, problem, outcome)
+        out.append("  why:")
+        out += [f"    - {line}" for line in _why(best, outcome, problem)]
+        if outcome.runners_up:
+            out += ["", "Runner-up plans:"]
+            for i, e in enumerate(outcome.runners_up, start=2):
+                out.append(f"  #{i} {e.plan.label}: {e.goodput_rps:.2f} req/s on {e.plan.num_gpus} GPUs "
+                           f"({e.goodput_per_gpu:.3f}/GPU; {_compare(e, best)})")
+    out += ["", "Per-phase goodput of one instance (req/s; per GPU):",
+            f"  {'config':<10} {'prefill (TTFT)':>18} {'decode (TPOT)':>18} {'KV tokens':>10}"]
+    configs = sorted({g.config for g in outcome.phases})
+    for config in configs:
+        gp, gd = _phase(outcome, "prefill", config), _phase(outcome, "decode", config)
+        out.append(f"  {config.label:<10} {gp.goodput_rps:>8.2f} ({gp.goodput_per_gpu:>6.2f})  "
+                   f"{gd.goodput_rps:>8.2f} ({gd.goodput_per_gpu:>6.2f})  {gd.kv_capacity_tokens:>10}")
+    if outcome.excluded:
+        out += ["", "Excluded configurations:"]
+        out += [f"  {config.label}: {reason}" for config, reason in outcome.excluded]
+    if outcome.colocated:
+        top = max(outcome.colocated, key=lambda g: g.goodput_per_gpu)
+        out += ["", "Colocated baseline (one instance, both SLOs):"]
+        out += [f"  TP{g.tp} {g.scheduler.replace('_', ' ')}: {g.goodput_rps:.2f} req/s "
+                f"({g.goodput_per_gpu:.3f}/GPU)" for g in outcome.colocated]
+        if best is not None and best.goodput_rps > 0 and top.goodput_per_gpu > 0:
+            out.append(f"  chosen disaggregated plan: {best.goodput_per_gpu / top.goodput_per_gpu:.2f}x "
+                       f"the best colocated goodput per GPU")
+    s = req.search
+    timing = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
+    out += ["", f"Search: {len(configs)} configurations per phase, {outcome.num_simulations} "
+                f"simulations ({s.num_seeds} seeds x >= {s.num_requests} requests){timing}."]
+    return "\n".join(out)

@@ -1,0 +1,343 @@
+"""Placement search: which parallelism, how many instances of each phase, where.
+
+    1. enumerate (TP, PP) per phase; drop what does not fit memory / nodes / profile;
+    2. per-phase goodput of one instance of each (`phase_goodput`, DistServe's pruning);
+    3. per placement and (prefill config, decode config) pair, size instance counts from
+       those goodputs: estimate(n_p, n_d) = min(n_p * g_p, n_d * g_d), within the GPU
+       budget and the node layout (`placement.layout_plan`);
+    4. co-simulate the most promising pairs in full (every instance, KV transfer over the
+       links of the layout, decode memory, joint TTFT+TPOT attainment) and refine the
+       instance counts locally with those co-simulations.
+
+Objectives: `max_goodput` (no target rate): the highest goodput within the GPU budget;
+goodputs within the bisection tolerance count as equal and then the higher goodput per
+GPU wins. `min_gpus` (target rate): the fewest GPUs whose plan sustains the rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Literal
+
+from .goodput import Measurement, RateJudge, max_feasible_rate
+from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
+                            enumerate_configs, phase_goodput)
+from .placement import layout_plan, transfer_topology
+from .plans import ParallelConfig, Plan
+from .problem import PlanningProblem
+from .simulator import DisaggregatedSystem, simulate_disaggregated
+from .workload import Trace, make_trace
+
+Objective = Literal["max_goodput", "min_gpus"]
+MAX_TRACE_SCALE = 8  # co-simulation traces grow with instance count, up to this factor
+MAX_LOCAL_STEPS = 8
+
+
+@dataclass(frozen=True)
+class EvaluatedPlan:
+    plan: Plan
+    estimate_rps: float  # from per-phase goodputs
+    goodput_rps: float  # co-simulated
+    at_goodput: Measurement  # full runs at the goodput
+    beyond: Measurement | None  # full runs just above it: what breaks first
+    at_target: Measurement | None = None  # full runs at the target rate (min_gpus)
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.goodput_rps / self.plan.num_gpus
+
+    @property
+    def limited_by(self) -> str:
+        m = self.beyond or self.at_goodput
+        return "TTFT (prefill side)" if m.ttft_miss >= m.tpot_miss else "TPOT (decode side)"
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    objective: Objective
+    target_rate: float | None
+    best: EvaluatedPlan | None  # None: no plan meets the target rate within the budget
+    runners_up: tuple[EvaluatedPlan, ...]
+    phases: tuple[PhaseGoodput, ...]
+    excluded: tuple[tuple[ParallelConfig, str], ...]
+    colocated: tuple[ColocatedGoodput, ...]
+    fallback: EvaluatedPlan | None  # min_gpus infeasible: the max-goodput plan instead
+    num_simulations: int
+
+
+class _Search:
+    def __init__(self, problem: PlanningProblem):
+        self.problem = problem
+        self.req = problem.request
+        self.cluster = self.req.cluster
+        self.num_runs = 0
+        self._traces: dict[int, list[Trace]] = {}
+        self._judges: dict[Plan, RateJudge] = {}
+        self._evaluated: dict[Plan, EvaluatedPlan] = {}
+        self.goodput: dict[tuple[str, ParallelConfig], float] = {}
+
+    # -- traces and co-simulation --------------------------------------------------------
+    def traces(self, num_requests: int) -> list[Trace]:
+        if num_requests not in self._traces:
+            s = self.req.search
+            self._traces[num_requests] = [
+                make_trace(self.req.workload.lengths, self.req.workload.arrival, num_requests,
+                           s.seed * 1000 + i) for i in range(s.num_seeds)]
+        return self._traces[num_requests]
+
+    def feasible_layout(self, plan: Plan) -> bool:
+        return (plan.num_gpus <= self.cluster.gpu_budget
+                and layout_plan(plan, self.cluster.num_nodes, self.cluster.gpus_per_node) is not None)
+
+    def system(self, plan: Plan) -> DisaggregatedSystem:
+        p = self.problem
+        layout = layout_plan(plan, self.cluster.num_nodes, self.cluster.gpus_per_node)
+        intra, inter = self.req.bytes_per_s
+        topology = transfer_topology(plan, layout, p.kv_bytes_per_token, intra, inter,
+                                     self.cluster.transfer_latency_ms / 1000.0)
+        return DisaggregatedSystem(p.prefill_pool(plan.prefill, plan.num_prefill),
+                                   p.decode_pool(plan.decode, plan.num_decode), topology,
+                                   self.req.engine.first_token_source)
+
+    def judge(self, plan: Plan) -> RateJudge:
+        if plan not in self._judges:
+            system, slo = self.system(plan), self.req.slo
+            scale = min(MAX_TRACE_SCALE, max(1.0, (plan.num_prefill + plan.num_decode) / 2))
+            traces = self.traces(int(self.req.search.num_requests * scale))
+
+            def simulate(arrival_s, trace, stop):
+                return simulate_disaggregated(system, arrival_s, trace.input_lens,
+                                              trace.output_lens, slo, stop)
+
+            self._judges[plan] = RateJudge(simulate, traces, slo)
+        return self._judges[plan]
+
+    def estimate(self, plan: Plan) -> float:
+        return min(plan.num_prefill * self.goodput[("prefill", plan.prefill)],
+                   plan.num_decode * self.goodput[("decode", plan.decode)])
+
+    def evaluate(self, plan: Plan) -> EvaluatedPlan:
+        """Co-simulated goodput of a plan (bisection), with measurements around it."""
+        if plan not in self._evaluated:
+            judge, tol = self.judge(plan), self.req.search.rel_tol
+            before = judge.num_runs
+            rate = max_feasible_rate(judge.feasible, max(self.estimate(plan), 1e-3), tol)
+            # A plan with no goodput is shown at its estimated rate: what fails there.
+            at = judge.measure(rate if rate > 0 else max(self.estimate(plan), 1e-2))
+            beyond = judge.measure(rate * (1 + 2 * tol)) if rate > 0 else None
+            target = self.req.workload.rate
+            at_target = judge.measure(target) if target is not None else None
+            self.num_runs += judge.num_runs - before
+            self._evaluated[plan] = EvaluatedPlan(plan, self.estimate(plan), rate, at, beyond, at_target)
+        return self._evaluated[plan]
+
+    def passes(self, plan: Plan, rate: float) -> bool:
+        judge = self.judge(plan)
+        before = judge.num_runs
+        ok = judge.feasible(rate)
+        self.num_runs += judge.num_runs - before
+        return ok
+
+    # -- candidate instance counts -------------------------------------------------------
+    def pairs(self, configs: list[ParallelConfig]) -> Iterator[tuple[str, ParallelConfig, ParallelConfig]]:
+        for placement in self.req.search.placements:
+            if (placement == "high_affinity" and self.cluster.num_nodes == 1
+                    and "low_affinity" in self.req.search.placements):
+                continue  # one node: low affinity already keeps every transfer on NVLink
+            for cp in configs:
+                if self.goodput[("prefill", cp)] <= 0:
+                    continue
+                for cd in configs:
+                    if self.goodput[("decode", cd)] <= 0:
+                        continue
+                    if placement == "high_affinity" and cp.pp != cd.pp:
+                        continue
+                    yield placement, cp, cd
+
+    def count_options(self, placement: str, cp: ParallelConfig, cd: ParallelConfig) -> Iterator[Plan]:
+        """Every sensible (n_p, n_d) of a pair that fits the budget and the nodes."""
+        budget, m = self.cluster.gpu_budget, self.cluster.gpus_per_node
+        if placement == "high_affinity":
+            for units in range(1, self.cluster.num_nodes // cp.pp + 1):
+                for k_p in range(1, m // cp.tp + 1):
+                    for k_d in range(1, (m - k_p * cp.tp) // cd.tp + 1):
+                        plan = Plan("high_affinity", cp, units * k_p, cd, units * k_d, units)
+                        if plan.num_gpus <= budget:
+                            yield plan
+            return
+        gp, gd = self.goodput[("prefill", cp)], self.goodput[("decode", cd)]
+        for n_p in range(1, budget // cp.num_gpus + 1):
+            room = (budget - n_p * cp.num_gpus) // cd.num_gpus
+            balance = ceil_div(n_p * gp, gd)
+            # More decode than balance adds nothing to the estimate, so offer the largest
+            # layout-feasible count up to balance, and balance + 1 as a hedge.
+            for n_d in range(min(room, balance), 0, -1):
+                plan = Plan("low_affinity", cp, n_p, cd, n_d)
+                if self.feasible_layout(plan):
+                    yield plan
+                    break
+            hedge = Plan("low_affinity", cp, n_p, cd, balance + 1)
+            if balance + 1 <= room and self.feasible_layout(hedge):
+                yield hedge
+
+    def neighbours(self, plan: Plan) -> list[Plan]:
+        """Plans one instance away (shift one between phases, add one, remove one)."""
+        out = []
+        if plan.placement == "high_affinity":
+            u = plan.num_units
+            k_p, k_d = plan.num_prefill // u, plan.num_decode // u
+            moves = [(k_p + 1, k_d - 1, u), (k_p - 1, k_d + 1, u), (k_p + 1, k_d, u),
+                     (k_p, k_d + 1, u), (k_p, k_d, u + 1), (k_p, k_d, u - 1)]
+            for a, b, units in moves:
+                if a >= 1 and b >= 1 and units >= 1:
+                    out.append(replace(plan, num_prefill=a * units, num_decode=b * units, num_units=units))
+        else:
+            n_p, n_d = plan.num_prefill, plan.num_decode
+            for a, b in [(n_p + 1, n_d - 1), (n_p - 1, n_d + 1), (n_p + 1, n_d), (n_p, n_d + 1),
+                         (n_p - 1, n_d), (n_p, n_d - 1)]:
+                if a >= 1 and b >= 1:
+                    out.append(replace(plan, num_prefill=a, num_decode=b))
+        return [p for p in out if self.feasible_layout(p)]
+
+    # -- objectives ----------------------------------------------------------------------
+    def better(self, a: EvaluatedPlan, b: EvaluatedPlan) -> bool:
+        """max_goodput order: clearly higher goodput, else (a tie) higher goodput per GPU."""
+        tol = self.req.search.rel_tol
+        if a.goodput_rps > b.goodput_rps * (1 + tol):
+            return True
+        if b.goodput_rps > a.goodput_rps * (1 + tol):
+            return False
+        return (a.goodput_per_gpu, -a.plan.num_gpus) > (b.goodput_per_gpu, -b.plan.num_gpus)
+
+    def shortlist(self, scored: list[tuple[tuple, Plan]]) -> list[Plan]:
+        """Top `num_verify` pairs by score, plus the best of every placement."""
+        scored.sort(key=lambda sp: sp[0], reverse=True)
+        chosen = [plan for _, plan in scored[: self.req.search.num_verify]]
+        for placement in self.req.search.placements:
+            best = next((plan for _, plan in scored if plan.placement == placement), None)
+            if best is not None and best not in chosen:
+                chosen.append(best)
+        return chosen
+
+    def max_goodput(self, configs: list[ParallelConfig]) -> list[EvaluatedPlan]:
+        scored = []
+        for pair in self.pairs(configs):
+            options = list(self.count_options(*pair))
+            if options:
+                best = max(options, key=lambda p: (self.estimate(p), -p.num_gpus))
+                scored.append(((self.estimate(best), -best.num_gpus), best))
+        results = [self.evaluate(plan) for plan in self.shortlist(scored)]
+        if not results:
+            return []
+        ranked = self.rank(results)
+        current = ranked[0]
+        for _ in range(MAX_LOCAL_STEPS):
+            challengers = [self.evaluate(p) for p in self.neighbours(current.plan)]
+            best = current
+            for c in challengers:
+                if self.better(c, best):
+                    best = c
+            if best is current:
+                break
+            current = best
+        return self.rank(list(self._evaluated.values()))
+
+    def rank(self, results: list[EvaluatedPlan]) -> list[EvaluatedPlan]:
+        ordered = sorted(results, key=lambda e: (-e.goodput_rps, -e.goodput_per_gpu, e.plan))
+        if not ordered:
+            return []
+        winner = ordered[0]
+        for e in ordered[1:]:
+            if self.better(e, winner):
+                winner = e
+        return [winner] + [e for e in ordered if e is not winner]
+
+    def min_gpus(self, configs: list[ParallelConfig], rate: float) -> list[EvaluatedPlan]:
+        scored = []
+        for pair in self.pairs(configs):
+            options = [p for p in self.count_options(*pair) if self.estimate(p) >= rate]
+            if options:
+                best = min(options, key=lambda p: (p.num_gpus, -self.estimate(p)))
+                scored.append(((-best.num_gpus, self.estimate(best)), best))
+        passing: dict[Plan, None] = {}
+        for start in self.shortlist(scored):
+            found = self.fit_to_rate(start, rate)
+            if found is not None:
+                passing[found] = None
+        evaluated = [self.evaluate(p) for p in passing]
+        return sorted(evaluated, key=lambda e: (e.plan.num_gpus, -e.goodput_rps, e.plan))
+
+    def fit_to_rate(self, plan: Plan, rate: float) -> Plan | None:
+        """Local search from an estimated plan to the cheapest neighbour sustaining `rate`:
+        grow the phase whose SLO fails more until it passes, then shrink while it passes."""
+        for _ in range(MAX_LOCAL_STEPS):
+            if self.passes(plan, rate):
+                break
+            m = self.judge(plan).measure(rate)
+            self.num_runs += len(self.judge(plan).traces)
+            grow_prefill = m.ttft_miss >= m.tpot_miss
+            if plan.placement == "high_affinity":
+                k_p = plan.num_prefill // plan.num_units + (1 if grow_prefill else 0)
+                k_d = plan.num_decode // plan.num_units + (0 if grow_prefill else 1)
+                nxt = replace(plan, num_prefill=k_p * plan.num_units, num_decode=k_d * plan.num_units)
+                if not self.feasible_layout(nxt):
+                    nxt = replace(plan, num_units=plan.num_units + 1,
+                                  num_prefill=plan.num_prefill // plan.num_units * (plan.num_units + 1),
+                                  num_decode=plan.num_decode // plan.num_units * (plan.num_units + 1))
+            else:
+                nxt = replace(plan, num_prefill=plan.num_prefill + grow_prefill,
+                              num_decode=plan.num_decode + (not grow_prefill))
+            if not self.feasible_layout(nxt):
+                return None
+            plan = nxt
+        else:
+            return None
+        for _ in range(MAX_LOCAL_STEPS):
+            cheaper = sorted((p for p in self.neighbours(plan) if p.num_gpus < plan.num_gpus),
+                             key=lambda p: (p.num_gpus, -self.estimate(p)))
+            nxt = next((p for p in cheaper if self.passes(p, rate)), None)
+            if nxt is None:
+                break
+            plan = nxt
+        return plan
+
+
+def search(problem: PlanningProblem) -> PlanOutcome:
+    """Pure and deterministic: the same problem gives the same outcome."""
+    s = _Search(problem)
+    req = problem.request
+    configs, excluded = enumerate_configs(problem)
+    phase_traces = s.traces(req.search.num_requests)
+    phases = []
+    for phase in ("prefill", "decode"):
+        for config in configs:
+            g, runs = phase_goodput(problem, phase, config, phase_traces)
+            s.num_runs += runs
+            s.goodput[(phase, config)] = g.goodput_rps
+            phases.append(g)
+
+    colocated = []
+    if req.search.compare_colocated:
+        usable = {c.tp for c in configs if c.pp == 1}
+        for tp in (tp for tp in problem.colocated_tps() if tp in usable):
+            for scheduler in ("prefill_priority", "chunked_prefill"):
+                g, runs = colocated_goodput(problem, tp, scheduler, phase_traces)
+                s.num_runs += runs
+                colocated.append(g)
+
+    rate = req.workload.rate
+    fallback = None
+    if rate is None:
+        ranked = s.max_goodput(configs)
+    else:
+        ranked = s.min_gpus(configs, rate)
+        if not ranked:
+            alternatives = s.max_goodput(configs)
+            fallback = alternatives[0] if alternatives else None
+    best = ranked[0] if ranked else None
+    runners = tuple(e for e in ranked[1:] if e.goodput_rps > 0)[:3]
+    return PlanOutcome(
+        objective="max_goodput" if rate is None else "min_gpus", target_rate=rate, best=best,
+        runners_up=runners, phases=tuple(phases), excluded=tuple(excluded),
+        colocated=tuple(colocated), fallback=fallback, num_simulations=s.num_runs,
+    )
