@@ -192,6 +192,12 @@ async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat
             deps.num_in_flight -= 1
             deps.metrics.record_request(trace)
 
+    def close_and_finish() -> None:
+        """Abort what still runs and account for the request. Runs in its own task, so a
+        cancelled request (client gone) cannot interrupt it."""
+        closing = asyncio.ensure_future(tokens.aclose())
+        closing.add_done_callback(lambda _: finish())
+
     # Wait for the first token before answering, so early failures get a status code.
     try:
         first_ids = await tokens.__anext__()
@@ -237,12 +243,16 @@ async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat
         except RequestFailed as e:
             raise oai.OpenAIError(500, str(e), "internal_error") from e
         finally:
-            await tokens.aclose()
-            finish()
+            close_and_finish()
         reason = trace.finish_reason or "stop"
         if chat:
-            return oai.chat_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
-        return oai.completion_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
+            result = oai.chat_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
+        else:
+            result = oai.completion_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
+        if body.return_token_ids:
+            result["choices"][0]["token_ids"] = list(text.token_ids)
+            result["prompt_token_ids"] = list(p.prompt_token_ids)
+        return result
 
     async def sse() -> AsyncIterator[str]:
         model = deps.model_name
@@ -274,10 +284,7 @@ async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat
                     yield _sse(use_body)
             yield "data: [DONE]\n\n"
         finally:
-            # Client gone (cancellation) or done: abort what still runs, then account.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(tokens.aclose())
-            finish()
+            close_and_finish()
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Request-Id": p.request_id})

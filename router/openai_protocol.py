@@ -51,6 +51,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep going past EOS")
     min_tokens: int = Field(0, ge=0, description="vLLM extension")
+    return_token_ids: bool = Field(False, description="vLLM extension: include output token ids")
     logprobs: Any = None
     best_of: int | None = None
     user: str | None = None
@@ -98,6 +99,8 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return p
+        if not p:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
         if p and all(isinstance(x, int) for x in p):
             return p  # type: ignore[return-value]
         if isinstance(p, list) and len(p) == 1:

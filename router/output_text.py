@@ -26,14 +26,14 @@ class OutputText:
         self._hold = max((len(s) for s in stop_strings), default=1) - 1
         self._text = ""  # all text so far (up to a stop)
         self._emitted = 0  # chars of _text already returned
-        self.num_tokens = 0
+        self.token_ids: list[int] = []  # output ids up to and including a stop match
         self.is_stopped = False
 
     def add(self, token_ids: tuple[int, ...] | list[int]) -> TextDelta:
         if self.is_stopped:
             return TextDelta("", True)
         for token_id in token_ids:
-            self.num_tokens += 1
+            self.token_ids.append(token_id)
             start = max(0, len(self._text) - self._hold)
             self._text += self._detok.step(token_id)
             for stop in self._stops:
@@ -58,3 +58,7 @@ class OutputText:
     @property
     def text(self) -> str:
         return self._text
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)

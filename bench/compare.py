@@ -1,0 +1,212 @@
+"""Side-by-side goodput comparison of deployments, in one invocation.
+
+For each target in turn: start it (`pdserve serve --config X --port P`, see
+`bench.deployment`) or use an already-running URL; warm it up; run the same goodput
+search with the same `Experiment` (same prompts, lengths, arrival seed); measure the CDF
+rate if the search did not; stop it. Then print one table, and write to the output dir:
+
+    comparison.json          settings, per target: goodput, every measurement and record
+    attainment_vs_rate.png   attainment of every probe, one line per target
+    ttft_cdf.png, tpot_cdf.png
+                             latency CDFs of every target at one common rate
+    <label>-server.log       output of each started deployment
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from bench.deployment import ServerProcess, free_port
+from bench.experiment import Experiment, Measurement, find_goodput, measure, warm_up
+from bench.goodput import GoodputResult, SearchSettings, Units
+from bench.loadgen import check_server
+from bench.metrics import request_metrics
+from bench.plots import plot_attainment_vs_rate, plot_cdf
+from bench.report import (format_rate, format_table, goodput_json, measurement_json,
+                          write_json)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment to benchmark: a config to start, or the URL of a running server."""
+
+    label: str
+    config_path: Path | None = None
+    url: str | None = None
+    units: Units | None = None
+    model: str | None = None  # None: the first id of GET /v1/models
+
+    def __post_init__(self) -> None:
+        if (self.config_path is None) == (self.url is None):
+            raise ValueError("a target needs exactly one of config_path and url")
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    target: Target
+    model: str
+    base_url: str
+    goodput: GoodputResult
+    measurements: tuple[Measurement, ...]
+
+    def at_rate(self, rate_rps: float) -> Measurement | None:
+        return next((m for m in self.measurements if m.summary.rate_rps == rate_rps), None)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    serve_command: list[str] | None = None  # None: `pdserve` (bench.deployment)
+    port: int | None = None  # None: a free port per deployment
+    health_timeout_s: float = 600.0
+
+
+def _file_label(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label) or "target"
+
+
+@contextlib.contextmanager
+def open_target(target: Target, output_dir: Path, serve: ServeOptions) -> Iterator[str]:
+    """Yield the base URL of a ready server; a started one is stopped on exit."""
+    if target.url is not None:
+        yield target.url.rstrip("/")
+        return
+    assert target.config_path is not None
+    server = ServerProcess(
+        config_path=target.config_path,
+        port=serve.port if serve.port is not None else free_port(),
+        log_path=output_dir / f"{_file_label(target.label)}-server.log",
+        serve_command=serve.serve_command,
+        health_timeout_s=serve.health_timeout_s,
+    )
+    with server:
+        yield server.base_url
+
+
+def benchmark_target(
+    target: Target,
+    experiment: Experiment,
+    search: SearchSettings,
+    output_dir: Path,
+    serve: ServeOptions,
+    extra_rate_rps: float | None = None,
+    on_measurement: Callable[[Measurement], None] | None = None,
+) -> TargetResult:
+    """Goodput search on one target (plus a measurement at `extra_rate_rps` if missing)."""
+    with open_target(target, output_dir, serve) as base_url:
+        model = check_server(base_url, target.model)
+        asyncio.run(warm_up(experiment, base_url, model))
+        goodput, measurements = asyncio.run(
+            find_goodput(experiment, base_url, model, search, on_measurement)
+        )
+        if extra_rate_rps is not None and all(
+            m.summary.rate_rps != extra_rate_rps for m in measurements
+        ):
+            extra = asyncio.run(measure(experiment, base_url, model, extra_rate_rps))
+            measurements.append(extra)
+            if on_measurement is not None:
+                on_measurement(extra)
+    return TargetResult(target, model, base_url, goodput, tuple(measurements))
+
+
+def pick_cdf_rate(results: list[TargetResult], attainment_target: float) -> float | None:
+    """A rate every target was measured at: the highest where one of them still meets the
+    target (where the deployments differ most visibly), else the lowest common rate."""
+    common = set.intersection(*({m.summary.rate_rps for m in r.measurements} for r in results))
+    common.discard(None)
+    if not common:
+        return None
+    passing = [rate for rate in common
+               if any(m.summary.attainment >= attainment_target
+                      for r in results if (m := r.at_rate(rate)) is not None)]
+    return max(passing) if passing else min(common)  # type: ignore[type-var]
+
+
+def comparison_table(results: list[TargetResult], cdf_rate_rps: float | None) -> str:
+    headers = ["deployment", "units", "goodput req/s", "per unit", "vs first"]
+    if cdf_rate_rps is not None:
+        rate = format_rate(cdf_rate_rps)
+        headers += [f"attain@{rate}", f"p90 TTFT ms@{rate}", f"p90 TPOT ms@{rate}",
+                    f"out tok/s@{rate}"]
+    rows = []
+    baseline = None
+    for r in results:
+        units = r.target.units
+        per_unit = (r.goodput.goodput_rps / units.count if units and units.count > 0
+                    else r.goodput.goodput_rps)
+        if baseline is None:
+            baseline = per_unit
+        bound = "" if r.goodput.is_upper_bounded else ">="
+        row = [
+            r.target.label,
+            str(units) if units else "-",
+            f"{bound}{r.goodput.goodput_rps:.3g}",
+            f"{per_unit:.3g}" if units else "-",
+            f"{per_unit / baseline:.2f}x" if baseline else "-",
+        ]
+        if cdf_rate_rps is not None:
+            m = r.at_rate(cdf_rate_rps)
+            s = m.summary if m else None
+            row += [
+                f"{s.attainment * 100:.1f}%" if s else "-",
+                f"{s.ttft_s.p90 * 1e3:.1f}" if s and s.ttft_s else "-",
+                f"{s.tpot_s.p90 * 1e3:.1f}" if s and s.tpot_s else "-",
+                f"{s.output_throughput_tps:.4g}" if s else "-",
+            ]
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+def write_outputs(
+    results: list[TargetResult],
+    experiment: Experiment,
+    cdf_rate_rps: float | None,
+    output_dir: Path,
+    settings: dict[str, Any],
+) -> list[Path]:
+    """comparison.json and the three plots; returns the paths written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    slo = experiment.slo
+    data = {
+        "settings": settings,
+        "slo": slo.model_dump(),
+        "cdf_rate_rps": cdf_rate_rps,
+        "targets": [
+            {
+                "label": r.target.label,
+                "config": str(r.target.config_path) if r.target.config_path else None,
+                "url": r.base_url,
+                "model": r.model,
+                "goodput": goodput_json(r.goodput, r.target.units),
+                "measurements": [measurement_json(m) for m in r.measurements],
+            }
+            for r in results
+        ],
+    }
+    paths = [output_dir / "comparison.json", output_dir / "attainment_vs_rate.png"]
+    write_json(paths[0], data)
+    plot_attainment_vs_rate(
+        {r.target.label: [(m.summary.rate_rps, m.summary.attainment) for m in r.measurements
+                          if m.summary.rate_rps is not None] for r in results},
+        slo.attainment,
+        paths[1],
+        goodputs_rps={r.target.label: r.goodput.goodput_rps for r in results},
+    )
+    if cdf_rate_rps is not None:
+        ttfts: dict[str, list[float]] = {}
+        tpots: dict[str, list[float]] = {}
+        for r in results:
+            m = r.at_rate(cdf_rate_rps)
+            per_request = [request_metrics(rec, slo) for rec in m.run.records] if m else []
+            ok = [x for x in per_request if x.is_ok]
+            ttfts[r.target.label] = [x.ttft_s for x in ok if x.ttft_s is not None]
+            tpots[r.target.label] = [x.tpot_s for x in ok if x.tpot_s is not None]
+        rate = format_rate(cdf_rate_rps)
+        paths += [output_dir / "ttft_cdf.png", output_dir / "tpot_cdf.png"]
+        plot_cdf(ttfts, slo.ttft_s, "TTFT", paths[2], f"TTFT CDF at {rate} req/s")
+        plot_cdf(tpots, slo.tpot_s, "TPOT", paths[3], f"TPOT CDF at {rate} req/s")
+    return paths

@@ -1,0 +1,191 @@
+"""Turning parsed `pdserve bench` flags into the benchmark's typed objects.
+
+Each function reads only the flags it names and validates them; user mistakes raise
+`BenchError`. Files are read before servers are contacted and prompts are built, so a
+typo fails in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.arrivals import (ArrivalProcess, GammaArrivals, PoissonArrivals, Trace,
+                            TraceArrivals, load_trace)
+from bench.compare import ServeOptions, Target
+from bench.deployment import parse_serve_command
+from bench.errors import BenchError
+from bench.experiment import Experiment
+from bench.goodput import SearchSettings, Units, units_from_config
+from bench.loadgen import check_server
+from bench.prompts import PromptBuilder
+from bench.workload import (LengthDistribution, LengthSource, RequestSpec, SyntheticLengths,
+                            TraceLengths, build_workload, load_length_csv)
+from cluster.config import ConfigError, ServeConfig, SLOConfig, load_config
+
+_NUM_WARMUP_INPUT_TOKENS = 16
+_NUM_WARMUP_OUTPUT_TOKENS = 4
+
+
+def load_serve_config(path: Path | None) -> ServeConfig | None:
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise BenchError(str(e).replace("\n", " ")) from None
+
+
+def slo_from_args(args: argparse.Namespace, config: ServeConfig | None) -> SLOConfig:
+    base = config.slo if config is not None else SLOConfig()
+    overrides = {
+        "ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s, "attainment": args.attainment_target,
+    }
+    try:
+        return SLOConfig(**{**base.model_dump(),
+                            **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        raise BenchError(f"invalid SLO flags: {e}".replace("\n", " ")) from None
+
+
+def load_tokenizer(args: argparse.Namespace, config: ServeConfig | None) -> tuple[Any, str]:
+    if args.tokenizer is not None:
+        source = str(args.tokenizer)
+    elif config is not None and config.model.path is not None:
+        source = str(config.model.path)
+    else:
+        from cluster.tiny_model import ensure_tiny_model
+
+        source = str(ensure_tiny_model("tiny"))
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(source), source
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cannot load a tokenizer from {source}: {e}".splitlines()[0]) from None
+
+
+def arrivals_from_args(args: argparse.Namespace) -> tuple[ArrivalProcess, Trace | None]:
+    if args.arrival == "trace":
+        if args.trace is None:
+            raise BenchError("--arrival trace needs --trace FILE")
+        trace = load_trace(args.trace, args.trace_time_unit)
+        return TraceArrivals(trace), trace
+    if args.trace is not None:
+        raise BenchError("--trace is only used with --arrival trace")
+    if args.arrival == "gamma":
+        return GammaArrivals(cv=args.cv, seed=args.seed), None
+    return PoissonArrivals(seed=args.seed), None
+
+
+def lengths_from_args(args: argparse.Namespace, trace: Trace | None) -> LengthSource:
+    if args.dataset is not None:
+        return load_length_csv(args.dataset)
+    if trace is not None and trace.input_lens is not None and trace.output_lens is not None:
+        return TraceLengths(trace.input_lens, trace.output_lens)
+
+    def distribution(side: str) -> LengthDistribution:
+        return LengthDistribution(
+            kind=getattr(args, f"{side}_dist"), mean=getattr(args, f"{side}_len"),
+            min_len=getattr(args, f"{side}_min"), max_len=getattr(args, f"{side}_max"),
+            sigma=getattr(args, f"{side}_sigma"),
+        )
+
+    return SyntheticLengths(distribution("input"), distribution("output"))
+
+
+def experiment_from_args(
+    args: argparse.Namespace, config: ServeConfig | None, check_first: tuple[Target, ...] = ()
+) -> Experiment:
+    """Read the input files, check the running servers in `check_first`, build prompts.
+
+    Cheap checks come first, so a typo fails in a second, not after building prompts.
+    """
+    if args.num_requests < 1:
+        raise BenchError("--num-requests must be at least 1")
+    arrivals, trace = arrivals_from_args(args)
+    lengths = lengths_from_args(args, trace)
+    for target in check_first:
+        if target.url is not None:
+            check_server(target.url, target.model)
+    num_requests = args.num_requests
+    if trace is not None and num_requests > len(trace.timestamps_s):
+        print(f"note: the trace holds {len(trace.timestamps_s)} requests; sending that many",
+              file=sys.stderr)
+        num_requests = len(trace.timestamps_s)
+    tokenizer, source = load_tokenizer(args, config)
+    builder = PromptBuilder(tokenizer)
+    print(f"building {num_requests} prompts with the tokenizer of {source}", file=sys.stderr)
+    workload = build_workload(lengths, num_requests, builder, args.seed, args.max_context)
+    if workload.num_clipped:
+        print(f"note: {workload.num_clipped} requests had their lengths clipped "
+              f"(prompt >= {builder.min_tokens} tokens"
+              + (f", prompt + output <= {args.max_context}" if args.max_context else "") + ")",
+              file=sys.stderr)
+    warmup_input_len = max(_NUM_WARMUP_INPUT_TOKENS, builder.min_tokens)
+    warmup = tuple(
+        RequestSpec(index=-1 - i, input_len=warmup_input_len,
+                    output_len=_NUM_WARMUP_OUTPUT_TOKENS,
+                    prompt=builder.build(warmup_input_len,
+                                         np.random.default_rng([args.seed, 3, i])))
+        for i in range(max(args.num_warmup, 0))
+    )
+    return Experiment(
+        workload=workload,
+        arrivals=arrivals,
+        slo=slo_from_args(args, config),
+        request_timeout_s=args.request_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+        duration_s=args.duration_s,
+        continuous_usage_stats=args.continuous_usage,
+        show_progress=not args.no_progress,
+        warmup_requests=warmup,
+    )
+
+
+def search_from_args(args: argparse.Namespace, slo: SLOConfig) -> SearchSettings:
+    return SearchSettings(
+        attainment_target=slo.attainment,
+        rates_rps=tuple(args.rates) if args.rates else None,
+        start_rate_rps=args.start_rate,
+        growth_factor=args.growth_factor,
+        min_rate_rps=args.min_rate,
+        max_rate_rps=args.max_rate,
+        num_bisect_steps=args.bisect_steps,
+        rel_tolerance=args.rel_tolerance,
+        full_sweep=args.full_sweep,
+    )
+
+
+def units_from_args(num_units: float | None, config: ServeConfig | None) -> Units | None:
+    if num_units is not None:
+        if num_units <= 0:
+            raise BenchError("--num-units must be positive")
+        return Units(num_units, units_from_config(config).name if config else "unit")
+    return units_from_config(config) if config is not None else None
+
+
+def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(serve_command=parse_serve_command(args.serve_command), port=args.port,
+                        health_timeout_s=args.health_timeout_s)
+
+
+def target_from_args(
+    args: argparse.Namespace, suffix: str = ""
+) -> tuple[Target, ServeConfig | None]:
+    """The target of `--url`/`--config` (with `suffix` "a": `--url-a`/`--config-a`...)."""
+    key = f"_{suffix}" if suffix else ""
+    url, config_path = getattr(args, f"url{key}"), getattr(args, f"config{key}")
+    config = load_serve_config(config_path)
+    label = getattr(args, f"label{key}", None) or (
+        config_path.stem if config_path is not None else url)
+    target = Target(label=label, config_path=config_path, url=url,
+                    units=units_from_args(getattr(args, f"num_units{key}"), config),
+                    model=getattr(args, f"model{key}"))
+    return target, config
