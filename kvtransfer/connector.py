@@ -307,12 +307,12 @@ class PdserveConnector(KVConnectorBase_V1):
         n = len(load.dst_block_ids)
         if load.first_block + n > layout.num_blocks:
             raise KVTransferError(f"segment {seg.path.name} holds too few blocks")
-        dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long)
         num_bytes = 0
         for name, kv in self._kv_caches.items():
+            dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long, device=kv.device)
             src = _segment_blocks(seg, self._layer_index[name], kv, layout.num_blocks)
             # kv: [num_blocks, ...] per-layer view; src: [seg_blocks, ...] contiguous
-            kv.index_copy_(0, dst_idx, src[load.first_block : load.first_block + n])
+            kv.index_copy_(0, dst_idx, src[load.first_block : load.first_block + n].to(kv.device))
             num_bytes += n * _bytes_per_block(kv)
         return num_bytes
 
@@ -335,10 +335,14 @@ class PdserveConnector(KVConnectorBase_V1):
             blocks = save.block_ids[save.first_block :]
             if not blocks:
                 continue
-            idx = torch.tensor(blocks, dtype=torch.long)
             dst = _segment_blocks(seg, layer, kv_layer, seg.header.layout.num_blocks)
-            # kv_layer: [num_blocks, ...]; gather this request's blocks into the segment
-            torch.index_select(kv_layer, 0, idx, out=dst[save.first_block : save.first_block + len(blocks)])
+            dst = dst[save.first_block : save.first_block + len(blocks)]
+            # kv_layer: [num_blocks, ...] paged; dst: [len(blocks), ...] contiguous in the segment
+            idx = torch.tensor(blocks, dtype=torch.long, device=kv_layer.device)
+            if kv_layer.device.type == "cpu":
+                torch.index_select(kv_layer, 0, idx, out=dst)  # gather straight into the segment
+            else:
+                dst.copy_(kv_layer.index_select(0, idx))  # gather on device, then device-to-host
 
     def _segment_for_save(self, save: SaveSpec) -> StagingSegment | None:
         seg = self._open_segments.get(save.segment_path)
