@@ -139,3 +139,30 @@ def test_stop_string_spanning_prefill_and_decode_tokens(live_engines):
     r = complete(url, "stop span", max_tokens=12, stop=[stop])
     assert r["choices"][0]["text"] == text[: text.index(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tcp_transport_gives_identical_output(live_engines):
+    """Force decode to fetch staged KV over TCP (the cross-host path) instead of mapping
+    the producer's shared memory; outputs must not change and nothing may be left behind."""
+    from cluster.config import KVTransferSettings
+
+    decode = live_engines.workers["decode"]
+    shm_settings = decode._kv.settings
+    prompts = varied_prompts()[3:7]
+    expected = [complete(live_engines.coloc_url, p)["choices"][0]["token_ids"] for p in prompts]
+    fetched_before = metric_value(live_engines.disagg_url, "pdserve_kv_transfers_total",
+                                  transport="tcp", direction="fetch", outcome="ok")
+    decode._kv.settings = KVTransferSettings(**{**shm_settings.model_dump(), "transport": "tcp"})
+    try:
+        got = [complete(live_engines.disagg_url, p) for p in prompts]
+    finally:
+        decode._kv.settings = shm_settings
+    assert [g["choices"][0]["token_ids"] for g in got] == expected
+    for g in got:
+        trace = httpx.get(f"{live_engines.disagg_url}/v1/requests/{g['id']}/trace").json()
+        assert trace["served_by"] in ("transferred", "prefill_only"), trace
+    time.sleep(0.5)
+    fetched_after = metric_value(live_engines.disagg_url, "pdserve_kv_transfers_total",
+                                 transport="tcp", direction="fetch", outcome="ok")
+    assert fetched_after - fetched_before == sum(1 for g in got if len(g["choices"][0]["token_ids"]) > 1)
+    assert list_segments(live_engines.staging_dir) == []
