@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.config import RouterConfig, SLOConfig
 from cluster.wire import SamplingSpec, WorkerUnavailable
 from router import openai_protocol as oai
+from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
 from router.metrics import Metrics
 from router.output_text import OutputText
@@ -77,6 +78,7 @@ def create_app(deps: RouterDeps) -> FastAPI:
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.deps = deps
+    app.include_router(dashboard_routes(deps))
     deps.pool.on_transfers = lambda _instance, transfers: deps.metrics.record_transfers(transfers)
 
     @app.exception_handler(RequestValidationError)

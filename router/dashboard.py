@@ -24,12 +24,16 @@ import itertools
 import math
 import time
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import Counter
 
 from router.metrics import SLIDING_WINDOW_S, request_latencies
+
+if TYPE_CHECKING:  # router.app imports this module to mount the routes
+    from router.app import RouterDeps
 
 # Percentiles look at no more than this many of the newest traces: bounds the work per poll
 # (one poll a second per open page) at high request rates, where it is still ample.
@@ -114,7 +118,7 @@ def pool_snapshot(views) -> list[dict]:
     return rows
 
 
-def dashboard_snapshot(deps, now: float | None = None) -> dict:
+def dashboard_snapshot(deps: RouterDeps, now: float | None = None) -> dict:
     """Everything the live page draws, as of `now` (wall-clock seconds)."""
     now = time.time() if now is None else now
     m = deps.metrics
@@ -124,7 +128,7 @@ def dashboard_snapshot(deps, now: float | None = None) -> dict:
     slo_judged = counter_totals(m.slo_requests)
     return {
         "now_s": now,
-        "window_s": SLIDING_WINDOW_S,
+        "window_s": window["window_s"],
         "slo": {"ttft_s": deps.slo.ttft_s, "tpot_s": deps.slo.tpot_s,
                 "attainment": deps.slo.attainment},
         "unit": m.unit,
@@ -150,7 +154,7 @@ def dashboard_snapshot(deps, now: float | None = None) -> dict:
     }
 
 
-def dashboard_routes(deps) -> APIRouter:
+def dashboard_routes(deps: RouterDeps) -> APIRouter:
     """Routes of the live dashboard over a router's `RouterDeps`."""
     router = APIRouter()
     # Read once: the files ship with the package and do not change while serving.

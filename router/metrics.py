@@ -131,17 +131,17 @@ class Metrics:
         self.instances = Gauge("pdserve_instances", "Instances by role and state",
                                ["role", "state"], registry=r)
         self.running = Gauge("pdserve_instance_running_requests", "Sequences running",
-                             ["role", "instance"], registry=r)
+                             ["role", "instance_id"], registry=r)
         self.waiting = Gauge("pdserve_instance_waiting_requests", "Requests queued in the engine",
-                             ["role", "instance"], registry=r)
+                             ["role", "instance_id"], registry=r)
         self.queued_prompt_tokens = Gauge("pdserve_instance_queued_prompt_tokens",
                                           "Prompt tokens accepted and not yet computed",
-                                          ["role", "instance"], registry=r)
+                                          ["role", "instance_id"], registry=r)
         self.kv_usage = Gauge("pdserve_instance_kv_cache_usage_ratio", "KV-cache blocks in use",
-                              ["role", "instance"], registry=r)
+                              ["role", "instance_id"], registry=r)
         self.staged_segments = Gauge("pdserve_instance_staged_kv_segments",
                                      "Prefill KV staged and not yet claimed",
-                                     ["instance"], registry=r)
+                                     ["instance_id"], registry=r)
         # -- handoff ----------------------------------------------------------------
         self.transfers = Counter("pdserve_kv_transfers", "KV movements by transport and outcome",
                                  ["transport", "direction", "outcome"], registry=r)
@@ -155,6 +155,7 @@ class Metrics:
                               "or prefill_only (ended at its first token)", ["served_by"],
                               registry=r)
         self._window: collections.deque[tuple[float, bool]] = collections.deque()
+        self.started_s = time.time()
 
     # -- recording ------------------------------------------------------------------
     def record_request(self, trace: RequestTrace, slo_class: str = "default") -> RequestSLO:
@@ -232,8 +233,10 @@ class Metrics:
             self._window.popleft()
         n = len(self._window)
         met = sum(1 for _, ok in self._window if ok)
-        span = SLIDING_WINDOW_S
+        # During the first minute the window is as long as the router has been up.
+        span = max(1.0, min(SLIDING_WINDOW_S, now - self.started_s))
         summary = {
+            "window_s": span,
             "attainment": met / n if n else 1.0,
             "goodput_rps": met / span,
             "throughput_rps": n / span,

@@ -29,6 +29,7 @@
   // -- formatting ---------------------------------------------------------------------
   function fmtDur(s) {
     if (s === null || s === undefined || !isFinite(s)) return "–";
+    if (s === 0) return "0";
     if (s < 0.001) return (s * 1e6).toFixed(0) + " µs";
     if (s < 1) return (s * 1e3).toFixed(s < 0.01 ? 2 : s < 0.1 ? 1 : 0) + " ms";
     return s.toFixed(s < 10 ? 2 : 1) + " s";
@@ -39,6 +40,8 @@
     if (Math.abs(x) >= 100) return x.toFixed(1);
     return x.toFixed(digits);
   }
+  // Axis labels: at most 3 significant digits, no trailing zeros (0.25, 1.5, 120).
+  function fmtAxis(x) { return Number(x.toPrecision(3)).toString(); }
   function fmtPct(x) { return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%"; }
   function fmtBytes(b) {
     if (b === null || b === undefined || !isFinite(b)) return "–";
@@ -71,11 +74,12 @@
   }
 
   // -- charts -------------------------------------------------------------------------
+  // The top of a y-axis with 4 round ticks: 4 x (1, 2, 2.5 or 5 x 10^k).
   function niceMax(x) {
     if (!(x > 0)) return 1;
-    const p = Math.pow(10, Math.floor(Math.log10(x)));
-    for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= x) return m * p;
-    return 10 * p;
+    const raw = x / 4, p = Math.pow(10, Math.floor(Math.log10(raw)));
+    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= raw) return 4 * m * p;
+    return 40 * p;
   }
 
   // series: [{name, color, values (one per visible sample, null = gap), dash, width}]
@@ -85,7 +89,7 @@
     const W = Math.max(200, svg.clientWidth || 320), H = Math.max(80, svg.clientHeight || 170);
     const m = {l: 52, r: 10, t: 8, b: 18};
     const pw = W - m.l - m.r, ph = H - m.t - m.b;
-    const fmt = opts.fmt || fmtNum;
+    const fmt = opts.fmt || fmtAxis;
     const refs = opts.refs || [];
     let values = series.map((s) => s.values);
     if (opts.stacked) {
@@ -95,7 +99,8 @@
     let ymax = 0;
     for (const vs of values) for (const v of vs) if (v !== null && isFinite(v)) ymax = Math.max(ymax, v);
     for (const r of refs) if (r.value !== null && isFinite(r.value)) ymax = Math.max(ymax, r.value * 1.15);
-    ymax = opts.yMax !== undefined ? opts.yMax : niceMax(ymax);
+    // minYMax: the smallest full scale (an idle byte-rate chart should not read 0.25 B/s).
+    ymax = opts.yMax !== undefined ? opts.yMax : niceMax(Math.max(ymax, opts.minYMax || 0));
     const X = (t) => m.l + pw * (t - view.t0) / (view.t1 - view.t0);
     const Y = (v) => m.t + ph * (1 - Math.min(v, ymax * 1.05) / ymax);
     const out = [];
@@ -148,7 +153,7 @@
       out.push(`<text class="refl" x="${W - m.r - 2}" y="${+y - 3}" text-anchor="end" style="fill:${r.color}">${esc(r.label)}</text>`);
     }
     if (!view.times.length || (!opts.stacked && points === 0 && series.every((s) => s.values.every((v) => v === null)))) {
-      out.push(`<text class="empty" x="${m.l + pw / 2}" y="${m.t + ph / 2}" text-anchor="middle">${esc(opts.empty || "no data yet")}</text>`);
+      out.push(`<text class="empty" x="${m.l + pw / 2}" y="${m.t + ph * 0.3}" text-anchor="middle">${esc(opts.empty || "no data yet")}</text>`);
     }
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.innerHTML = out.join("");
@@ -190,7 +195,7 @@
     const goodput = col((s) => s.goodput_rps), thr = col((s) => s.throughput_rps);
     drawChart("ch-goodput", view, [
       {name: "goodput", color: C.good, values: goodput, width: 2.2},
-      {name: "throughput", color: C.grey, values: thr, dash: "4 3"}], {fmt: (v) => fmtNum(v)});
+      {name: "throughput", color: C.grey, values: thr, dash: "4 3"}]);
     legend("lg-goodput", [
       {name: "goodput", color: C.good, value: fmtNum(d.goodput_rps) + " req/s"},
       {name: "per " + d.unit, color: C.good, value: fmtNum(d.goodput_per_unit_rps)},
@@ -227,7 +232,7 @@
     // served_by: rates (stacked), totals bar, fallback notice
     const served = SERVED.map((k) => ({name: k, color: C[k],
       values: col((s, i) => rate(i, (x) => x.totals.served_by[k]))}));
-    drawChart("ch-served", view, served, {stacked: true, fmt: (v) => fmtNum(v)});
+    drawChart("ch-served", view, served, {stacked: true});
     const tot = d.totals.served_by;
     const all = SERVED.reduce((a, k) => a + tot[k], 0);
     legend("lg-served", SERVED.map((k) => ({name: k.replace("_", " "), color: C[k],
@@ -245,7 +250,7 @@
     // transfers
     const bw = col((s, i) => rate(i, (x) => x.totals.transfer_bytes));
     drawChart("ch-bandwidth", view, [{name: "bytes/s", color: C.accent, values: bw, width: 2}],
-      {fmt: (v) => fmtBytes(v).replace(" ", "")});
+      {fmt: (v) => fmtBytes(v).replace(" ", ""), minYMax: 1000});
     const tt = d.totals;
     const meanS = tt.transfers_by_outcome.ok ? tt.transfer_seconds / tt.transfers_by_outcome.ok : null;
     legend("lg-bandwidth", [
@@ -255,7 +260,7 @@
     const outcomes = [["ok", C.good], ["failed", C.bad], ["expired", C.warn]].map(([k, color]) => ({
       name: k, color, values: col((s, i) => rate(i, (x) => x.totals.transfers_by_outcome[k])),
       width: k === "ok" ? 1.8 : 2.2}));
-    drawChart("ch-transfers", view, outcomes, {fmt: (v) => fmtNum(v)});
+    drawChart("ch-transfers", view, outcomes);
     legend("lg-transfers", outcomes.map((s) => ({name: s.name, color: s.color,
       value: String(tt.transfers_by_outcome[s.name])})));
     $("panel-transfers").classList.toggle("alert", (last(outcomes[1].values) || 0) + (last(outcomes[2].values) || 0) > 0);
@@ -263,7 +268,7 @@
     // request outcomes
     const reqs = [["finished", C.good], ["aborted", C.grey], ["failed", C.bad]].map(([k, color]) => ({
       name: k, color, values: col((s, i) => rate(i, (x) => x.totals.requests_by_outcome[k] || 0))}));
-    drawChart("ch-outcomes", view, reqs, {fmt: (v) => fmtNum(v)});
+    drawChart("ch-outcomes", view, reqs);
     legend("lg-outcomes", reqs.map((s) => ({name: s.name, color: s.color,
       value: String(tt.requests_by_outcome[s.name] || 0)})));
 
@@ -279,9 +284,9 @@
     drawChart("ch-queue", view, ids.flatMap((id, k) => [
       {name: id + " waiting", color: colorOf(id), values: waiting[k], width: 2},
       {name: id + " running", color: colorOf(id), values: running[k], dash: "4 3", width: 1.3}]),
-      {fmt: (v) => fmtNum(v, 1)});
+      {});
     legend("lg-queue", ids.map((id, k) => ({name: id, color: colorOf(id),
-      value: `${fmtNum(last(waiting[k]), 0)} / ${fmtNum(last(running[k]), 0)}`})));
+      value: `w ${fmtNum(last(waiting[k]), 0)} · r ${fmtNum(last(running[k]), 0)}`})));
     drawChart("ch-kv", view, ids.map((id, k) => ({name: id, color: colorOf(id), values: kv[k]})),
       {yMax: 1, fmt: (v) => (100 * v).toFixed(0) + "%"});
     legend("lg-kv", ids.map((id, k) => ({name: id, color: colorOf(id), value: fmtPct(last(kv[k]))})));
@@ -297,10 +302,20 @@
         `background:${colorOf(p.instance_id)}"></span><em>${fmtPct(kvu)}</em></div></td></tr>`;
     }).join("") || `<tr><td colspan="8">no instances</td></tr>`;
 
+    const e2e = d.latency.e2e_s;
+    const pctOf = (n, total) => (total ? ` (${(100 * n / total).toFixed(1)}%)` : "");
+    $("totals").innerHTML = [
+      ["End-to-end latency p50 · p90 · p99", `${fmtDur(e2e.p50)} · ${fmtDur(e2e.p90)} · ${fmtDur(e2e.p99)}`],
+      ["Judged against the SLO since start", `${tt.slo_requests}: both met ${tt.slo_met}${pctOf(tt.slo_met, tt.slo_requests)}, ` +
+        `TTFT met ${tt.slo_ttft_met}${pctOf(tt.slo_ttft_met, tt.slo_requests)}, TPOT met ${tt.slo_tpot_met}${pctOf(tt.slo_tpot_met, tt.slo_requests)}`],
+      ["KV transfers since start", `${tt.transfers_by_outcome.ok} ok, ${tt.transfers_by_outcome.failed} failed, ` +
+        `${tt.transfers_by_outcome.expired} expired · ${fmtBytes(tt.transfer_bytes)}`],
+    ].map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
+
     // tiles
     const judged = d.throughput_rps > 0;
     tile("tile-goodput", fmtNum(d.goodput_rps) + " req/s",
-      `${fmtNum(d.goodput_per_unit_rps)} per ${d.unit} · ${d.num_units} ${d.unit}s`, judged ? "ok" : null);
+      `${fmtNum(d.goodput_per_unit_rps)} per ${d.unit} (${d.num_units})`, judged ? "ok" : null);
     tile("tile-attainment", judged ? fmtPct(d.attainment) : "–", `target ${fmtPct(slo.attainment)}`,
       judged ? (d.attainment >= slo.attainment ? "ok" : "bad") : null);
     tile("tile-throughput", fmtNum(d.throughput_rps) + " req/s",
