@@ -65,7 +65,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
                        help="seed of lengths, prompts and arrivals")
     group.add_argument("--tokenizer", default=None,
                        help="tokenizer directory of the served model (default: the config's "
-                       "model.path, else the embedded tiny model)")
+                       "model.path, else its embedded model)")
     group.add_argument("--dataset", type=Path, default=None,
                        help="CSV of input_len,output_len pairs to draw lengths from")
     group.add_argument("--max-context", type=int, default=None,
@@ -237,8 +237,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     if target_a.label == target_b.label:
         target_b = Target(f"{target_b.label} (b)", target_b.config_path, target_b.url,
                           target_b.units, target_b.model)
-    if (config_a and config_b and config_a.model.path != config_b.model.path
-            and args.tokenizer is None):
+    if (config_a and config_b and args.tokenizer is None
+            and (config_a.model.path, config_a.model.embedded) != (config_b.model.path, config_b.model.embedded)):
         print("warning: the two configs serve different models; prompts are built with the "
               "first one's tokenizer (pass --tokenizer to choose)", file=sys.stderr)
     # The SLO and tokenizer come from the first config: both deployments must be judged

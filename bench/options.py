@@ -55,12 +55,13 @@ def slo_from_args(args: argparse.Namespace, config: ServeConfig | None) -> SLOCo
 def load_tokenizer(args: argparse.Namespace, config: ServeConfig | None) -> tuple[Any, str]:
     if args.tokenizer is not None:
         source = str(args.tokenizer)
-    elif config is not None and config.model.path is not None:
+    elif config is not None and config.model.path is not None:  # a local model directory
         source = str(config.model.path)
     else:
         from cluster.tiny_model import ensure_tiny_model
 
-        source = str(ensure_tiny_model("tiny"))
+        # What `pdserve serve` serves without model.path: the config's embedded model.
+        source = str(ensure_tiny_model(config.model.embedded if config is not None else "tiny"))
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 

@@ -95,7 +95,7 @@ def test_trace_replay_uses_recorded_times_and_lengths(tmp_path, fast_server):
 def test_goodput_search_finds_the_capacity_region(capsys, tmp_path, slow_server):
     code = cli.main(["goodput", "--url", slow_server.url, "--rates", "2", "80",
                      "--bisect-steps", "0", "--num-requests", "12", "--num-units", "2",
-                     "--slo-ttft-s", "1.0", "--slo-tpot-s", "0.05", *QUICK,
+                     "--slo-ttft-s", "1.0", "--slo-tpot-s", "0.5", *QUICK,
                      "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
@@ -109,7 +109,7 @@ def test_goodput_search_finds_the_capacity_region(capsys, tmp_path, slow_server)
 def test_compare_started_config_against_running_url(capsys, tmp_path, fast_server):
     config = tmp_path / "colocated.yaml"
     config.write_text("mode: colocated\ncolocated: {num_instances: 1, cpu_cores: [[0]]}\n"
-                      "slo: {ttft_s: 1.0, tpot_s: 0.05, attainment: 0.9}\n")
+                      "slo: {ttft_s: 1.0, tpot_s: 0.5, attainment: 0.9}\n")
     out_dir = tmp_path / "out"
     code = cli.main([
         "compare", "--config-a", str(config), "--url-b", fast_server.url, "--label-b", "fast",

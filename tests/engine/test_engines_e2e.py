@@ -166,3 +166,16 @@ def test_tcp_transport_gives_identical_output(live_engines):
                                  transport="tcp", direction="fetch", outcome="ok")
     assert fetched_after - fetched_before == sum(1 for g in got if len(g["choices"][0]["token_ids"]) > 1)
     assert list_segments(live_engines.staging_dir) == []
+
+
+def test_grafana_dashboard_queries_only_series_the_real_deployment_exports(live_engines):
+    from tests.observability.test_observability_grafana import load_dashboard, referenced_names
+
+    complete(live_engines.disagg_url, "grafana check", max_tokens=4)
+    time.sleep(0.5)
+    exported = set()
+    for line in httpx.get(f"{live_engines.disagg_url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            exported.add(line.split("{", 1)[0].split(" ", 1)[0])
+    missing = sorted(referenced_names(load_dashboard()) - exported)
+    assert not missing, f"Grafana queries series a real deployment does not export: {missing}"
