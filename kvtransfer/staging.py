@@ -169,7 +169,8 @@ def segment_path(staging_dir: Path, engine_id: str, request_id: str) -> Path:
 
 def list_segments(staging_dir: Path, tag: str = "") -> list[Path]:
     """Segments in `staging_dir`, optionally only those of one owner tag."""
-    return sorted(Path(staging_dir).glob(f"{SEGMENT_PREFIX}{tag}*"))
+    # The "-" that `segment_path` puts after the tag: engine "p1" must not match "p10".
+    return sorted(Path(staging_dir).glob(f"{SEGMENT_PREFIX}{tag}-*" if tag else f"{SEGMENT_PREFIX}*"))
 
 
 def reclaim_expired(staging_dir: Path, lease_s: float, engine_id: str, now: float | None = None) -> int:

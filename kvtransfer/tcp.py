@@ -145,7 +145,9 @@ class TransferServer:
 def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
                   dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
     """Copy a remote segment into `dest_dir`; returns (local path, bytes). Raises KVTransferError."""
-    dest = Path(dest_dir) / f"{segment_name}-fetched"
+    # Outside every producer's owner-tag namespace: when consumer and producer share a
+    # staging dir (one host, transport tcp), the producer must not count or reclaim it.
+    dest = Path(dest_dir) / f"{SEGMENT_PREFIX}fetched-{segment_name.removeprefix(SEGMENT_PREFIX)}"
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             _send_msg(sock, FetchRequest(segment_name=segment_name, producer_epoch=producer_epoch))
