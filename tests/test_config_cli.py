@@ -1,0 +1,74 @@
+"""The config tree and the `pdserve serve` command line: validation errors name the field."""
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.config import ConfigError, ServeConfig, dump_config, load_config
+from cluster.launcher import with_default_cpu_cores
+
+
+def test_defaults_are_one_prefill_one_decode():
+    cfg = load_config()
+    assert cfg.mode == "disaggregated"
+    assert set(cfg.pools()) == {"prefill", "decode"}
+    assert cfg.prefill.num_instances == cfg.decode.num_instances == 1
+
+
+def test_yaml_and_overrides_merge_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"mode": "colocated", "colocated": {"num_instances": 3},
+                                    "router": {"port": 9001}}))
+    cfg = load_config(path, {"router": {"host": "0.0.0.0"}})
+    assert (cfg.colocated.num_instances, cfg.router.port, cfg.router.host) == (3, 9001, "0.0.0.0")
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"prefill": {"num_instances": -1}}, "prefill.num_instances"),
+    ({"prefill": {"num_instance": 2}}, "prefill.num_instance"),
+    ({"kv_transfer": {"transport": "carrier-pigeon"}}, "kv_transfer.transport"),
+    ({"slo": {"attainment": 1.5}}, "slo.attainment"),
+    ({"router": {"port": 70000}}, "router.port"),
+    ({"decode": {"num_instances": 2, "cpu_cores": [[0]]}}, "decode"),
+    ({"mode": "disaggregated", "decode": {"num_instances": 0}}, "disaggregated mode needs"),
+])
+def test_invalid_config_names_the_field(tmp_path, data, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert field in str(err.value)
+
+
+def test_cli_errors_are_one_clean_line(tmp_path, capsys):
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"pdserve: config file not found: {tmp_path / 'missing.yaml'}"
+    (tmp_path / "notyaml.yaml").write_text("a: [1, 2\n")
+    assert main(["serve", "--config", str(tmp_path / "notyaml.yaml")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Hugging Face model directory" in err and "Traceback" not in err
+
+
+def test_print_config_applies_flags(capsys):
+    assert main(["serve", "--print-config", "--mode", "colocated", "--num-instances", "2",
+                 "--port", "8123", "--tpot-slo", "0.05"]) == 0
+    cfg = ServeConfig.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert (cfg.mode, cfg.colocated.num_instances, cfg.router.port, cfg.slo.tpot_s) == (
+        "colocated", 2, 8123, 0.05)
+
+
+def test_default_cpu_cores_give_each_instance_its_own():
+    cfg = load_config()
+    pinned = with_default_cpu_cores(cfg, [0, 1])
+    assert pinned.prefill.cpu_cores == [[0]] and pinned.decode.cpu_cores == [[1]]
+    colo = with_default_cpu_cores(load_config(overrides={"mode": "colocated",
+                                                         "colocated": {"num_instances": 1}}), [0, 1])
+    assert colo.colocated.cpu_cores == [[0, 1]]
+    crowded = with_default_cpu_cores(load_config(overrides={"prefill": {"num_instances": 2},
+                                                            "decode": {"num_instances": 1}}), [0, 1])
+    assert crowded.prefill.cpu_cores == [[0], [1]] and crowded.decode.cpu_cores == [[0]]
