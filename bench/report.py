@@ -54,7 +54,7 @@ def _distribution_row(name: str, dist: Distribution | None) -> list[str]:
 def format_summary(summary: RunSummary) -> str:
     slo = summary.slo
     lines = [
-        f"rate (offered)     "
+        "rate (offered)     "
         + ("trace replayed at its own pace" if summary.rate_rps is None
            else f"{summary.rate_rps:.3g} req/s"),
         f"requests           {summary.num_sent} sent, {summary.num_ok} ok"

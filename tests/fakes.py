@@ -9,6 +9,7 @@ it holds, so tests can check that every path returns to zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -164,3 +165,23 @@ def make_fake_deployment(mode: str = "disaggregated", *, num_prefill: int = 1, n
                       tokenizer=ModelTokenizer(ensure_tiny_model("tiny")), pool=pool,
                       metrics=Metrics(slo, num_units=len(prefills) + len(decodes)))
     return create_app(deps), deps, prefills, decodes
+
+
+@contextlib.asynccontextmanager
+async def serving(app):
+    """`app` under a real uvicorn on a free loopback port (lifespan on: the pool polls)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError("uvicorn did not start")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

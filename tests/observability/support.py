@@ -4,17 +4,15 @@ loopback server, and a parsed view of a Prometheus scrape."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import SLIDING_WINDOW_S
-from tests.fakes import make_fake_deployment
+from tests.fakes import make_fake_deployment, serving  # noqa: F401 (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "pdserve-tiny"
@@ -33,24 +31,6 @@ def in_process_client(app) -> httpx.AsyncClient:
     """ASGI client: no lifespan, so no stats polling; call `deps.pool.refresh()` yourself."""
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pdserve",
                              timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def serving(app):
-    """`app` under a real uvicorn on a free loopback port (lifespan on: the pool polls)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-            raise RuntimeError("uvicorn did not start")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def wait_until(predicate: Callable[[], object], timeout_s: float = 5.0, what: str = "") -> None:

@@ -7,29 +7,12 @@ import contextlib
 import json
 
 import httpx
-import pytest
-import uvicorn
 
 from cluster.config import RouterConfig, SLOConfig
 from router.pool import WorkerPool
-from tests.fakes import make_fake_deployment
+from tests.fakes import make_fake_deployment, serving
 
 MODEL = "pdserve-tiny"
-
-
-@contextlib.asynccontextmanager
-async def serving(app):
-    """Run `app` on a free loopback port with a real uvicorn; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:
