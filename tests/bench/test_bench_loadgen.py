@@ -15,7 +15,7 @@ from cluster.config import SLOConfig
 
 TTFT_S, TPOT_S = 0.05, 0.02
 # Timers on a shared 2-core machine: allow some scheduling noise, never less than truth.
-SLACK_S = 0.03
+SLACK_S = 0.05
 
 
 def specs(num, output_len=10, prompt="one two three"):
@@ -51,11 +51,11 @@ def test_measured_ttft_and_tpot_match_the_server(server):
         assert r.outcome is RequestOutcome.OK, r.error
         assert r.num_output_tokens == 10 and r.num_chunks == 10
         m = request_metrics(r, SLOConfig())
-        assert m.tpot_s == pytest.approx(TPOT_S, abs=0.005)
+        assert m.tpot_s == pytest.approx(TPOT_S, abs=0.01)
         assert len(r.itl_s) == 9
         assert sum(r.itl_s) == pytest.approx(r.e2e_s - r.ttft_s)
     sent = [r.sent_s for r in run.records]
-    assert sent == pytest.approx([0.0, 0.05, 0.1, 0.15], abs=0.02)  # open loop, on schedule
+    assert sent == pytest.approx([0.0, 0.05, 0.1, 0.15], abs=0.04)  # open loop, on schedule
 
 
 def test_multi_token_chunks_are_spread_using_usage(chunky_server):
@@ -68,7 +68,7 @@ def test_multi_token_chunks_are_spread_using_usage(chunky_server):
         assert sum(r.itl_s) == pytest.approx(r.e2e_s - r.ttft_s)
         # Each 3-token chunk arrives 3 * TPOT after the last one: 3 gaps of ~TPOT.
         assert max(r.itl_s) < TPOT_S + SLACK_S and min(r.itl_s) >= TPOT_S * 0.9
-        assert request_metrics(r, SLOConfig()).tpot_s == pytest.approx(TPOT_S, abs=0.005)
+        assert request_metrics(r, SLOConfig()).tpot_s == pytest.approx(TPOT_S, abs=0.01)
 
 
 def test_continuous_usage_gives_exact_chunk_sizes(chunky_server):
