@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, metavar="CV",
                    help="coefficient of variation of arrival gaps (1 = Poisson, >1 burstier)")
     g = parser.add_argument_group("cluster")
+    g.add_argument("--device", choices=["gpu", "cpu"],
+                   help="what a unit is: a GPU (default), or a CPU core running one TP1 instance "
+                   "(then --gpus-per-node counts cores and --gpu-memory-gib is the KV cache per core)")
     g.add_argument("--nodes", type=int, help="number of nodes")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node")
     g.add_argument("--gpu-memory-gib", type=float, help="memory per GPU, GiB")
@@ -83,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="who releases the first token (default prefill)")
     g.add_argument("--framework-overhead", action="store_true", default=None,
                    help="add DistServe's per-iteration framework overhead")
+    g.add_argument("--iteration-time-scale", type=float,
+                   help="multiply every profiled iteration time (co-located processes share the units)")
     g = parser.add_argument_group("search")
     g.add_argument("--placement", choices=sorted(_PLACEMENTS), help="placement algorithms (default both)")
     g.add_argument("--max-pipeline-parallel", type=int, help="largest pipeline degree to try")
@@ -113,7 +118,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "kv_capacity_csv": "kv_capacity_csv", "colocated_profile": "colocated_profile",
         "ttft_s": "slo.ttft_s", "tpot_s": "slo.tpot_s", "attainment": "slo.attainment",
         "rate": "workload.rate",
-        "nodes": "cluster.num_nodes", "gpus_per_node": "cluster.gpus_per_node",
+        "device": "cluster.device", "nodes": "cluster.num_nodes", "gpus_per_node": "cluster.gpus_per_node",
         "gpu_memory_gib": "cluster.gpu_memory_gib",
         "gpu_memory_utilization": "cluster.gpu_memory_utilization",
         "intra_node_bandwidth_gb_s": "cluster.intra_node_bandwidth_gb_s",
@@ -122,6 +127,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_token_budget": "engine.prefill_token_budget", "max_num_seqs": "engine.max_num_seqs",
         "first_token_source": "engine.first_token_source",
         "framework_overhead": "engine.framework_overhead",
+        "iteration_time_scale": "engine.iteration_time_scale",
         "max_pipeline_parallel": "search.max_pipeline_parallel",
         "num_requests": "search.num_requests", "num_seeds": "search.num_seeds",
         "seed": "search.seed", "num_verify": "search.num_verify",

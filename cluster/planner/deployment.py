@@ -3,7 +3,9 @@
 Only the pools, the SLO and the model are planner decisions; everything else comes from
 an optional base config (router, Ray, transfer settings), or the schema's defaults.
 `ServeConfig` has no placement field: the node layout the plan assumed is reported, and
-the launcher's placement groups should follow it.
+the launcher's placement groups should follow it. A CPU plan (`cluster.device: cpu`) pins
+each instance to one core of its node, in layout order (prefill instances first), reserves
+no GPU, and sizes each instance's KV cache to `cluster.gpu_memory_gib`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from cluster.config import ServeConfig, load_config
 
 from .inputs import PlanRequest
+from .placement import layout_plan
 from .plans import ParallelConfig, Plan
 
 
@@ -32,15 +35,36 @@ def _pool(config: ParallelConfig, num_instances: int, request: PlanRequest, pref
     return pool
 
 
+def _cpu_cores(plan: Plan, request: PlanRequest) -> tuple[list[list[int]], list[list[int]]]:
+    """(prefill, decode) core of each instance: the next free core of its node, by layout."""
+    c = request.cluster
+    layout = layout_plan(plan, c.num_nodes, c.gpus_per_node)
+    if layout is None:
+        raise ValueError(f"plan {plan.label} does not fit the cluster")
+    next_core: dict[int, int] = {}
+
+    def take(nodes: tuple[int, ...]) -> list[int]:
+        node = nodes[0]  # CPU instances have one stage
+        next_core[node] = next_core.get(node, 0) + 1
+        return [next_core[node] - 1]
+
+    return [take(n) for n in layout.prefill_nodes], [take(n) for n in layout.decode_nodes]
+
+
 def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | None = None) -> ServeConfig:
     """A validated disaggregated `ServeConfig` running `plan`."""
     data = (base or ServeConfig()).model_dump(mode="python")
     data["mode"] = "disaggregated"
-    for role, config, n in (("prefill", plan.prefill, plan.num_prefill),
-                            ("decode", plan.decode, plan.num_decode)):
+    is_cpu = request.cluster.device == "cpu"
+    cores = _cpu_cores(plan, request) if is_cpu else (None, None)
+    for (role, config, n), role_cores in zip((("prefill", plan.prefill, plan.num_prefill),
+                                              ("decode", plan.decode, plan.num_decode)), cores):
         pool = dict(data[role])
         pool.update(_pool(config, n, request, role == "prefill"))
-        pool["cpu_cores"] = None  # CPU-backend binding does not carry over to a GPU plan
+        if is_cpu:
+            pool.update(num_gpus=0.0, num_cpus=1.0, kv_cache_gib=int(request.cluster.gpu_memory_gib))
+        # A GPU plan drops any CPU-backend binding of the base config.
+        pool["cpu_cores"] = role_cores
         data[role] = pool
     model = dict(data["model"])
     model_path = Path(request.model)

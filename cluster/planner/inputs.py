@@ -29,6 +29,13 @@ class _Strict(BaseModel):
 
 
 class ClusterSpec(_Strict):
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu",
+        description="gpu: a unit is one GPU. cpu: a unit is one CPU core running one TP1 x PP1 "
+        "instance on vLLM's CPU backend, pinned to its own core; `gpu_memory_gib` is then that "
+        "instance's KV-cache space (the pool's kv_cache_gib, whole GiB) and the intra-node "
+        "bandwidth is shared memory's.",
+    )
     num_nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
     gpus_per_node: int = Field(8, ge=1, description="GPUs per node.")
     gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU in GiB.")
@@ -50,7 +57,15 @@ class ClusterSpec(_Strict):
     def _budget_fits(self) -> "ClusterSpec":
         if self.max_gpus is not None and self.max_gpus > self.total_gpus:
             raise ValueError(f"max_gpus {self.max_gpus} exceeds the cluster's {self.total_gpus} GPUs")
+        if self.device == "cpu" and (self.gpu_memory_gib < 1 or not self.gpu_memory_gib.is_integer()):
+            raise ValueError(f"with device cpu, gpu_memory_gib is the KV-cache space per core in "
+                             f"whole GiB (>= 1), got {self.gpu_memory_gib:g}")
         return self
+
+    @property
+    def unit_name(self) -> str:
+        """What one unit of the budget is, for reports: "GPU" or "core"."""
+        return "GPU" if self.device == "gpu" else "core"
 
     @property
     def total_gpus(self) -> int:
@@ -89,6 +104,13 @@ class EngineSpec(_Strict):
     )
     framework_overhead: bool = Field(
         False, description="Add DistServe's per-iteration overhead (2 ms + 0.1 us per context token)."
+    )
+    iteration_time_scale: float = Field(
+        1.0, ge=1.0, le=10.0,
+        description="Multiply every profiled iteration time by this. 1 when each instance owns "
+        "its units; above 1 when other processes of the deployment (router, engine front ends, "
+        "clients) share the units, as on a small CPU host: measure it by replaying a served "
+        "trace against the profile (docs/planner.md, 'Predicted vs measured').",
     )
 
 

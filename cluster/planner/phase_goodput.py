@@ -120,6 +120,8 @@ def enumerate_configs(
     c, placements = req.cluster, req.search.placements
     layers = problem.shape.num_layers
     pps = [p for p in range(1, req.search.max_pipeline_parallel + 1) if layers % p == 0]
+    if c.device == "cpu":
+        pps = [1]  # one core per instance: no pipeline stages to list as excluded
     usable, excluded = [], []
     for tp in sorted(problem.profiles):
         for pp in pps:

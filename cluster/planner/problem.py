@@ -41,6 +41,10 @@ class PlanningProblem:
         if measured is not None and config.pp == 1:
             return measured
         c = self.request.cluster
+        if c.device == "cpu":
+            # vLLM's CPU backend gives the KV cache exactly its space; weights live outside it.
+            block_bytes = self.kv_bytes_per_token * self.request.engine.block_size
+            return int(c.gpu_memory_bytes // block_bytes) * self.request.engine.block_size
         return kv_capacity_tokens(self.shape, config.tp, config.pp, c.gpu_memory_bytes,
                                   c.gpu_memory_utilization, self.request.engine.block_size)
 
@@ -48,6 +52,8 @@ class PlanningProblem:
         """Why an instance of this shape cannot serve, or None."""
         if config.tp not in self.profiles:
             return f"no latency profile for TP{config.tp}"
+        if self.request.cluster.device == "cpu" and config.num_gpus > 1:
+            return "a CPU instance runs on one core (TP1 x PP1)"
         if self.shape.num_attention_heads % config.tp:
             return f"{self.shape.num_attention_heads} attention heads do not split over TP{config.tp}"
         if config.tp > self.request.cluster.gpus_per_node:
@@ -78,6 +84,15 @@ class PlanningProblem:
                              e.prefill_token_budget, e.max_num_seqs)
 
 
+def scale_profile(profile: LatencyProfile, scale: float) -> LatencyProfile:
+    """Every iteration `scale` times slower (`engine.iteration_time_scale`)."""
+    if scale == 1.0:
+        return profile
+    return profile.model_copy(update={
+        name: tuple(scale * x for x in getattr(profile, name))
+        for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+
+
 def build_problem(request: PlanRequest) -> PlanningProblem:
     """Load what the request names. Raises ValueError subclasses with readable messages."""
     shape = load_model_shape(request.model)
@@ -92,7 +107,8 @@ def build_problem(request: PlanRequest) -> PlanningProblem:
             raise ProfileError(
                 f"profile {request.profile} has models {table.models()}; choose one with profile_model"
             )
-    profiles = {tp: table.get(key, tp) for tp in table.tensor_parallel_sizes(key)}
+    scale = request.engine.iteration_time_scale
+    profiles = {tp: scale_profile(table.get(key, tp), scale) for tp in table.tensor_parallel_sizes(key)}
     measured_kv = {p.kv_bytes_per_token for p in profiles.values() if p.kv_bytes_per_token}
     kv_bytes = measured_kv.pop() if len(measured_kv) == 1 else shape.kv_bytes_per_token
     capacity = (load_capacity_table(request.kv_capacity_csv, key)
@@ -100,7 +116,7 @@ def build_problem(request: PlanRequest) -> PlanningProblem:
     colocated = None
     if request.colocated_profile is not None:
         other = load_profiles(request.colocated_profile)
-        colocated = {tp: other.get(key, tp) for tp in other.tensor_parallel_sizes(key)}
+        colocated = {tp: scale_profile(other.get(key, tp), scale) for tp in other.tensor_parallel_sizes(key)}
     return PlanningProblem(
         request=request, shape=shape, profile_model=key, profiles=profiles,
         kv_bytes_per_token=kv_bytes, capacity_table=capacity,

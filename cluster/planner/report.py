@@ -43,12 +43,12 @@ def _phase(outcome: PlanOutcome, phase: str, plan_config) -> PhaseGoodput:
 def _why(e: EvaluatedPlan, outcome: PlanOutcome, problem: PlanningProblem) -> list[str]:
     plan = e.plan
     gp, gd = _phase(outcome, "prefill", plan.prefill), _phase(outcome, "decode", plan.decode)
-    slo = problem.request.slo
+    slo, unit = problem.request.slo, problem.request.cluster.unit_name
     lines = [
         f"one prefill {plan.prefill.label} instance alone sustains {gp.goodput_rps:.2f} req/s "
-        f"within TTFT {slo.ttft_s:g} s ({gp.goodput_per_gpu:.2f}/GPU); one decode "
+        f"within TTFT {slo.ttft_s:g} s ({gp.goodput_per_gpu:.2f}/{unit}); one decode "
         f"{plan.decode.label} instance alone sustains {gd.goodput_rps:.2f} req/s within TPOT "
-        f"{slo.tpot_s:g} s ({gd.goodput_per_gpu:.2f}/GPU, {gd.kv_capacity_tokens} KV tokens)",
+        f"{slo.tpot_s:g} s ({gd.goodput_per_gpu:.2f}/{unit}, {gd.kv_capacity_tokens} KV tokens)",
         f"{plan.num_prefill}:{plan.num_decode} prefill:decode balances the phases "
         f"({plan.num_prefill * gp.goodput_rps:.2f} vs {plan.num_decode * gd.goodput_rps:.2f} "
         f"req/s by the per-phase estimate); co-simulated together the plan reaches "
@@ -62,9 +62,10 @@ def _why(e: EvaluatedPlan, outcome: PlanOutcome, problem: PlanningProblem) -> li
 
 
 def _plan_block(e: EvaluatedPlan, problem: PlanningProblem, outcome: PlanOutcome) -> list[str]:
+    unit = problem.request.cluster.unit_name
     lines = [
-        f"  goodput      {e.goodput_rps:.2f} req/s  ({e.goodput_per_gpu:.3f} req/s per GPU, "
-        f"{e.plan.num_gpus} GPUs)",
+        f"  goodput      {e.goodput_rps:.2f} req/s  ({e.goodput_per_gpu:.3f} req/s per {unit}, "
+        f"{e.plan.num_gpus} {unit}s)",
         f"  at goodput   {_measurement(e.at_goodput)}",
     ]
     if e.at_target is not None and outcome.target_rate is not None:
@@ -75,11 +76,11 @@ def _plan_block(e: EvaluatedPlan, problem: PlanningProblem, outcome: PlanOutcome
     return lines
 
 
-def _compare(e: EvaluatedPlan, best: EvaluatedPlan) -> str:
+def _compare(e: EvaluatedPlan, best: EvaluatedPlan, unit: str) -> str:
     if best.goodput_per_gpu <= 0:
         return ""
     delta = e.goodput_per_gpu / best.goodput_per_gpu - 1
-    text = f"{delta:+.0%} per GPU vs chosen; limited by {e.limited_by}"
+    text = f"{delta:+.0%} per {unit} vs chosen; limited by {e.limited_by}"
     m = e.beyond or e.at_goodput
     if m.mean_transfer_s > 2 * max(best.at_goodput.mean_transfer_s, 1e-3):
         text += f"; KV transfer {1000 * m.mean_transfer_s:.0f} ms on average (inter-node link)"
@@ -90,32 +91,37 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
     req = problem.request
     c, slo, w = req.cluster, req.slo, req.workload
     lengths = problem.lengths
+    unit = c.unit_name
     source = (f"{w.lengths.path.name}" if isinstance(w.lengths, CsvLengths) else w.lengths.kind)
     arrival = ("Poisson" if w.arrival.process == "poisson" else f"gamma (cv {w.arrival.cv:g})")
     out = [
-        f"pdserve plan: {req.model} on {c.num_nodes} node(s) x {c.gpus_per_node} GPUs "
-        f"({c.gpu_memory_gib:g} GiB each, budget {c.gpu_budget} GPUs)",
-        f"  profile      {req.profile} [{problem.profile_model}], TP {sorted(problem.profiles)}",
+        f"pdserve plan: {req.model} on {c.num_nodes} node(s) x {c.gpus_per_node} {unit}s "
+        f"({c.gpu_memory_gib:g} GiB{' of KV cache' if c.device == 'cpu' else ''} each, budget "
+        f"{c.gpu_budget} {unit}s)",
+        f"  profile      {req.profile} [{problem.profile_model}], TP {sorted(problem.profiles)}"
+        + (f", iteration times x{req.engine.iteration_time_scale:g}"
+           if req.engine.iteration_time_scale != 1.0 else ""),
         f"  workload     {source}: prompt mean {lengths['input_mean']:.0f}, output mean "
         f"{lengths['output_mean']:.0f} tokens; {arrival} arrivals",
         f"  SLO          TTFT <= {slo.ttft_s:g} s and TPOT <= {slo.tpot_s:g} s for >= "
         f"{_pct(slo.attainment)} of requests (first token from {req.engine.first_token_source})",
-        f"  network      NVLink {c.intra_node_bandwidth_gb_s:g} GB/s per GPU pair, NIC "
+        f"  network      {'NVLink' if c.device == 'gpu' else 'shared memory'} "
+        f"{c.intra_node_bandwidth_gb_s:g} GB/s per {unit} pair, NIC "
         f"{c.inter_node_bandwidth_gb_s:g} GB/s per node; KV {problem.kv_bytes_per_token / 1e6:.3f} MB/token",
-        "  objective    " + ("highest goodput within the GPU budget" if outcome.objective == "max_goodput"
-                            else f"fewest GPUs sustaining {outcome.target_rate:g} req/s"),
+        "  objective    " + (f"highest goodput within the {unit} budget" if outcome.objective == "max_goodput"
+                            else f"fewest {unit}s sustaining {outcome.target_rate:g} req/s"),
         "",
     ]
     best = outcome.best
     if best is None or best.goodput_rps <= 0:
         if outcome.objective == "min_gpus":
-            out.append(f"NO PLAN within {c.gpu_budget} GPUs sustains {outcome.target_rate:g} req/s.")
+            out.append(f"NO PLAN within {c.gpu_budget} {unit}s sustains {outcome.target_rate:g} req/s.")
             if outcome.fallback is not None and outcome.fallback.goodput_rps > 0:
                 fb = outcome.fallback
                 out.append(f"Best achievable: {fb.plan.label}, {fb.goodput_rps:.2f} req/s "
-                           f"on {fb.plan.num_gpus} GPUs.")
+                           f"on {fb.plan.num_gpus} {unit}s.")
         else:
-            out.append(f"NO PLAN within {c.gpu_budget} GPUs meets the SLO at any request rate. In the "
+            out.append(f"NO PLAN within {c.gpu_budget} {unit}s meets the SLO at any request rate. In the "
                        "per-phase table a 0 means one instance cannot meet that SLO even alone (too "
                        "many requests exceed it at zero load); see also the excluded configurations.")
     else:
@@ -126,9 +132,9 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
         if outcome.runners_up:
             out += ["", "Runner-up plans:"]
             for i, e in enumerate(outcome.runners_up, start=2):
-                out.append(f"  #{i} {e.plan.label}: {e.goodput_rps:.2f} req/s on {e.plan.num_gpus} GPUs "
-                           f"({e.goodput_per_gpu:.3f}/GPU; {_compare(e, best)})")
-    out += ["", "Per-phase goodput of one instance (req/s; per GPU):",
+                out.append(f"  #{i} {e.plan.label}: {e.goodput_rps:.2f} req/s on {e.plan.num_gpus} {unit}s "
+                           f"({e.goodput_per_gpu:.3f}/{unit}; {_compare(e, best, unit)})")
+    out += ["", f"Per-phase goodput of one instance (req/s; per {unit}):",
             f"  {'config':<10} {'prefill (TTFT)':>18} {'decode (TPOT)':>18} {'KV tokens':>10}"]
     configs = sorted({g.config for g in outcome.phases})
     for config in configs:
@@ -142,10 +148,10 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
         top = max(outcome.colocated, key=lambda g: g.goodput_per_gpu)
         out += ["", "Colocated baseline (one instance, both SLOs):"]
         out += [f"  TP{g.tp} {g.scheduler.replace('_', ' ')}: {g.goodput_rps:.2f} req/s "
-                f"({g.goodput_per_gpu:.3f}/GPU)" for g in outcome.colocated]
+                f"({g.goodput_per_gpu:.3f}/{unit})" for g in outcome.colocated]
         if best is not None and best.goodput_rps > 0 and top.goodput_per_gpu > 0:
             out.append(f"  chosen disaggregated plan: {best.goodput_per_gpu / top.goodput_per_gpu:.2f}x "
-                       f"the best colocated goodput per GPU")
+                       f"the best colocated goodput per {unit}")
     s = req.search
     timing = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
     out += ["", f"Search: {len(configs)} configurations per phase, {outcome.num_simulations} "
