@@ -31,7 +31,7 @@ class ModelConfig(_Strict):
     embedded: Literal["tiny", "small"] = Field(
         "tiny",
         description="Which embedded model to serve when `path` is unset: `tiny` (fast, for "
-        "tests) or `small` (~100M parameters; prefill interference is visible on a CPU).",
+        "tests) or `small` (~78M parameters; prefill interference is visible on a CPU).",
     )
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model`; defaults to the directory name."
