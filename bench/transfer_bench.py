@@ -9,9 +9,13 @@ Bandwidth mode measures, in one run and for messages of 64 KiB .. 256 MiB (power
             the machine's reference bandwidth, measured in the same run
     fresh   the same copy into a newly created /dev/shm file (create, mmap, copy, unlink):
             what writing any new segment pays for page allocation; a second reference
-    shm     the connector's whole same-host path: create a segment in /dev/shm, gather each
-            layer's (non-contiguous) blocks into it (save_kv_layer), mark it complete; open
-            it, scatter into the decode's blocks (start_load_kv), unlink. Two copies.
+    shm     the shared-memory transport: the decode's connector opens a staged segment, copies
+            it into its (non-contiguous) blocks (start_load_kv) and recycles the file into
+            the producer's pool. One copy; the only part of a same-host transfer that is
+            not overlapped with the prefill's forward.
+    stage+shm  the connector's whole same-host path: gather each layer's paged blocks into
+            a segment (save_kv_layer, as the prefill computes), mark it complete, then the
+            shm load above. Two copies.
     tcp     fetch_segment of a staged segment from a TransferServer on 127.0.0.1 (sendfile
             → recv into a fresh mmap'd file → ack → producer unlinks). The wire leg only.
     gloo    DistTransport.send_segment / recv_segment between two processes on 127.0.0.1
@@ -21,9 +25,11 @@ Each cell is the median of several repetitions; bandwidth counts payload bytes (
 segment header is not counted). Torch runs single-threaded here so every ratio compares
 one core with one core.
 
-TTFT mode serves a 2048-token prompt on vLLM (CPU, the embedded "small" model) with and
-without the connector as kv_producer, alternating requests between the two engines, and
-reports the median TTFT of each and the connector's overhead.
+TTFT mode serves a 2048-token prompt on vLLM (CPU, the embedded "small" model) on three
+engines: without the connector, with it as kv_producer staging each layer as soon as it is
+computed (layer-wise, the default), and with it staging every layer after the forward.
+Requests alternate between the engines; it reports the median TTFT of each and the
+connector's overhead in both modes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,11 +46,12 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+
 import numpy as np
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = [64 * KIB * 4**i for i in range(7)]  # 64 KiB .. 256 MiB
-TRANSPORTS = ["shm", "tcp", "gloo"]
+TRANSPORTS = ["shm", "stage+shm", "tcp", "gloo"]
 BLOCK_SHAPE = (4, 32, 128)  # [kv_heads, block_size, 2 * head_dim] fp16: 32 KiB per block
 BLOCK_NBYTES = 4 * 32 * 128 * 2
 
@@ -111,7 +119,7 @@ def bench_fresh_pages(size: int, staging: Path) -> Cell:
     return _cell("fresh", size, durations)
 
 
-def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: int):
+def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: int, **extra):
     """A worker-half PdserveConnector without an engine (as tests/kvtransfer do)."""
     from types import SimpleNamespace
 
@@ -124,7 +132,7 @@ def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: in
         kv_transfer_config=KVTransferConfig(
             kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
             kv_role=role, engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 600}),
+            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 600, **extra}),
         cache_config=SimpleNamespace(block_size=block_size))
     return PdserveConnector(config, KVConnectorRole.WORKER, kv_cache_config=None)
 
@@ -176,18 +184,27 @@ class ShmPath:
         self.load()
 
 
-def bench_shm(size: int, staging: Path) -> Cell:
+def bench_shm(size: int, staging: Path) -> list[Cell]:
+    """The shm load alone and stage + load, in steady state (the producer's pool and both
+    sides' mappings warm, as on a serving instance after its first requests)."""
     path = ShmPath(size, staging)
-    path.round_trip()  # warm-up; also checks the copy below
+    for _ in range(2):
+        path.round_trip()  # warm-up: the pool's first file and both mappings
     first_src = next(iter(path.caches_src.values()))
     first_dst = next(iter(path.caches_dst.values()))
     assert bool((first_dst[0::2] == first_src[1::2]).all()), "shm round trip corrupted blocks"
-    durations = []
+    load, both = [], []
     for _ in range(_reps_for(size)):
         start = time.perf_counter()
-        path.round_trip()
-        durations.append(time.perf_counter() - start)
-    return _cell("shm", size, durations)
+        path.stage()
+        staged = time.perf_counter()
+        path.load()
+        end = time.perf_counter()
+        load.append(end - staged)
+        both.append(end - start)
+    path.producer.shutdown()
+    path.consumer.shutdown()
+    return [_cell("shm", size, load), _cell("stage+shm", size, both)]
 
 
 # ------------------------------------------------------------------------------- tcp
@@ -340,7 +357,7 @@ def run_bandwidth(args: argparse.Namespace) -> dict[str, object]:
         for size in sizes:
             cells.append(bench_memcpy(size))
             cells.append(bench_fresh_pages(size, staging))
-            cells.append(bench_shm(size, staging))
+            cells.extend(bench_shm(size, staging))
             cells.append(bench_tcp(size, staging))
             print(f"  {_fmt_size(size)}: memcpy, fresh, shm, tcp done", file=sys.stderr, flush=True)
         gloo_cells, setup_s = bench_gloo(sizes, staging)
@@ -349,8 +366,10 @@ def run_bandwidth(args: argparse.Namespace) -> dict[str, object]:
           f"staging {_default_staging()}, load average {os.getloadavg()[0]:.1f})")
     print(bandwidth_table(cells))
     print("x memcpy: bandwidth / warm single-thread memcpy bandwidth of the same size. fresh: "
-          "memcpy into a new /dev/shm file.\nshm = stage + load through the connector (two "
-          "copies); tcp, gloo = wire leg only (staged file -> new file on the consumer, acked).")
+          "memcpy into a new /dev/shm file.\nshm = the decode's load of a staged segment into "
+          "its blocks (one copy); stage+shm = the prefill's layer-wise staging copy + that load "
+          "(two copies);\ntcp, gloo = wire leg only (staged file -> new file on the consumer, "
+          "acked).")
     print(f"gloo pair-group setup (first transfer, incl. rendezvous): {setup_s * 1e3:.1f} ms")
     return {"mode": "bandwidth", "machine": _machine(), "gloo_group_setup_s": setup_s,
             "cells": [dict(asdict(c), gbps=c.gbps) for c in cells]}
@@ -369,23 +388,33 @@ def _ttft_engines(prompt_tokens: int, staging: Path, cpu_cores: str) -> dict[str
 
     from cluster.tiny_model import ensure_tiny_model
 
-    common = dict(model=str(ensure_tiny_model("small")), max_model_len=prompt_tokens + 64,
-                  enable_prefix_caching=False, max_num_seqs=4, seed=0)
-    producer_config = KVTransferConfig(
-        kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
-        kv_role="kv_producer", engine_id="bench-ttft",
-        kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60})
+    common = {"model": str(ensure_tiny_model("small")), "max_model_len": prompt_tokens + 64,
+              "enable_prefix_caching": False, "max_num_seqs": 4, "seed": 0}
+
+    def producer_config(engine_id: str, layerwise: bool) -> KVTransferConfig:
+        return KVTransferConfig(
+            kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
+            kv_role="kv_producer", engine_id=engine_id,
+            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60,
+                                       "layerwise": layerwise})
+
     # The same cores for both engines: left to vLLM's automatic binding, the second engine
     # starts while the first holds a core and gets a different set, which voids the A/B.
     # Requests alternate between the engines, so they never compute at the same time.
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
     engines: dict[str, object] = {}
-    for name, extra in (("no connector", {}), ("kv_producer", {"kv_transfer_config": producer_config})):
+    variants = (("no connector", {}),
+                (LAYERWISE, {"kv_transfer_config": producer_config("bench-ttft-lw", True)}),
+                (AFTER_FORWARD, {"kv_transfer_config": producer_config("bench-ttft-af", False)}))
+    for name, extra in variants:
         start = time.perf_counter()
         engines[name] = LLM(**common, **extra)
         print(f"  engine '{name}' ready in {time.perf_counter() - start:.0f} s", file=sys.stderr,
               flush=True)
     return engines
+
+
+LAYERWISE, AFTER_FORWARD = "layer-wise", "after forward"
 
 
 def _serve_one(llm, prompt_ids: list[int]):
@@ -405,7 +434,7 @@ def _serve_one(llm, prompt_ids: list[int]):
         return ttft_s, None
     seg = StagingSegment.open(Path(staged))
     layout = seg.header.layout
-    seg.unlink()  # no decode here: drop it as the consumer would after loading
+    seg.recycle()  # no decode here: give it back as the consumer does after loading
     return ttft_s, layout
 
 
@@ -415,6 +444,7 @@ def _staging_cost_alone(layout, staging: Path, reps: int = 10) -> float:
     import torch
 
     from kvtransfer.connector import PdserveConnectorMetadata, SaveSpec
+    from kvtransfer.staging import StagingSegment
 
     torch.set_num_threads(1)  # as the engine serves (vLLM reduces its torch threads to one)
     producer = _stand_in_connector("kv_producer", staging, "bench-alone", layout.block_size)
@@ -435,7 +465,8 @@ def _staging_cost_alone(layout, staging: Path, reps: int = 10) -> float:
         producer.wait_for_save()
         producer.clear_connector_metadata()
         durations.append(time.perf_counter() - start)
-        path.unlink()
+        StagingSegment.open(path).recycle()
+    producer.shutdown()
     return statistics.median(durations)
 
 
@@ -467,13 +498,13 @@ def run_ttft(args: argparse.Namespace) -> dict[str, object]:
     if layout is None:
         raise RuntimeError("the kv_producer engine staged nothing: is the connector loaded?")
     staging_s = _staging_cost_alone(layout, staging)
-    staging.rmdir()
+    shutil.rmtree(staging, ignore_errors=True)  # the engines' segment pools
 
     median = {n: statistics.median(v) for n, v in ttft.items()}
     best = {n: min(v) for n, v in ttft.items()}
     base_s = median["no connector"]
-    overhead_median = median["kv_producer"] / base_s - 1
-    overhead_min = best["kv_producer"] / best["no connector"] - 1
+    overhead = {n: median[n] / base_s - 1 for n in (LAYERWISE, AFTER_FORWARD)}
+    overhead_best = {n: best[n] / best["no connector"] - 1 for n in (LAYERWISE, AFTER_FORWARD)}
     staged_nbytes = layout.num_blocks * sum(layout.bytes_per_block)
     print(f"\nTTFT of a {args.prompt_tokens}-token prompt (vLLM CPU, embedded 'small' model, "
           f"{args.ttft_reps} requests per engine, interleaved; both engines on core(s) "
@@ -482,8 +513,9 @@ def run_ttft(args: argparse.Namespace) -> dict[str, object]:
     for name, values in ttft.items():
         print(f"{name:>14} | {median[name] * 1e3:>9.1f} | {best[name] * 1e3:>8.1f} | "
               f"{max(values) * 1e3:>8.1f}")
-    print(f"A/B overhead of the connector: {overhead_median * 100:+.1f}% on the median, "
-          f"{overhead_min * 100:+.1f}% on the best TTFT")
+    for n in (LAYERWISE, AFTER_FORWARD):
+        print(f"overhead of the connector staging {n}: {overhead[n] * 100:+.1f}% on the median, "
+              f"{overhead_best[n] * 100:+.1f}% on the best TTFT")
     print(f"staged per request: {staged_nbytes / MIB:.1f} MiB ({len(layout.layer_names)} layers x "
           f"{layout.num_blocks} blocks x {layout.bytes_per_block[0] // KIB} KiB, block size "
           f"{layout.block_size}); segments left behind: {len(leftover)}")
@@ -492,7 +524,7 @@ def run_ttft(args: argparse.Namespace) -> dict[str, object]:
     return {"mode": "ttft", "machine": _machine(), "prompt_tokens": args.prompt_tokens,
             "cpu_cores": args.ttft_cpu_cores,
             "ttft_s": ttft, "median_ttft_s": median, "min_ttft_s": best,
-            "overhead_fraction_median": overhead_median, "overhead_fraction_min": overhead_min,
+            "overhead_fraction_median": overhead, "overhead_fraction_min": overhead_best,
             "staged_bytes_per_request": staged_nbytes, "staging_alone_s": staging_s,
             "staging_alone_fraction": staging_s / base_s, "leftover_segments": len(leftover)}
 

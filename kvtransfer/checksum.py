@@ -91,3 +91,54 @@ def verify_segment(seg: StagingSegment, expected: list[BlockChecksums]) -> list[
     return [(layer, block)
             for layer, sums in enumerate(expected)
             for block in verify_blocks(seg.layer_view(layer), sums)]
+
+
+# ------------------------------------------------------------- checksums inside a segment
+_TRAILER_LEN = 4
+
+
+def trailer_nbytes(num_layers: int, num_blocks: int) -> int:
+    """Room a segment needs after its payload for `write_checksums` (any algorithm)."""
+    return _TRAILER_LEN + 16 + num_layers * (64 + 9 * num_blocks)
+
+
+def write_checksums(seg: StagingSegment, algorithm: ChecksumAlgorithm = "crc32"
+                    ) -> list[BlockChecksums]:
+    """Checksum every block of `seg` and store the result in its trailer."""
+    sums = checksum_segment(seg, algorithm)
+    body = msgspec.msgpack.encode(sums)
+    view = seg.trailer_view()
+    try:
+        if _TRAILER_LEN + len(body) > len(view):
+            raise KVTransferError(f"segment {seg.path.name} has no room for its checksums")
+        view[:_TRAILER_LEN] = len(body).to_bytes(_TRAILER_LEN, "little")
+        view[_TRAILER_LEN : _TRAILER_LEN + len(body)] = body
+    finally:
+        view.release()
+    return sums
+
+
+def read_checksums(seg: StagingSegment) -> list[BlockChecksums]:
+    view = seg.trailer_view()
+    try:
+        if len(view) < _TRAILER_LEN:
+            raise KVTransferError(f"segment {seg.path.name} carries no checksums")
+        length = int.from_bytes(view[:_TRAILER_LEN], "little")
+        if not 0 < length <= len(view) - _TRAILER_LEN:
+            raise KVTransferError(f"segment {seg.path.name} has a damaged checksum trailer")
+        try:
+            return msgspec.msgpack.decode(view[_TRAILER_LEN : _TRAILER_LEN + length],
+                                          type=list[BlockChecksums])
+        except msgspec.DecodeError as e:
+            raise KVTransferError(f"segment {seg.path.name} has a damaged checksum trailer") from e
+    finally:
+        view.release()
+
+
+def check_segment(seg: StagingSegment) -> None:
+    """Raise KVTransferError naming the damaged blocks when `seg` fails its checksums."""
+    damaged = verify_segment(seg, read_checksums(seg))
+    if damaged:
+        shown = ", ".join(f"layer {layer} block {block}" for layer, block in damaged[:8])
+        more = f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
+        raise KVTransferError(f"segment {seg.path.name} failed its checksums: {shown}{more}")

@@ -14,8 +14,10 @@ Producer (prefill) request, scheduler half::
     SAVING ──request_finished, aborted early────▶ DISCARD  (segment unlinked by the worker)
 
 Producer worker half: ``save_kv_layer`` gathers each layer's paged blocks into the
-segment as soon as that layer is computed; ``wait_for_save`` marks the segment complete
-after the step that computed the last prompt token. The engine's blocks are free to go as
+segment as soon as that layer is computed (``layerwise``; otherwise ``wait_for_save``
+gathers every layer after the forward); ``wait_for_save`` marks the segment complete
+after the step that computed the last prompt token, after writing block checksums into
+its trailer when ``checksums`` is set. The engine's blocks are free to go as
 soon as the request finishes (the segment holds its own copy), so ``request_finished``
 never delays the free.
 
@@ -26,8 +28,9 @@ Consumer (decode) request, scheduler half::
     LOAD_PLANNED ──build_connector_meta──▶ handed to the worker half
 
 Consumer worker half: ``start_load_kv`` copies the segment into the request's freshly
-allocated blocks before the forward (synchronous load), then unlinks the segment: the
-consumer owns it from the moment it opens it. A failed load reports the blocks through
+allocated blocks before the forward (synchronous load), verifying the block checksums
+first when the segment carries them, then recycles the segment file into its producer's
+pool: the consumer owns it from the moment it opens it. A failed load reports the blocks through
 ``get_block_ids_with_load_errors``, and vLLM's ``kv_load_failure_policy`` (pdserve's
 ``on_failure``) recomputes or fails the request; output is never computed on partial KV.
 """
@@ -39,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -50,11 +53,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.request import RequestStatus
 
 from cluster.wire import KVTransferError
+from kvtransfer.checksum import check_segment, trailer_nbytes, write_checksums
 from kvtransfer.staging import (
+    MappingCache,
     SegmentLayout,
+    SegmentPool,
     StagingSegment,
     default_staging_dir,
     reclaim_expired,
+    reclaim_orphans,
+    recycle,
     segment_path,
 )
 
@@ -66,6 +74,13 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+# kv_connector_extra_config keys (set by kvtransfer.service.vllm_kv_transfer_config).
+EXTRA_STAGING_DIR = "staging_dir"
+EXTRA_LEASE_S = "lease_s"
+EXTRA_POOL_BYTES = "pool_bytes"  # recycled segment files per producer; 0: off
+EXTRA_LAYERWISE = "layerwise"  # stage each layer in save_kv_layer (else after the forward)
+EXTRA_CHECKSUMS = "checksums"  # None, "crc32" or "xxh3_64"
 
 # Keys of vLLM's kv_transfer_params dict that this connector reads and writes.
 PARAM_SEGMENT = "pdserve_segment_path"
@@ -128,8 +143,12 @@ class PdserveConnector(KVConnectorBase_V1):
         self._is_producer = cfg.is_kv_producer
         self._is_consumer = cfg.is_kv_consumer
         self._block_size = vllm_config.cache_config.block_size
-        self._staging_dir = Path(cfg.get_from_extra_config("staging_dir", None) or default_staging_dir())
-        self._lease_s = float(cfg.get_from_extra_config("lease_s", 120.0))
+        self._staging_dir = Path(cfg.get_from_extra_config(EXTRA_STAGING_DIR, None)
+                                 or default_staging_dir())
+        self._lease_s = float(cfg.get_from_extra_config(EXTRA_LEASE_S, 120.0))
+        self._pool_bytes = int(cfg.get_from_extra_config(EXTRA_POOL_BYTES, 1 << 30))
+        self._layerwise = bool(cfg.get_from_extra_config(EXTRA_LAYERWISE, True))
+        self._checksums = cfg.get_from_extra_config(EXTRA_CHECKSUMS, None)
         self._engine_id = cfg.engine_id or "engine"
         # scheduler half
         self._saving: dict[str, list[int]] = {}  # request id -> block ids so far
@@ -139,7 +158,11 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pending_discards: list[str] = []
         # worker half
         self._kv_caches: dict[str, torch.Tensor] = {}
+        self._byte_rows: dict[str, np.ndarray | None] = {}  # per layer: [num_blocks, bytes]
         self._layer_index: dict[str, int] = {}
+        self._layer_bytes: list[int] = []  # bytes per block, per layer
+        self._pool: SegmentPool | None = None  # producer: recycled segment files
+        self._maps = MappingCache()  # consumer: mappings of segment files, kept
         self._open_segments: dict[str, StagingSegment] = {}
         self._failed_block_ids: set[int] = set()
         self._stats = PdserveConnectorStats()
@@ -259,15 +282,18 @@ class PdserveConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._kv_caches = dict(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(self._kv_caches)}
+        self._byte_rows = {name: _byte_rows(kv) for name, kv in self._kv_caches.items()}
+        self._layer_bytes = [_bytes_per_block(kv) for kv in self._kv_caches.values()]
 
     def _layout(self, num_blocks: int, num_tokens: int) -> SegmentLayout:
         names = list(self._kv_caches)
         return SegmentLayout(
             layer_names=names,
-            bytes_per_block=[_bytes_per_block(self._kv_caches[n]) for n in names],
+            bytes_per_block=list(self._layer_bytes),
             num_blocks=num_blocks,
             num_tokens=num_tokens,
             block_size=self._block_size,
+            trailer_nbytes=trailer_nbytes(len(names), num_blocks) if self._checksums else 0,
         )
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
@@ -284,11 +310,11 @@ class PdserveConnector(KVConnectorBase_V1):
         path = Path(load.segment_path)
         num_bytes = 0
         try:
-            seg = StagingSegment.open(path)
+            seg = StagingSegment.open(path, self._maps)
             try:
                 num_bytes = self._copy_into_cache(seg, load)
             finally:
-                seg.unlink()  # consumed (or unusable): the consumer owns and frees it
+                seg.recycle()  # consumed (or unusable): the consumer owns and returns it
         except (KVTransferError, OSError, RuntimeError) as e:
             self._failed_block_ids.update(load.dst_block_ids)
             self._record("load", num_bytes, started, "failed", error=str(e))
@@ -300,28 +326,37 @@ class PdserveConnector(KVConnectorBase_V1):
         layout = header.layout
         if not header.is_complete:
             raise KVTransferError(f"segment {seg.path.name} is not complete")
-        if layout != self._layout(layout.num_blocks, layout.num_tokens):
+        if (layout.layer_names != list(self._kv_caches) or layout.block_size != self._block_size
+                or layout.bytes_per_block != self._layer_bytes):
             raise KVTransferError(
                 f"segment {seg.path.name} layout does not match this engine's KV cache "
                 f"(layers or bytes per block differ)")
         n = len(load.dst_block_ids)
         if load.first_block + n > layout.num_blocks:
             raise KVTransferError(f"segment {seg.path.name} holds too few blocks")
-        num_bytes = 0
+        if layout.trailer_nbytes:
+            check_segment(seg)  # names the damaged blocks; nothing is copied
+        dst_ids = np.asarray(load.dst_block_ids, dtype=np.intp)
         for name, kv in self._kv_caches.items():
-            dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long, device=kv.device)
-            src = _segment_blocks(seg, self._layer_index[name], kv, layout.num_blocks)
-            # kv: [num_blocks, ...] per-layer view; src: [seg_blocks, ...] contiguous
-            kv.index_copy_(0, dst_idx, src[load.first_block : load.first_block + n].to(kv.device))
-            num_bytes += n * _bytes_per_block(kv)
-        return num_bytes
+            layer = self._layer_index[name]
+            rows = self._byte_rows.get(name)
+            if rows is not None:
+                # One copy, from the mapped segment straight into the paged blocks.
+                src = np.frombuffer(seg.layer_view(layer), dtype=np.uint8)
+                src = src.reshape(layout.num_blocks, rows.shape[1])
+                rows[dst_ids] = src[load.first_block : load.first_block + n]
+            else:
+                dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long, device=kv.device)
+                src_t = _segment_blocks(seg, layer, kv, layout.num_blocks)
+                kv.index_copy_(0, dst_idx, src_t[load.first_block : load.first_block + n].to(kv.device))
+        return n * sum(self._layer_bytes)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
-        if not self._is_producer:
+        if not self._is_producer or not self._layerwise:
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdserveConnectorMetadata)
@@ -329,34 +364,40 @@ class PdserveConnector(KVConnectorBase_V1):
         if layer is None:
             return
         for save in meta.saves:
-            seg = self._segment_for_save(save)
-            if seg is None:
-                continue
-            blocks = save.block_ids[save.first_block :]
-            if not blocks:
-                continue
-            dst = _segment_blocks(seg, layer, kv_layer, seg.header.layout.num_blocks)
-            dst = dst[save.first_block : save.first_block + len(blocks)]
-            # kv_layer: [num_blocks, ...] paged; dst: [len(blocks), ...] contiguous in the segment
-            idx = torch.tensor(blocks, dtype=torch.long, device=kv_layer.device)
-            if kv_layer.device.type == "cpu":
-                torch.index_select(kv_layer, 0, idx, out=dst)  # gather straight into the segment
-            else:
-                dst.copy_(kv_layer.index_select(0, idx))  # gather on device, then device-to-host
+            self._gather(save, layer, kv_layer)
+
+    def _gather(self, save: SaveSpec, layer: int, kv_layer: torch.Tensor) -> None:
+        """Copy this step's new blocks of one layer into the request's segment."""
+        seg = self._segment_for_save(save)
+        if seg is None:
+            return
+        blocks = save.block_ids[save.first_block :]
+        if not blocks:
+            return
+        dst = _segment_blocks(seg, layer, kv_layer, seg.header.layout.num_blocks)
+        dst = dst[save.first_block : save.first_block + len(blocks)]
+        # kv_layer: [num_blocks, ...] paged; dst: [len(blocks), ...] contiguous in the segment
+        idx = torch.tensor(blocks, dtype=torch.long, device=kv_layer.device)
+        if kv_layer.device.type == "cpu":
+            torch.index_select(kv_layer, 0, idx, out=dst)  # gather straight into the segment
+        else:
+            dst.copy_(kv_layer.index_select(0, idx))  # gather on device, then device-to-host
 
     def _segment_for_save(self, save: SaveSpec) -> StagingSegment | None:
         seg = self._open_segments.get(save.segment_path)
         if seg is not None:
             return seg
         num_blocks = -(-save.num_prompt_tokens // self._block_size)
+        layout = self._layout(num_blocks, save.num_prompt_tokens)
+        if self._pool is None and self._pool_bytes > 0:
+            self._pool = SegmentPool(self._staging_dir, self._engine_id, self._pool_bytes)
         try:
-            seg = StagingSegment.create(Path(save.segment_path),
-                                        self._layout(num_blocks, save.num_prompt_tokens))
-        except FileExistsError:
-            # Resumed after preemption: rewrite the segment from scratch.
-            Path(save.segment_path).unlink(missing_ok=True)
-            seg = StagingSegment.create(Path(save.segment_path),
-                                        self._layout(num_blocks, save.num_prompt_tokens))
+            try:
+                seg = StagingSegment.create(Path(save.segment_path), layout, self._pool)
+            except FileExistsError:
+                # Resumed after preemption: rewrite the segment from scratch.
+                Path(save.segment_path).unlink(missing_ok=True)
+                seg = StagingSegment.create(Path(save.segment_path), layout, self._pool)
         except OSError:
             return None  # staging space exhausted: the request is never marked complete
         self._open_segments[save.segment_path] = seg
@@ -368,12 +409,18 @@ class PdserveConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdserveConnectorMetadata)
+        if not self._layerwise:
+            for name, kv in self._kv_caches.items():
+                for save in meta.saves:
+                    self._gather(save, self._layer_index[name], kv)
         for save in meta.saves:
             if save.end_token < save.num_prompt_tokens:
                 continue
             seg = self._open_segments.pop(save.segment_path, None)
             if seg is None:
                 continue
+            if self._checksums:
+                write_checksums(seg, self._checksums)
             seg.mark_complete()
             num_bytes = seg.header.layout.num_blocks * sum(seg.header.layout.bytes_per_block)
             seg.close()
@@ -386,7 +433,7 @@ class PdserveConnector(KVConnectorBase_V1):
         if seg is not None:
             seg.close()
         if unlink:
-            Path(path).unlink(missing_ok=True)
+            recycle(Path(path), str(self._pool.dir) if self._pool is not None else "")
 
     def _maybe_sweep(self) -> None:
         if not self._is_producer:
@@ -395,6 +442,7 @@ class PdserveConnector(KVConnectorBase_V1):
         if now - self._last_sweep_s < min(self._lease_s, 5.0):
             return
         self._last_sweep_s = now
+        reclaim_orphans(self._staging_dir)
         reclaimed = reclaim_expired(self._staging_dir, self._lease_s, self._engine_id, now)
         for _ in range(reclaimed):
             self._record("save", 0, time.perf_counter(), "expired")
@@ -429,10 +477,26 @@ class PdserveConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for path in list(self._open_segments):
             self._close_segment(path, unlink=True)
+        self._maps.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def _bytes_per_block(kv: torch.Tensor) -> int:
     return kv[0].numel() * kv.element_size()
+
+
+def _byte_rows(kv: torch.Tensor) -> np.ndarray | None:
+    """A CPU layer's blocks as a numpy [num_blocks, bytes_per_block] view of the same
+    memory (numpy's fancy-index assignment copies at memcpy speed; torch's index_copy_
+    runs at a fraction of it on CPU), or None when the blocks are not byte-viewable."""
+    if kv.device.type != "cpu" or kv.dim() < 2 or kv.stride(-1) != 1:
+        return None
+    try:
+        return kv.view(torch.uint8).view(kv.shape[0], -1).numpy()
+    except RuntimeError:
+        return None
 
 
 def _segment_blocks(seg: StagingSegment, layer: int, kv: torch.Tensor, num_blocks: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import yaml
 
+from kvtransfer.staging import POOL_PREFIX
+
 pytestmark = pytest.mark.engine
 
 
@@ -119,4 +121,9 @@ def test_staging_area_is_clean_after_traffic(served):
     for _ in range(3):
         httpx.post(f"{url}/v1/completions", json={"model": "pdserve-tiny", "prompt": "abc " * 50,
                                                    "max_tokens": 3}, timeout=60).raise_for_status()
-    assert sorted(Path(staging).iterdir()) == []
+    # No staged KV is left; consumed segment files wait in the prefill's pool for reuse.
+    leftovers = [p.name for p in Path(staging).iterdir() if not p.name.startswith(POOL_PREFIX)]
+    assert leftovers == []
+    (pool,) = Path(staging).glob(f"{POOL_PREFIX}*")
+    pooled = [p for p in pool.iterdir() if p.name != "owner"]
+    assert pooled, "consumed segments should be recycled into the producer's pool"

@@ -32,14 +32,14 @@ LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 NUM_PROMPT_TOKENS = 70  # not a multiple of the block size: the last block is partial
 
 
-def _connector(role: str, staging: Path, engine_id: str, role_half=KVConnectorRole.WORKER
-               ) -> PdserveConnector:
+def _connector(role: str, staging: Path, engine_id: str, role_half=KVConnectorRole.WORKER,
+               **extra) -> PdserveConnector:
     # PdserveConnector.__init__ (and KVConnectorBase_V1's) reads only these two fields.
     vllm_config = SimpleNamespace(
         kv_transfer_config=KVTransferConfig(
             kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
             kv_role=role, engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60}),
+            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60, **extra}),
         cache_config=SimpleNamespace(block_size=BLOCK_SIZE),
     )
     return PdserveConnector(vllm_config, role_half, kv_cache_config=None)
@@ -67,10 +67,9 @@ def _load(worker: PdserveConnector, load: LoadSpec) -> None:
     worker.clear_connector_metadata()
 
 
-@pytest.fixture
-def staged(tmp_path):
-    """A prompt staged in two chunked-prefill steps from non-contiguous blocks (5, 1, 6)."""
-    producer = _connector("kv_producer", tmp_path, "prefill-0")
+def _stage_two_steps(tmp_path: Path, **extra) -> tuple[Path, dict[str, torch.Tensor]]:
+    tmp_path.mkdir(exist_ok=True)
+    producer = _connector("kv_producer", tmp_path, "prefill-0", **extra)
     src = _caches(8, "random")
     producer.register_kv_caches(src)
     path = str(segment_path(tmp_path, "prefill-0", "req-1"))
@@ -84,7 +83,55 @@ def staged(tmp_path):
     _run_save_step(producer, src, PdserveConnectorMetadata(saves=[SaveSpec(
         request_id="req-1", segment_path=path, block_ids=(5, 1, 6), first_block=1, end_token=70,
         num_prompt_tokens=NUM_PROMPT_TOKENS)]))
-    return Path(path), src, (5, 1, 6)
+    return Path(path), src
+
+
+@pytest.fixture
+def staged(tmp_path):
+    """A prompt staged in two chunked-prefill steps from non-contiguous blocks (5, 1, 6)."""
+    path, src = _stage_two_steps(tmp_path)
+    return path, src, (5, 1, 6)
+
+
+def _payload(path: Path) -> bytes:
+    seg = StagingSegment.open(path)
+    try:
+        return b"".join(bytes(seg.layer_view(i)) for i in range(len(LAYERS)))
+    finally:
+        seg.close()
+
+
+def test_staging_after_the_forward_writes_the_same_segment_as_layer_by_layer(tmp_path):
+    torch.manual_seed(0)
+    layerwise_path, _ = _stage_two_steps(tmp_path / "a")
+    torch.manual_seed(0)
+    after_path, _ = _stage_two_steps(tmp_path / "b", layerwise=False)
+    assert _payload(after_path) == _payload(layerwise_path)
+
+
+def test_checksummed_segment_loads_and_a_damaged_block_is_refused(tmp_path):
+    path, src = _stage_two_steps(tmp_path, checksums="crc32")
+    assert StagingSegment.open(path).header.layout.trailer_nbytes > 0
+    consumer = _connector("kv_consumer", tmp_path, "decode-0")
+    dst = _caches(10, "zeros")
+    consumer.register_kv_caches(dst)
+    _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(7, 2, 9),
+                          first_block=0))
+    assert consumer.get_block_ids_with_load_errors() == set()
+    assert torch.equal(dst[LAYERS[1]][9], src[LAYERS[1]][6])
+
+    path, _ = _stage_two_steps(tmp_path / "again", checksums="crc32")
+    seg = StagingSegment.open(path)
+    view = seg.layer_view(1)
+    view[len(view) - 1] ^= 0xFF  # one bit pattern in layer 1, last block
+    view.release()
+    seg.close()
+    dst = _caches(10, "zeros")
+    consumer.register_kv_caches(dst)
+    _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(7, 2, 9),
+                          first_block=0))
+    assert consumer.get_block_ids_with_load_errors() == {7, 2, 9}
+    assert not any(kv.any() for kv in dst.values())  # nothing loaded from damaged KV
 
 
 def test_save_then_load_copies_blocks_between_non_contiguous_ids(staged, tmp_path):

@@ -1,0 +1,39 @@
+"""The transfer benchmark's measurement paths run and check their own copies (not timed)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from bench.transfer_bench import (  # noqa: E402
+    KIB,
+    ShmPath,
+    bandwidth_table,
+    bench_fresh_pages,
+    bench_memcpy,
+    bench_shm,
+    bench_tcp,
+)
+from kvtransfer.staging import list_segments  # noqa: E402
+
+
+def test_shm_path_moves_the_blocks_and_reuses_pooled_files(tmp_path):
+    path = ShmPath(512 * KIB, tmp_path)
+    for _ in range(3):
+        path.round_trip()
+    for name, src in path.caches_src.items():
+        dst = path.caches_dst[name]
+        assert bool((dst[0::2] == src[1::2]).all())  # odd source blocks -> even decode blocks
+    assert path.producer._pool.num_created == 1 and path.producer._pool.num_reused == 2
+    assert list_segments(tmp_path) == []
+
+
+def test_bandwidth_cells_and_table(tmp_path):
+    size = 256 * KIB
+    cells = [bench_memcpy(size), *bench_shm(size, tmp_path), bench_tcp(size, tmp_path)]
+    assert {c.transport for c in cells} == {"memcpy", "shm", "stage+shm", "tcp"}
+    assert all(c.size_bytes == size and c.median_s > 0 for c in cells)
+    cells.append(bench_fresh_pages(size, tmp_path))
+    table = bandwidth_table(cells)
+    assert "256 KiB" in table and "stage+shm" in table
