@@ -62,7 +62,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--num-prefill", type=int, help="prefill instances (disaggregated)")
     p.add_argument("--num-decode", type=int, help="decode instances (disaggregated)")
     p.add_argument("--num-instances", type=int, help="instances (colocated)")
-    p.add_argument("--transport", choices=["auto", "shm", "tcp"])
+    p.add_argument("--transport", choices=["auto", "shm", "tcp", "dist", "cuda_ipc"])
     p.add_argument("--on-failure", choices=["recompute", "fail"])
     p.add_argument("--ttft-slo", type=float, help="TTFT SLO in seconds")
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds")

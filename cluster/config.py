@@ -87,10 +87,15 @@ class PoolConfig(_Strict):
 
 
 class KVTransferSettings(_Strict):
-    transport: Literal["auto", "shm", "tcp"] = Field(
+    transport: Literal["auto", "shm", "tcp", "dist", "cuda_ipc"] = Field(
         "auto",
-        description="How decode reads a prefill's KV: shared memory (same host), TCP (any host), "
-        "or auto (shared memory when both ends share a host, else TCP).",
+        description="How decode reads a prefill's KV, per (prefill, decode) pair: `auto` uses "
+        "shared memory when both ends share a host, else TCP; `shm` reads the segment in place "
+        "(same host only); `tcp` pulls it from the prefill node's transfer server (any host); "
+        "`dist` pulls it over a torch.distributed pair group (gloo or NCCL, `dist_backend`) "
+        "through the rendezvous store `dist_store_host`:`dist_store_port`; `cuda_ipc` shares "
+        "GPU memory between processes on one host (not selectable yet: KV is staged in host "
+        "memory).",
     )
     on_failure: Literal["recompute", "fail"] = Field(
         "fail",
@@ -111,6 +116,50 @@ class KVTransferSettings(_Strict):
         description="Where staged KV segments live; defaults to /dev/shm (falls back to the "
         "system temp dir).",
     )
+    staging_pool_gib: float = Field(
+        1.0,
+        ge=0,
+        description="Idle staging files each prefill keeps for reuse (GiB of /dev/shm). A "
+        "recycled file has its pages resident and mapped on both sides, so staging and loading "
+        "it run at memcpy speed instead of paying a page fault per 4 KiB; 0 turns recycling "
+        "off.",
+    )
+    layerwise: bool = Field(
+        True,
+        description="Stage each layer's KV as soon as the prefill computes it (vLLM's "
+        "save_kv_layer), overlapping the copy with the forward; false stages every layer "
+        "after the forward.",
+    )
+    checksums: Literal["crc32", "xxh3_64"] | None = Field(
+        None,
+        description="Checksum every staged block on prefill and verify it on decode before "
+        "loading; a damaged block takes the on_failure path. xxh3_64 needs the xxhash "
+        "package on both ends.",
+    )
+    dist_store_host: str | None = Field(
+        None,
+        description="Host of the torch.distributed TCPStore that prefill and decode instances "
+        "rendezvous through for transport `dist` (the launcher hosts it). When set, a prefill "
+        "also answers `dist` fetches.",
+    )
+    dist_store_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of that rendezvous store."
+    )
+    dist_backend: Literal["gloo", "nccl"] = Field(
+        "gloo",
+        description="torch.distributed backend of transport `dist`: gloo (CPU tensors, any "
+        "host) or nccl (GPU tensors; NVLink or RDMA where present). Prefill and decode must "
+        "agree.",
+    )
+
+    @model_validator(mode="after")
+    def _dist_needs_a_store(self) -> KVTransferSettings:
+        if (self.dist_store_host is None) != (self.dist_store_port is None):
+            raise ValueError("set dist_store_host and dist_store_port together")
+        if self.transport == "dist" and self.dist_store_host is None:
+            raise ValueError("transport 'dist' needs dist_store_host and dist_store_port: the "
+                             "torch.distributed store where prefill and decode meet")
+        return self
 
 
 class SLOConfig(_Strict):

@@ -122,6 +122,7 @@ class Deployment:
     prefill: list[RayPrefillClient] = field(default_factory=list)
     decode: list[RayGenerateClient] = field(default_factory=list)
     colocated: list[RayGenerateClient] = field(default_factory=list)
+    dist_store: Any = None  # the torch.distributed rendezvous store of transport `dist`
 
     async def shutdown(self) -> None:
         import ray
@@ -164,6 +165,7 @@ async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
 
     dep = Deployment(config=config, model_path=model_path)
     node_ip = ray.util.get_node_ip_address()
+    dep.dist_store = _host_dist_store(config.kv_transfer, node_ip)
     for role, pool in config.pools().items():
         for i in range(pool.num_instances):
             instance_id = f"{role}-{i}"
@@ -196,6 +198,28 @@ async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
         await dep.shutdown()
         raise
     return dep
+
+
+def _host_dist_store(kv: Any, node_ip: str) -> Any:
+    """Host the rendezvous store of transport `dist` when its address is this node's (an
+    address elsewhere is the operator's store); None when `dist` is not configured."""
+    import socket
+
+    if kv.dist_store_host is None:
+        return None
+    local = {"127.0.0.1", "localhost", "0.0.0.0", node_ip, socket.gethostname()}
+    if kv.dist_store_host not in local:
+        return None
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(kv.dist_store_host, kv.dist_store_port, is_master=True,
+                        wait_for_workers=False, timeout=timedelta(seconds=kv.connect_timeout_s * 12))
+    except (RuntimeError, OSError) as e:
+        raise StartupError(f"cannot host the kv_transfer dist store on "
+                           f"{kv.dist_store_host}:{kv.dist_store_port}: {e}") from e
 
 
 def build_router_app(config: ServeConfig, model_path: Path, dep: Deployment):

@@ -78,7 +78,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
 class TransferStat(msgspec.Struct, frozen=True):
     """One KV movement, as seen by the side that performed it."""
 
-    transport: Literal["shm", "tcp", "local"]
+    transport: Literal["shm", "tcp", "dist", "cuda_ipc", "local"]
     direction: Literal["save", "load", "fetch"]
     num_bytes: int
     duration_s: float

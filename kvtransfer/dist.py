@@ -38,7 +38,7 @@ order). `transfer_id` names one attempt and must not be reused::
     P ─▶ D   uint8[nbytes]: the payload (for a segment: its whole file, header included,
              so the decode's connector checks completeness and layout on load as usual)
     D ─▶ P   int64[1] ack, segments only, once the bytes are in the decode's own file;
-             on the ack the prefill unlinks its segment: ownership passes as with TCP.
+             on the ack the prefill recycles its segment: ownership passes as with TCP.
              Without an ack the prefill keeps the segment until its lease reclaims it.
 """
 
@@ -61,7 +61,7 @@ import torch
 from torch.distributed import PrefixStore, Store
 
 from cluster.wire import KVTransferError
-from kvtransfer.staging import StagingSegment
+from kvtransfer.staging import StagingSegment, recycle
 
 Role = Literal["prefill", "decode"]
 Backend = Literal["gloo", "nccl"]
@@ -319,6 +319,7 @@ class DistTransport:
         path = Path(path)
         refusal: str | None = None
         nbytes = 0
+        pool_dir = ""
         with self.pool.lease(peer_id, transfer_id) as comm:
             try:
                 seg = StagingSegment.open(path)
@@ -326,6 +327,7 @@ class DistTransport:
                 refusal = str(e)
             else:
                 try:
+                    pool_dir = seg.header.pool_dir
                     if not seg.header.is_complete:
                         refusal = f"segment {path.name} is not complete"
                     else:
@@ -339,7 +341,7 @@ class DistTransport:
                 self._wait(comm.group.recv([ack], comm.peer_rank, 0), "ack", transfer_id)
         if refusal is not None:
             raise KVTransferError(f"refused transfer {transfer_id}: {refusal}")
-        path.unlink(missing_ok=True)  # acked: the decode owns its copy now
+        recycle(path, pool_dir)  # acked: the decode owns its copy now; the file goes back
         return nbytes
 
     def recv_segment(self, peer_id: str, transfer_id: str, dest_path: Path) -> int:

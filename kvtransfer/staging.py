@@ -37,7 +37,7 @@ import shutil
 import struct
 import tempfile
 import time
-import uuid
+import itertools
 from collections import OrderedDict
 from pathlib import Path
 
@@ -92,6 +92,7 @@ class StagingSegment:
         self._mm = mm
         self.header = header
         self._shared_map = False  # the mapping belongs to a pool or cache, not to us
+        self._file_size = len(mm)  # the whole file is mapped
 
     # -- life cycle -------------------------------------------------------------------
     @classmethod
@@ -169,7 +170,7 @@ class StagingSegment:
     def recycle(self) -> None:
         """Give the file back to its producer's pool (or unlink it); the segment is gone."""
         self.close()
-        recycle(self.path, self.header.pool_dir)
+        recycle(self.path, self.header.pool_dir, self._file_size)
 
     # -- header -----------------------------------------------------------------------
     def _write_header(self) -> None:
@@ -265,17 +266,27 @@ def pool_dir_for(staging_dir: Path, engine_id: str) -> Path:
     return Path(staging_dir) / f"{POOL_PREFIX}{owner_tag(engine_id)}"
 
 
-def recycle(path: Path, pool_dir: str) -> None:
+_pool_names = itertools.count()
+
+
+def recycle(path: Path, pool_dir: str, file_size: int | None = None) -> None:
     """Move a consumed segment file into `pool_dir` for reuse, or unlink it when there is
-    no pool (it was never pooled, or its producer is gone)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return  # taken back already
+    no pool (it was never pooled, or its producer is gone). `file_size`, when the caller
+    knows it, saves a stat."""
+    if file_size is None:
+        try:
+            file_size = os.stat(path).st_size
+        except FileNotFoundError:
+            return  # taken back already
     if pool_dir:
         try:
-            os.rename(path, Path(pool_dir) / f"{st.st_size:014d}-{uuid.uuid4().hex[:12]}")
+            # Unique among every process that recycles into this pool.
+            name = f"{file_size:014d}-{os.getpid()}-{next(_pool_names)}-{time.monotonic_ns()}"
+            os.rename(path, Path(pool_dir) / name)
             return
+        except FileNotFoundError:
+            if not os.path.exists(path):
+                return  # taken back already
         except OSError:
             pass  # pool gone (its producer exited): drop the file
     Path(path).unlink(missing_ok=True)

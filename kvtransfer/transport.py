@@ -1,0 +1,362 @@
+"""KV transports: how a consumer makes a handle's staged segment local, behind one interface.
+
+A transport takes a `TransferDescriptor` (what the prefill's handle says) and returns a
+local segment file that the decode's connector can load, plus the segment's size in bytes.
+Which transport serves a (prefill, decode) pair is chosen per handle by
+`ConsumerService` from `KVTransferSettings.transport`; this module only knows how each
+one moves bytes.
+
+| name       | reaches              | how                                                              |
+|------------|----------------------|------------------------------------------------------------------|
+| `shm`      | this host            | the producer's segment is already here: checked, used in place   |
+| `tcp`      | any host             | `tcp.fetch_segment` from the producer node's `TransferServer`    |
+| `dist`     | one rendezvous store | `dist.DistTransport.recv_segment` over a (prefill, decode) group |
+| `cuda_ipc` | this host, one GPU   | registered, not selectable yet (see `cuda_ipc.py`)               |
+
+Registry. Names map to ``"module:attribute"`` strings naming a factory
+``(settings, consumer_id) -> Transport`` (a class with that constructor is one). A target is
+imported on first use only, so importing `kvtransfer` never imports torch.distributed or
+CUDA code; `register_transport` adds plug-ins (or, with ``replace=True``, swaps a built-in
+for a fake in tests). `TransportRegistry` instances other than the module's `TRANSPORTS`
+keep tests and plug-ins from touching the built-in table.
+
+The dist request channel. `DistTransport` moves a segment once both ends are in the same
+transfer; something must tell the prefill which segment a decode wants. The decode pushes
+a `DistFetchRequest` onto the prefill's queue in the shared rendezvous store (its key names
+the prefill's engine id, so a request for a restarted prefill's segment finds no reader
+and times out as a failed fetch); `DistResponder`, started by `ProducerService`, pops
+requests and answers each with `send_segment`. A decode holds a per-prefill lock from its
+push until its receive ends, so the two ends of a pair always issue that pair's transfers
+in the same order, as `DistTransport` requires.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from cluster.config import KVTransferSettings
+from cluster.wire import KVTransferError
+from kvtransfer.handle import TransferDescriptor
+from kvtransfer.staging import SEGMENT_PREFIX, StagingSegment
+from kvtransfer.tcp import fetch_segment, fetched_path
+
+if TYPE_CHECKING:  # typing only: kvtransfer.dist imports torch.distributed
+    from kvtransfer.dist import DistTransport
+
+
+class Transport(Protocol):
+    """One way for a consumer to make a staged segment local."""
+
+    name: str
+    is_local: bool  # reaches only segments on the consumer's own host (same node id)
+
+    def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+        """A local path holding the complete segment, and the segment's bytes (from its
+        header; the file may be larger). The caller's connector loads and then recycles it.
+        Raises KVTransferError, and leaves nothing in `dest_dir`, on any failure."""
+        ...
+
+    def close(self) -> None: ...
+
+
+TransportFactory = Callable[[KVTransferSettings, str], Transport]  # (settings, consumer id)
+
+
+class TransportRegistry:
+    """Transport names -> factories, imported from their "module:attribute" on first use."""
+
+    def __init__(self, targets: dict[str, str] | None = None):
+        self._targets: dict[str, str] = {}
+        self._resolved: dict[str, TransportFactory] = {}
+        self._lock = threading.Lock()
+        for name, target in (targets or {}).items():
+            self.register(name, target)
+
+    def register(self, name: str, target: str, *, replace: bool = False) -> None:
+        """Make `name` resolve to `target` ("package.module:factory"); not imported yet."""
+        module, sep, attribute = target.partition(":")
+        if not name or not sep or not module or not attribute:
+            raise ValueError(f"transport target must look like 'package.module:factory', "
+                             f"got {target!r} for {name!r}")
+        with self._lock:
+            if name in self._targets and not replace:
+                raise ValueError(f"KV transport {name!r} is already registered "
+                                 f"({self._targets[name]}); pass replace=True to override it")
+            self._targets[name] = target
+            self._resolved.pop(name, None)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._targets)
+
+    def get(self, name: str) -> TransportFactory:
+        """The factory registered as `name`, importing its module now if it is the first use."""
+        with self._lock:
+            factory = self._resolved.get(name)
+            target = self._targets.get(name)
+        if factory is not None:
+            return factory
+        if target is None:
+            raise ValueError(f"unknown KV transport {name!r}; known: {', '.join(self.names())}")
+        module_name, _, attribute = target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as e:
+            raise ImportError(f"KV transport {name!r}: cannot load {target}: {e}") from e
+        with self._lock:
+            if self._targets.get(name) == target:  # not replaced while we were importing
+                self._resolved[name] = factory
+        return factory
+
+
+TRANSPORTS = TransportRegistry({
+    "shm": "kvtransfer.transport:ShmTransport",
+    "tcp": "kvtransfer.transport:TcpTransport",
+    "dist": "kvtransfer.transport:DistFetchTransport",
+    "cuda_ipc": "kvtransfer.cuda_ipc:make_transport",
+})
+
+
+def register_transport(name: str, target: str, *, replace: bool = False) -> None:
+    TRANSPORTS.register(name, target, replace=replace)
+
+
+def get_transport(name: str) -> TransportFactory:
+    return TRANSPORTS.get(name)
+
+
+# ----------------------------------------------------------------------------- shm, tcp
+class ShmTransport:
+    """Same host: the producer's segment is already readable here; the connector opens it
+    in place. Nothing moves, so nothing can be half done."""
+
+    name = "shm"
+    is_local = True
+
+    def __init__(self, settings: KVTransferSettings, consumer_id: str):
+        pass
+
+    def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+        path = Path(desc.segment_path)
+        try:
+            seg = StagingSegment.open(path)
+        except KVTransferError as e:
+            raise KVTransferError(f"staged KV {path.name} is gone (expired or released): {e}") from e
+        try:
+            return path, seg.nbytes
+        finally:
+            seg.close()
+
+    def close(self) -> None:
+        pass
+
+
+class TcpTransport:
+    """Any host: pull the segment from the producer node's TransferServer (see tcp.py)."""
+
+    name = "tcp"
+    is_local = False
+
+    def __init__(self, settings: KVTransferSettings, consumer_id: str):
+        pass
+
+    def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+        return fetch_segment(desc.tcp_host, desc.tcp_port, Path(desc.segment_path).name,
+                             desc.producer_epoch, dest_dir, timeout_s)
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- dist
+_QUEUE_PREFIX = "pdserve-kv/fetch"
+
+
+class DistFetchRequest(msgspec.Struct, frozen=True, tag="fetch"):
+    """A decode asks a prefill to send one segment over their pair group."""
+
+    segment_name: str
+    decode_id: str  # the decode's rank-1 id in the pair (its DistTransport local id)
+    transfer_id: str  # fresh per attempt; names the pair's handshake in the store
+
+
+class DistStop(msgspec.Struct, frozen=True, tag="stop"):
+    """Wakes a responder that is closing (pushed by itself, onto its own queue)."""
+
+
+_DistMessage = DistFetchRequest | DistStop
+
+
+def dist_peer_id(producer_id: str, producer_epoch: str) -> str:
+    """A prefill's id in pair groups: one per incarnation (= ProducerService.engine_id), so a
+    restarted prefill never inherits its predecessor's groups or queued requests."""
+    return f"{producer_id}-{producer_epoch}"
+
+
+def _queue_key(peer_id: str) -> str:
+    return f"{_QUEUE_PREFIX}/{peer_id}"
+
+
+def _is_segment_name(name: str) -> bool:
+    return name.startswith(SEGMENT_PREFIX) and "/" not in name and name != SEGMENT_PREFIX
+
+
+def _require_store(settings: KVTransferSettings) -> None:
+    if settings.dist_store_host is None or settings.dist_store_port is None:
+        raise KVTransferError("transport 'dist' needs kv_transfer.dist_store_host and "
+                              "dist_store_port (the rendezvous store that prefill and decode share)")
+
+
+def connect_store(settings: KVTransferSettings, timeout_s: float) -> Any:
+    """A client of the deployment's rendezvous TCPStore (the launcher hosts it)."""
+    _require_store(settings)
+    # Deferred: torch.distributed is imported only where dist is used.
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(settings.dist_store_host, settings.dist_store_port, is_master=False,
+                        timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise KVTransferError(f"cannot reach the KV rendezvous store at "
+                              f"{settings.dist_store_host}:{settings.dist_store_port}: {e}") from e
+
+
+class DistFetchTransport:
+    """Any host in the rendezvous: ask the prefill through the store, receive over the pair
+    group (gloo or NCCL, `dist_backend`). Connects on the first fetch, whose `timeout_s`
+    then bounds every wait for a peer (as `DistTransport`'s `timeout_s`)."""
+
+    name = "dist"
+    is_local = False
+
+    def __init__(self, settings: KVTransferSettings, consumer_id: str):
+        _require_store(settings)  # fail at start-up, not at the first request
+        self._settings = settings
+        self.consumer_id = consumer_id
+        self._lock = threading.Lock()  # guards the fields below, never held across a transfer
+        self._store: Any = None
+        self._dist: DistTransport | None = None
+        self._peer_locks: dict[str, threading.Lock] = {}
+
+    def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+        name = Path(desc.segment_path).name
+        if not _is_segment_name(name):
+            raise KVTransferError(f"handle names no staged KV segment: {desc.segment_path!r}")
+        store, dist = self._connect(timeout_s)
+        peer_id = dist_peer_id(desc.producer_id, desc.producer_epoch)
+        dest = fetched_path(dest_dir, name)
+        request = DistFetchRequest(segment_name=name, decode_id=self.consumer_id,
+                                   transfer_id=uuid.uuid4().hex)
+        with self._lock:
+            peer_lock = self._peer_locks.setdefault(peer_id, threading.Lock())
+        with peer_lock:  # one outstanding request per pair: both ends see the same order
+            try:
+                store.queue_push(_queue_key(peer_id), msgspec.msgpack.encode(request))
+            except RuntimeError as e:
+                raise KVTransferError(f"asking {peer_id} for {name} failed: {e}") from e
+            try:
+                nbytes = dist.recv_segment(peer_id, request.transfer_id, dest)
+            except KVTransferError as e:
+                raise KVTransferError(f"dist fetch of {name} from {peer_id} failed (producer "
+                                      f"gone, restarted, or the segment expired): {e}") from e
+        return dest, nbytes
+
+    def _connect(self, timeout_s: float) -> tuple[Any, DistTransport]:
+        with self._lock:
+            if self._dist is None:
+                # Deferred: kvtransfer.dist imports torch.distributed.
+                from kvtransfer.dist import DistTransport
+
+                self._store = connect_store(self._settings, timeout_s)
+                self._dist = DistTransport(self.consumer_id, "decode", self._store,
+                                           backend=self._settings.dist_backend,
+                                           timeout_s=timeout_s)
+            return self._store, self._dist
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dist is not None:
+                self._dist.close()
+            self._dist = self._store = None
+
+
+class DistResponder:
+    """Prefill side of the dist transport: serves `DistFetchRequest`s from its queue.
+
+    One thread pops the queue; each request is answered on a worker thread, so a slow
+    decode delays only its own pair (`DistTransport` serializes transfers per pair).
+    Refusals (segment missing or incomplete) travel over the pair group as usual; a request
+    naming no segment file is dropped (our decodes never send one; the asker times out).
+    """
+
+    def __init__(self, settings: KVTransferSettings, engine_id: str, staging_dir: Path,
+                 max_concurrent: int = 16):
+        # Deferred: kvtransfer.dist imports torch.distributed.
+        from kvtransfer.dist import DistTransport
+
+        self.peer_id = engine_id
+        self.staging_dir = Path(staging_dir)
+        timeout_s = settings.connect_timeout_s
+        self._store = connect_store(settings, timeout_s)
+        # Popping blocks its store client until a request comes: a client of its own, with
+        # a long timeout, leaves the pair groups' client free (and the log quiet when idle).
+        self._queue = self._store.clone()
+        self._queue.set_timeout(timedelta(hours=1))
+        self._dist = DistTransport(engine_id, "prefill", self._store, backend=settings.dist_backend,
+                                   timeout_s=timeout_s)
+        self._workers = ThreadPoolExecutor(max_workers=max_concurrent,
+                                           thread_name_prefix="pdserve-kv-dist-send")
+        self._closed = threading.Event()
+        self.num_served = 0
+        self.num_failed = 0
+        self._count_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="pdserve-kv-dist", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        decoder = msgspec.msgpack.Decoder(_DistMessage)
+        while not self._closed.is_set():
+            try:
+                raw = self._queue.queue_pop(_queue_key(self.peer_id))
+            except RuntimeError:  # idle past the pop timeout, or the store is unreachable
+                self._closed.wait(0.5)  # (a dead store fails at once: do not spin)
+                continue
+            try:
+                msg = decoder.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(msg, DistStop) or self._closed.is_set():
+                return
+            if _is_segment_name(msg.segment_name):
+                self._workers.submit(self._serve, msg)
+
+    def _serve(self, req: DistFetchRequest) -> None:
+        try:
+            self._dist.send_segment(req.decode_id, req.transfer_id,
+                                    self.staging_dir / req.segment_name)
+        except (KVTransferError, OSError, RuntimeError):
+            # The decode reports its own failure; the segment stays for its lease.
+            with self._count_lock:
+                self.num_failed += 1
+            return
+        with self._count_lock:
+            self.num_served += 1
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._store.queue_push(_queue_key(self.peer_id), msgspec.msgpack.encode(DistStop()))
+        except RuntimeError:
+            pass  # store gone: the popping thread errors out on its own
+        self._thread.join(timeout=5)
+        self._workers.shutdown(wait=True)
+        self._dist.close()
