@@ -8,8 +8,14 @@ Request lifecycle on this worker::
         │                                            policy "recompute": RECOMPUTING
         └─no handle (colocated)──▶ RUNNING
     LOADING / RECOMPUTING ──first step──▶ RUNNING ──EOS / stop id / max_tokens──▶ FINISHED
-    any state ──abort (client gone)──▶ ABORTED (engine frees the blocks; an unconsumed
-                                        segment is unlinked by the consumer or the lease)
+    any state ──abort (client gone)──▶ ABORTED (engine frees the blocks; this worker
+                                        removes a segment the engine did not consume)
+
+This worker owns a request's staged KV from the moment it receives the handle (the router
+let go of it): whatever way the request ends, a segment its engine did not consume (the
+request ended before the load, the engine chose to recompute, or the request was
+cancelled while the fetch ran) is removed here, never left to a lease that does not cover
+it (a fetched copy belongs to no producer).
 
 The first delta says how the prompt's KV was obtained (`served_by`) and how many prompt
 tokens the engine computed itself: 1 when the KV moved (prefill's first token), the whole
@@ -20,14 +26,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from cluster.config import KVTransferSettings
 from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
 from cluster.wire import (
-    EngineRequest, KVTransferError, ServedBy, TokenDelta, TransferStat, WorkerStats,
+    EngineRequest,
+    KVHandle,
+    KVTransferError,
+    ServedBy,
+    TokenDelta,
+    TransferStat,
+    WorkerStats,
 )
-from kvtransfer.service import ConsumerService, vllm_kv_transfer_config
+from kvtransfer.connector import PARAM_SEGMENT
+from kvtransfer.service import ConsumerService, MaterializedKV, vllm_kv_transfer_config
+from kvtransfer.staging import SEGMENT_PREFIX
 
 
 class DecodeWorker:
@@ -59,7 +74,7 @@ class DecodeWorker:
         served_by: ServedBy = "colocated"
         if req.kv_handle is not None:
             try:
-                materialized = await asyncio.to_thread(self._kv.materialize, req.kv_handle)
+                materialized = await self._materialize(req.kv_handle)
             except KVTransferError as e:
                 self._fetch_transfers.append(TransferStat(
                     transport=self._kv.transport_for(req.kv_handle), direction="fetch",
@@ -74,11 +89,11 @@ class DecodeWorker:
                 kv_load_s = materialized.stat.duration_s
                 self._fetch_transfers.append(materialized.stat)
                 served_by = "transferred"
-        sp = to_sampling_params(req.sampling, kv_transfer_params=kv_params)
         num_prompt = len(req.prompt_token_ids)
         first = True
         self._queued_prompt_tokens += num_prompt
         try:
+            sp = to_sampling_params(req.sampling, kv_transfer_params=kv_params)
             async for out in self._engine.stream(req.request_id, list(req.prompt_token_ids), sp):
                 completion = out.outputs[0] if out.outputs else None
                 token_ids = tuple(completion.token_ids) if completion else ()
@@ -99,6 +114,19 @@ class DecodeWorker:
         finally:
             if first:
                 self._queued_prompt_tokens -= num_prompt
+            if kv_params is not None:
+                _discard_unconsumed(kv_params)
+
+    async def _materialize(self, handle: KVHandle) -> MaterializedKV:
+        """Make the handle's KV local (a fetch runs in a thread). A fetch cannot be
+        interrupted, so when the request is cancelled meanwhile, the fetch runs on and
+        what it brings is discarded as it lands."""
+        fetch = asyncio.ensure_future(asyncio.to_thread(self._kv.materialize, handle))
+        try:
+            return await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(_discard_when_fetched)
+            raise
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
@@ -116,6 +144,7 @@ class DecodeWorker:
 
     async def shutdown(self) -> None:
         self._engine.shutdown()
+        self._kv.close()  # transports' connections (dist pair groups)
 
 
 def _finish_reason(reason: str | None, finished: bool):
@@ -124,3 +153,19 @@ def _finish_reason(reason: str | None, finished: bool):
     if reason in ("stop", "length", "abort"):
         return reason
     return "error" if reason == "error" else "stop"
+
+
+def _discard_when_fetched(fetch: asyncio.Future) -> None:
+    if not fetch.cancelled() and fetch.exception() is None:
+        _discard_unconsumed(fetch.result().kv_transfer_params)
+
+
+def _discard_unconsumed(kv_transfer_params: dict[str, Any]) -> None:
+    """Remove a request's segment unless its engine consumed it (the connector recycles a
+    segment it loads, so then this finds nothing). Unlink, not recycle: the engine may be
+    in the very step that loads it (an abort races with that step); unlinking leaves the
+    connector's mapping intact, while a recycled file could be reused and overwritten
+    under it."""
+    path = Path(kv_transfer_params[PARAM_SEGMENT])
+    if path.name.startswith(SEGMENT_PREFIX):
+        path.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ from kvtransfer.staging import (
     owner_tag,
     reclaim_expired,
 )
-from kvtransfer.tcp import TransferServer
+from kvtransfer.tcp import TransferServer, reclaim_orphan_fetches
 from kvtransfer.transport import TRANSPORTS, DistResponder, Transport, TransportRegistry
 
 
@@ -77,7 +77,8 @@ class ProducerService:
         # Engine ids tag segment names, so each incarnation only reclaims its own.
         self.engine_id = f"{producer_id}-{self.epoch}"
         self.staging_dir = Path(settings.staging_dir or default_staging_dir())
-        self._server = TransferServer(self.staging_dir, self.epoch).start()
+        self._server = TransferServer(self.staging_dir, self.epoch,
+                                      timeout_s=settings.connect_timeout_s).start()
         self._advertise_host = settings.advertise_host or advertise_host
         # With a rendezvous store configured, decodes may fetch over `dist` too: answer them.
         self._dist: DistResponder | None = None
@@ -143,6 +144,7 @@ class ConsumerService:
         self.settings = settings
         self.consumer_id = consumer_id or f"consumer-{uuid.uuid4().hex[:12]}"
         self.staging_dir = Path(settings.staging_dir or default_staging_dir())
+        reclaim_orphan_fetches(self.staging_dir)  # copies a killed decode left behind
         self._registry = transports
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()  # materialize runs on several threads at once
