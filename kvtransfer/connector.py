@@ -55,6 +55,7 @@ from vllm.v1.request import RequestStatus
 from cluster.wire import KVTransferError
 from kvtransfer.checksum import check_segment, trailer_nbytes, write_checksums
 from kvtransfer.staging import (
+    HEADER_BYTES,
     MappingCache,
     SegmentLayout,
     SegmentPool,
@@ -337,13 +338,17 @@ class PdserveConnector(KVConnectorBase_V1):
         if layout.trailer_nbytes:
             check_segment(seg)  # names the damaged blocks; nothing is copied
         dst_ids = np.asarray(load.dst_block_ids, dtype=np.intp)
+        whole = np.frombuffer(seg.buffer(), dtype=np.uint8)
+        start = HEADER_BYTES
         for name, kv in self._kv_caches.items():
             layer = self._layer_index[name]
             rows = self._byte_rows.get(name)
+            nbytes = self._layer_bytes[layer]
+            region = whole[start : start + layout.num_blocks * nbytes]
+            start += layout.num_blocks * nbytes
             if rows is not None:
                 # One copy, from the mapped segment straight into the paged blocks.
-                src = np.frombuffer(seg.layer_view(layer), dtype=np.uint8)
-                src = src.reshape(layout.num_blocks, rows.shape[1])
+                src = region.reshape(layout.num_blocks, nbytes)
                 rows[dst_ids] = src[load.first_block : load.first_block + n]
             else:
                 dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long, device=kv.device)

@@ -282,14 +282,17 @@ def recycle(path: Path, pool_dir: str, file_size: int | None = None) -> None:
         try:
             # Unique among every process that recycles into this pool.
             name = f"{file_size:014d}-{os.getpid()}-{next(_pool_names)}-{time.monotonic_ns()}"
-            os.rename(path, Path(pool_dir) / name)
+            os.rename(path, os.path.join(pool_dir, name))
             return
         except FileNotFoundError:
             if not os.path.exists(path):
                 return  # taken back already
         except OSError:
             pass  # pool gone (its producer exited): drop the file
-    Path(path).unlink(missing_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class MappingCache:
