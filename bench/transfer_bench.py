@@ -17,7 +17,8 @@ Bandwidth mode measures, in one run and for messages of 64 KiB .. 256 MiB (power
             a segment (save_kv_layer, as the prefill computes), mark it complete, then the
             shm load above. Two copies.
     tcp     fetch_segment of a staged segment from a TransferServer on 127.0.0.1 (sendfile
-            → recv into a fresh mmap'd file → ack → producer unlinks). The wire leg only.
+            → recv into a recycled, mapped file of the consumer's pool → ack → producer
+            lets go). The wire leg only.
     gloo    DistTransport.send_segment / recv_segment between two processes on 127.0.0.1
             (handshake, header, payload into a fresh mmap'd file, ack). The wire leg only.
 
@@ -230,6 +231,7 @@ def _staged_template(size: int, staging: Path, name: str) -> Path:
 
 
 def bench_tcp(size: int, staging: Path) -> Cell:
+    from kvtransfer.staging import SegmentPool, StagingSegment
     from kvtransfer.tcp import TransferServer, fetch_segment
 
     producer_dir, consumer_dir = staging / "tcp-producer", staging / "tcp-consumer"
@@ -237,19 +239,23 @@ def bench_tcp(size: int, staging: Path) -> Cell:
     consumer_dir.mkdir(exist_ok=True)
     template = _staged_template(size, staging, "pdserve-kv-template-tcp")
     server = TransferServer(producer_dir, "bench", host="127.0.0.1").start()
+    # The consumer receives into files of its own pool, as TcpTransport does.
+    pool = SegmentPool(consumer_dir, "bench-fetch", max_bytes=1 << 30)
     durations = []
     try:
-        for i in range(_reps_for(size) + 1):
+        for i in range(_reps_for(size) + 2):
             name = f"pdserve-kv-bench-{i}"
             os.link(template, producer_dir / name)  # staged (untimed): the server unlinks it
             start = time.perf_counter()
-            dest, _ = fetch_segment("127.0.0.1", server.port, name, "bench", consumer_dir, 60.0)
+            dest, _ = fetch_segment("127.0.0.1", server.port, name, "bench", consumer_dir, 60.0,
+                                    pool=pool)
             durations.append(time.perf_counter() - start)
-            dest.unlink()
+            StagingSegment.open(dest).recycle()  # loaded: back to the consumer's pool
     finally:
         server.close()
+        pool.close()
         template.unlink()
-    return _cell("tcp", size, durations[1:])
+    return _cell("tcp", size, durations[2:])  # the first two fill the pool
 
 
 # ------------------------------------------------------------------------------ gloo
@@ -368,8 +374,8 @@ def run_bandwidth(args: argparse.Namespace) -> dict[str, object]:
     print("x memcpy: bandwidth / warm single-thread memcpy bandwidth of the same size. fresh: "
           "memcpy into a new /dev/shm file.\nshm = the decode's load of a staged segment into "
           "its blocks (one copy); stage+shm = the prefill's layer-wise staging copy + that load "
-          "(two copies);\ntcp, gloo = wire leg only (staged file -> new file on the consumer, "
-          "acked).")
+          "(two copies);\ntcp, gloo = wire leg only, acked (tcp: into a pooled file on the "
+          "consumer; gloo: into a new file).")
     print(f"gloo pair-group setup (first transfer, incl. rendezvous): {setup_s * 1e3:.1f} ms")
     return {"mode": "bandwidth", "machine": _machine(), "gloo_group_setup_s": setup_s,
             "cells": [dict(asdict(c), gbps=c.gbps) for c in cells]}

@@ -184,13 +184,17 @@ class StagingSegment:
     def _read_header(mm: mmap.mmap, path: Path) -> SegmentHeader:
         (length,) = _LEN.unpack(mm[: _LEN.size])
         if length == 0 or length > HEADER_BYTES - _LEN.size:
-            mm.close()
             raise KVTransferError(f"staged KV segment {path.name} has no valid header")
         try:
             return msgspec.msgpack.decode(mm[_LEN.size : _LEN.size + length], type=SegmentHeader)
         except msgspec.DecodeError as e:
-            mm.close()
             raise KVTransferError(f"staged KV segment {path.name} has a corrupt header") from e
+
+    def adopt(self, pool: "SegmentPool") -> None:
+        """Make `pool` the one this segment's file goes back to once consumed (a consumer
+        that fetched it into a file of its own pool)."""
+        self.header = msgspec.structs.replace(self.header, pool_dir=str(pool.dir))
+        self._write_header()
 
     def mark_complete(self) -> None:
         """Publish the segment: written last, after every layer's bytes are in place."""
@@ -315,7 +319,7 @@ class MappingCache:
         st = st or os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         entry = self._maps.get(key)
-        if entry is not None and len(entry[1]) == st.st_size:
+        if entry is not None and not entry[1].closed and len(entry[1]) == st.st_size:
             self._maps.move_to_end(key)
             return entry[1]
         if entry is not None:

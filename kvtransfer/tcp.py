@@ -52,6 +52,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import contextlib
 import socket
 import socketserver
 import struct
@@ -66,6 +67,7 @@ from cluster.wire import KVTransferError
 from kvtransfer.staging import (
     SEGMENT_PREFIX,
     SegmentHeader,
+    SegmentPool,
     StagingSegment,
     recycle,
     size_class,
@@ -238,11 +240,15 @@ def fetched_path(dest_dir: Path, segment_name: str) -> Path:
 
 
 def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
-                  dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+                  dest_dir: Path, timeout_s: float, pool: SegmentPool | None = None,
+                  pool_lock: threading.Lock | None = None) -> tuple[Path, int]:
     """Copy a remote segment into `dest_dir`; returns (local path, segment bytes).
 
     Raises KVTransferError, and leaves nothing in `dest_dir`, unless the whole segment
-    arrived intact; the returned copy is the caller's even if the ack is lost.
+    arrived intact; the returned copy is the caller's even if the ack is lost. With `pool`
+    (the consumer's own; `pool_lock` serializes taking files from it), the bytes land in a
+    recycled, already-mapped file instead of fresh pages, and the copy names that pool as
+    the one its file goes back to once loaded.
     """
     dest = fetched_path(dest_dir, segment_name)
     try:
@@ -252,7 +258,10 @@ def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
             assert isinstance(reply, FetchReply)
             if not reply.ok:
                 raise KVTransferError(f"producer refused {segment_name}: {reply.error}")
-            _receive_into_file(sock, dest, reply.nbytes)
+            if pool is not None:
+                _receive_into_pooled_file(sock, dest, reply.nbytes, pool, pool_lock)
+            else:
+                _receive_into_file(sock, dest, reply.nbytes)
             if _recv_exact(sock, 1) != SENT_INTACT:
                 raise KVTransferError(f"producer took {segment_name} back during the transfer")
             try:
@@ -268,6 +277,29 @@ def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
     return dest, reply.nbytes
 
 
+def _recv_into_view(sock: socket.socket, view: memoryview, nbytes: int) -> None:
+    got = 0
+    while got < nbytes:
+        k = sock.recv_into(view[got:], min(nbytes - got, 4 << 20))
+        if k == 0:
+            raise KVTransferError(f"connection closed after {got} of {nbytes} bytes")
+        got += k
+
+
+def _receive_into_pooled_file(sock: socket.socket, dest: Path, nbytes: int, pool: SegmentPool,
+                              lock: threading.Lock | None) -> None:
+    with lock or contextlib.nullcontext():
+        mm = pool.acquire(dest, nbytes)
+    view = memoryview(mm)[:nbytes]
+    try:
+        _recv_into_view(sock, view, nbytes)
+    finally:
+        view.release()
+    seg = StagingSegment.open(dest, pool.maps)  # checks the header that arrived
+    seg.adopt(pool)
+    seg.close()
+
+
 def _receive_into_file(sock: socket.socket, dest: Path, nbytes: int) -> None:
     fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -276,13 +308,8 @@ def _receive_into_file(sock: socket.socket, dest: Path, nbytes: int) -> None:
         os.ftruncate(fd, size_class(nbytes))
         with mmap.mmap(fd, nbytes) as mm:
             view = memoryview(mm)
-            got = 0
             try:
-                while got < nbytes:
-                    k = sock.recv_into(view[got:], min(nbytes - got, 4 << 20))
-                    if k == 0:
-                        raise KVTransferError(f"connection closed after {got} of {nbytes} bytes")
-                    got += k
+                _recv_into_view(sock, view, nbytes)
             finally:
                 view.release()
     finally:

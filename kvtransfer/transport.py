@@ -46,7 +46,7 @@ import msgspec
 from cluster.config import KVTransferSettings
 from cluster.wire import KVTransferError
 from kvtransfer.handle import TransferDescriptor
-from kvtransfer.staging import SEGMENT_PREFIX, StagingSegment
+from kvtransfer.staging import SEGMENT_PREFIX, SegmentPool, StagingSegment
 from kvtransfer.tcp import fetch_segment, fetched_path
 
 if TYPE_CHECKING:  # typing only: kvtransfer.dist imports torch.distributed
@@ -167,14 +167,32 @@ class TcpTransport:
     is_local = False
 
     def __init__(self, settings: KVTransferSettings, consumer_id: str):
-        pass
+        self._pool_bytes = int(settings.staging_pool_gib * (1 << 30))
+        self._pool_id = f"fetch-{consumer_id}"
+        self._pools: dict[Path, SegmentPool] = {}  # per destination dir
+        self._lock = threading.Lock()
+
+    def _pool(self, dest_dir: Path) -> SegmentPool | None:
+        """This consumer's pool of received files (pre-faulted, mapped), made on first use."""
+        if self._pool_bytes <= 0:
+            return None
+        with self._lock:
+            pool = self._pools.get(dest_dir)
+            if pool is None:
+                pool = self._pools[dest_dir] = SegmentPool(dest_dir, self._pool_id,
+                                                           self._pool_bytes)
+            return pool
 
     def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
         return fetch_segment(desc.tcp_host, desc.tcp_port, Path(desc.segment_path).name,
-                             desc.producer_epoch, dest_dir, timeout_s)
+                             desc.producer_epoch, dest_dir, timeout_s,
+                             pool=self._pool(Path(dest_dir)), pool_lock=self._lock)
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
 
 
 # ----------------------------------------------------------------------------- dist

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from cluster.wire import KVHandle, KVTransferError
 from kvtransfer.connector import PARAM_NUM_TOKENS, PARAM_SEGMENT
 from kvtransfer.handle import decode_handle
 from kvtransfer.service import ConsumerService, ProducerService
-from kvtransfer.staging import StagingSegment, segment_path
+from kvtransfer.staging import HEADER_BYTES, StagingSegment, segment_path
 
 
 @pytest.fixture
@@ -73,7 +74,9 @@ def test_materialize_delivers_the_staged_bytes(producer, make_segment, tmp_path,
     assert kv.stat.transport == transport and kv.stat.outcome == "ok"
     assert kv.stat.num_bytes == len(staged)
     seg = StagingSegment.open(local)
-    assert seg.header.is_complete and bytes(seg.buffer()) == staged
+    assert seg.header.is_complete and bytes(seg.buffer()[HEADER_BYTES:]) == staged[HEADER_BYTES:]
+    source = StagingSegment._read_header(staged[:HEADER_BYTES], Path("staged"))
+    assert seg.header.layout == source.layout
     seg.close()
     if transport == "shm":
         # Same host: decode reads the producer's segment in place; its connector unlinks it.
@@ -81,6 +84,8 @@ def test_materialize_delivers_the_staged_bytes(producer, make_segment, tmp_path,
         assert producer.num_staged() == 1
     else:
         assert str(local).startswith(str(consumer_dir))
+        # Received into this consumer's own pool file, which the load gives back to.
+        assert Path(StagingSegment.open(local).header.pool_dir).parent == consumer_dir
         assert _wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
 
 

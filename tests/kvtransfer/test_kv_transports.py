@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from pydantic import ValidationError
 
@@ -24,7 +25,7 @@ from kvtransfer.handle import (
     local_node_id,
 )
 from kvtransfer.service import ConsumerService, ProducerService
-from kvtransfer.staging import StagingSegment, segment_nbytes
+from kvtransfer.staging import HEADER_BYTES, StagingSegment, segment_nbytes
 from kvtransfer.transport import DistFetchTransport, TransportRegistry, get_transport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,10 +203,12 @@ def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
 
 
 def _segment_bytes(path: Path) -> bytes:
+    """The segment's layout and payload: what must arrive unchanged (the header's pool
+    field names where the file goes back to, which differs per side)."""
     seg = StagingSegment.open(path)
     try:
         assert seg.header.is_complete
-        return bytes(seg.buffer())
+        return msgspec.msgpack.encode(seg.header.layout) + bytes(seg.buffer()[HEADER_BYTES:])
     finally:
         seg.close()
 
@@ -226,8 +229,17 @@ def test_shm_and_tcp_deliver_the_segment_byte_exact(producer, make_segment, tmp_
     seg.close()
     assert nbytes == len(segment) == segment_nbytes(layout)  # the header's count, not the file's
     assert path.stat().st_size > nbytes or not slack_bytes or name == "tcp"
-    assert _segment_bytes(path) == segment
+    assert _segment_bytes(path) == _layout_and_payload(segment)
     assert path.parent == (producer.staging_dir if name == "shm" else inbox)
+    if name == "tcp":
+        # Received into a file of this consumer's own pool, which the load gives it back to.
+        pool_dir = Path(StagingSegment.open(path).header.pool_dir)
+        assert pool_dir.parent == inbox and pool_dir.is_dir()
+
+
+def _layout_and_payload(segment: bytes) -> bytes:
+    header = StagingSegment._read_header(segment[:HEADER_BYTES], Path("staged"))
+    return msgspec.msgpack.encode(header.layout) + segment[HEADER_BYTES:]
 
 
 # -- dist over gloo, both services in this process ------------------------------------------
@@ -254,7 +266,7 @@ def test_dist_delivers_segments_and_refusals_through_the_services(rendezvous, ma
             handle, segment = _stage(producer, make_segment, request_id)
             kv = consumer.materialize(handle)
             local = Path(kv.kv_transfer_params[PARAM_SEGMENT])
-            assert local.parent == inbox and _segment_bytes(local) == segment
+            assert local.parent == inbox and _segment_bytes(local) == _layout_and_payload(segment)
             assert kv.stat.transport == "dist" and kv.stat.num_bytes == len(segment)
             assert _wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
 
@@ -266,7 +278,8 @@ def test_dist_delivers_segments_and_refusals_through_the_services(rendezvous, ma
 
         handle, segment = _stage(producer, make_segment, "r4")  # the group survived the refusal
         kv = consumer.materialize(handle)
-        assert _segment_bytes(Path(kv.kv_transfer_params[PARAM_SEGMENT])) == segment
+        assert (_segment_bytes(Path(kv.kv_transfer_params[PARAM_SEGMENT]))
+                == _layout_and_payload(segment))
     finally:
         consumer.close()
         producer.close()
