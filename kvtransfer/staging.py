@@ -460,7 +460,7 @@ def reclaim_orphans(staging_dir: Path) -> int:
             pid = int((pool / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if _process_alive(pid):
+        if process_alive(pid):
             continue
         tag = pool.name.removeprefix(POOL_PREFIX)
         for seg in list_segments(staging_dir, tag):
@@ -470,7 +470,8 @@ def reclaim_orphans(staging_dir: Path) -> int:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

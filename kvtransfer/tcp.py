@@ -69,6 +69,7 @@ from kvtransfer.staging import (
     SegmentHeader,
     SegmentPool,
     StagingSegment,
+    process_alive,
     recycle,
     size_class,
 )
@@ -322,21 +323,11 @@ def reclaim_orphan_fetches(staging_dir: Path) -> int:
     removed = 0
     for path in Path(staging_dir).glob(f"{FETCHED_PREFIX}*"):
         m = _FETCHED_PID.match(path.name)
-        if m is None or _process_alive(int(m.group(1))):
+        if m is None or process_alive(int(m.group(1))):
             continue
         path.unlink(missing_ok=True)
         removed += 1
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wait_port_open(host: str, port: int, timeout_s: float = 5.0) -> None:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cluster.config import KVTransferSettings
+from kvtransfer.service import ProducerService
 from kvtransfer.staging import SegmentLayout, StagingSegment, segment_path
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def fill_pattern(seg: StagingSegment, seed: int) -> bytes:
@@ -42,3 +55,12 @@ def make_segment(tmp_path: Path):
         return path, payload
 
     return make
+
+
+@pytest.fixture
+def producer(tmp_path):
+    staging = tmp_path / "producer"
+    staging.mkdir()
+    service = ProducerService("prefill-0", KVTransferSettings(staging_dir=staging), "127.0.0.1")
+    yield service
+    service.close()

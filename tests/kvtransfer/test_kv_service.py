@@ -13,15 +13,7 @@ from kvtransfer.connector import PARAM_NUM_TOKENS, PARAM_SEGMENT
 from kvtransfer.handle import decode_handle
 from kvtransfer.service import ConsumerService, ProducerService
 from kvtransfer.staging import HEADER_BYTES, StagingSegment, segment_path
-
-
-@pytest.fixture
-def producer(tmp_path):
-    staging = tmp_path / "producer"
-    staging.mkdir()
-    service = ProducerService("prefill-0", KVTransferSettings(staging_dir=staging), "127.0.0.1")
-    yield service
-    service.close()
+from tests.kvtransfer.conftest import wait_until
 
 
 def _stage(producer: ProducerService, make_segment, request_id: str) -> tuple[KVHandle, bytes]:
@@ -31,15 +23,6 @@ def _stage(producer: ProducerService, make_segment, request_id: str) -> tuple[KV
     handle = producer.handle_for({PARAM_SEGMENT: str(path), PARAM_NUM_TOKENS: 40})
     assert handle is not None and handle.producer_id == "prefill-0"
     return handle, path.read_bytes()
-
-
-def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_no_handle_without_staged_kv(producer):
@@ -86,7 +69,7 @@ def test_materialize_delivers_the_staged_bytes(producer, make_segment, tmp_path,
         assert str(local).startswith(str(consumer_dir))
         # Received into this consumer's own pool file, which the load gives back to.
         assert Path(StagingSegment.open(local).header.pool_dir).parent == consumer_dir
-        assert _wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
+        assert wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
 
 
 def test_tcp_on_one_host_keeps_consumer_copy_out_of_producer_accounting(producer, make_segment):
@@ -96,7 +79,7 @@ def test_tcp_on_one_host_keeps_consumer_copy_out_of_producer_accounting(producer
     consumer = ConsumerService(KVTransferSettings(transport="tcp",
                                                   staging_dir=producer.staging_dir))
     kv = consumer.materialize(handle)
-    assert _wait_until(lambda: producer.num_staged() == 0)
+    assert wait_until(lambda: producer.num_staged() == 0)
     local = kv.kv_transfer_params[PARAM_SEGMENT]
     settings = producer.settings
     producer.settings = settings.model_copy(update={"lease_s": 1e-9})

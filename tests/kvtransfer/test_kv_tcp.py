@@ -34,7 +34,7 @@ from kvtransfer.tcp import (
     fetch_segment,
     reclaim_orphan_fetches,
 )
-from tests.kvtransfer.conftest import fill_pattern
+from tests.kvtransfer.conftest import fill_pattern, wait_until
 
 EPOCH = "epoch-1"
 
@@ -55,15 +55,6 @@ def consumer_dir(tmp_path) -> Path:
     return path
 
 
-def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_fetch_is_byte_exact_and_producer_unlinks_after_ack(server, consumer_dir, make_segment):
     src, payload = make_segment("r1", staging_dir=server.staging_dir)
     expected = src.read_bytes()
@@ -77,8 +68,8 @@ def test_fetch_is_byte_exact_and_producer_unlinks_after_ack(server, consumer_dir
     assert bytes(seg.buffer()[HEADER_BYTES:]) == payload
     seg.close()
     # The ack hands ownership over: the producer's copy goes.
-    assert _wait_until(lambda: not src.exists())
-    assert server.num_served == 1
+    assert wait_until(lambda: not src.exists())
+    assert wait_until(lambda: server.num_served == 1)  # counted just after the file goes
 
 
 def test_epoch_mismatch_refused(server, consumer_dir, make_segment):
@@ -121,13 +112,13 @@ def test_client_dying_mid_transfer_leaves_segment_with_producer(server, consumer
         while got < nbytes // 2:
             got += len(sock.recv(nbytes // 2 - got))
     # Closed without the ack: the producer still owns (and keeps) the segment.
-    assert _wait_until(lambda: server.num_failed == 1 and server.num_active == 0)
+    assert wait_until(lambda: server.num_failed == 1 and server.num_active == 0)
     assert src.exists() and server.num_served == 0
 
     # ...so a later consumer can still fetch it, and only that ack moves ownership.
     dest, _ = fetch_segment("127.0.0.1", server.port, src.name, EPOCH, consumer_dir, 5.0)
     assert dest.exists()
-    assert _wait_until(lambda: not src.exists())
+    assert wait_until(lambda: not src.exists())
 
 
 def test_producer_dying_mid_transfer_removes_consumer_copy(tmp_path, consumer_dir, make_segment):
@@ -177,7 +168,7 @@ def test_pooled_file_larger_than_its_segment_sends_only_the_segment(tmp_path, co
         copy = StagingSegment.open(dest)
         assert copy.header.is_complete and bytes(copy.buffer()[HEADER_BYTES:]) == payload
         copy.close()
-        assert _wait_until(lambda: server.num_served == 1)
+        assert wait_until(lambda: server.num_served == 1)
         assert list_segments(producer_dir) == [] and pool.pooled_bytes() == size_class(nbytes)
     finally:
         server.close()
@@ -200,7 +191,7 @@ def test_segment_taken_back_during_the_send_is_not_delivered(server, consumer_di
     with pytest.raises(KVTransferError, match="back during the transfer"):
         fetch_segment("127.0.0.1", server.port, src.name, EPOCH, consumer_dir, 5.0)
     assert list(consumer_dir.iterdir()) == []
-    assert _wait_until(lambda: server.num_failed == 1)
+    assert wait_until(lambda: server.num_failed == 1)
     assert server.num_served == 0
 
 
@@ -210,9 +201,9 @@ def test_stalled_consumer_holds_a_server_thread_for_at_most_its_timeout(tmp_path
     server = TransferServer(producer_dir, EPOCH, host="127.0.0.1", timeout_s=0.3).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5.0):
-            assert _wait_until(lambda: server.num_active == 1)
+            assert wait_until(lambda: server.num_active == 1)
             started = time.monotonic()  # connected, never sends its request
-            assert _wait_until(lambda: server.num_active == 0, timeout_s=5.0)
+            assert wait_until(lambda: server.num_active == 0, timeout_s=5.0)
             assert time.monotonic() - started < 3.0
         assert server.num_failed == 1
     finally:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from kvtransfer.handle import (
 from kvtransfer.service import ConsumerService, ProducerService
 from kvtransfer.staging import HEADER_BYTES, StagingSegment, segment_nbytes
 from kvtransfer.transport import DistFetchTransport, TransportRegistry, get_transport
+from tests.kvtransfer.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHER_NODE = "another-host/0000-boot"
@@ -171,15 +171,6 @@ def test_dist_needs_a_rendezvous_store():
 
 
 # -- delivery through the registry -------------------------------------------------------
-@pytest.fixture
-def producer(tmp_path):
-    staging = tmp_path / "producer"
-    staging.mkdir()
-    service = ProducerService("prefill-0", KVTransferSettings(staging_dir=staging), "127.0.0.1")
-    yield service
-    service.close()
-
-
 def _stage(producer: ProducerService, make_segment, request_id: str, slack_bytes: int = 0
            ) -> tuple[KVHandle, bytes]:
     """Stage a segment; with `slack_bytes`, its file is that much larger than the segment
@@ -191,15 +182,6 @@ def _stage(producer: ProducerService, make_segment, request_id: str, slack_bytes
     handle = producer.handle_for({PARAM_SEGMENT: str(path), PARAM_NUM_TOKENS: 40})
     assert handle is not None
     return handle, segment
-
-
-def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _segment_bytes(path: Path) -> bytes:
@@ -268,7 +250,7 @@ def test_dist_delivers_segments_and_refusals_through_the_services(rendezvous, ma
             local = Path(kv.kv_transfer_params[PARAM_SEGMENT])
             assert local.parent == inbox and _segment_bytes(local) == _layout_and_payload(segment)
             assert kv.stat.transport == "dist" and kv.stat.num_bytes == len(segment)
-            assert _wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
+            assert wait_until(lambda: producer.num_staged() == 0)  # acked: producer let go
 
         handle, _ = _stage(producer, make_segment, "r3")
         producer.release(handle)
