@@ -72,8 +72,12 @@ def test_run_prints_summary_and_writes_records(capsys, tmp_path, fast_server):
                      "--slo-ttft-s", "0.2", "--slo-tpot-s", "0.05", "--output-json", str(out)])
     text = capsys.readouterr().out
     assert code == 0
-    assert "attainment         100.0%" in text and "TTFT" in text
     data = json.loads(out.read_text())
+    # The printed attainment is the share of records meeting both SLOs (the fake server is
+    # fast, but a loaded CI machine can still delay a request past 200 ms: no fixed value).
+    met = [r["ttft_s"] <= 0.2 and (r["e2e_s"] - r["ttft_s"]) / 3 <= 0.05 for r in data["records"]]
+    assert f"attainment         {100 * sum(met) / len(met):.1f}%" in text and "TTFT" in text
+    assert sum(met) >= 1
     assert data["model"] == "fake-model"
     assert data["summary"]["num_ok"] == 12 and data["summary"]["slo"]["ttft_s"] == 0.2
     assert len(data["records"]) == 12

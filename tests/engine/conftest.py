@@ -34,6 +34,7 @@ class LiveEngines:
     coloc_url: str = ""
     workers: dict = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
+    dist_store: object = None
     error: BaseException | None = None
 
     def call(self, coro, timeout: float = 120):
@@ -65,7 +66,16 @@ async def _start(live: LiveEngines, ready: threading.Event, stop: asyncio.Event)
                                           max_num_seqs=64),
                           instance_index=0)
 
-    kv = KVTransferSettings(staging_dir=live.staging_dir, lease_s=60)
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    # The rendezvous store of transport `dist` (what `pdserve serve` hosts): the prefill
+    # answers dist fetches, and a test can switch the decode to them.
+    live.dist_store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                               timeout=timedelta(seconds=60))
+    kv = KVTransferSettings(staging_dir=live.staging_dir, lease_s=60,
+                            dist_store_host="127.0.0.1", dist_store_port=live.dist_store.port)
     prefill = PrefillWorker("prefill-0", spec(first), kv)
     decode = DecodeWorker("decode-0", spec(last), kv, role="decode")
     coloc = DecodeWorker("colocated-0", spec(cores), kv, role="colocated")

@@ -141,18 +141,15 @@ def test_stop_string_spanning_prefill_and_decode_tokens(live_engines):
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
-def test_tcp_transport_gives_identical_output(live_engines):
-    """Force decode to fetch staged KV over TCP (the cross-host path) instead of mapping
-    the producer's shared memory; outputs must not change and nothing may be left behind."""
+def _forced_transport_gives_identical_output(live_engines, transport: str, prompts):
     from cluster.config import KVTransferSettings
 
     decode = live_engines.workers["decode"]
     shm_settings = decode._kv.settings
-    prompts = varied_prompts()[3:7]
     expected = [complete(live_engines.coloc_url, p)["choices"][0]["token_ids"] for p in prompts]
     fetched_before = metric_value(live_engines.disagg_url, "pdserve_kv_transfers_total",
-                                  transport="tcp", direction="fetch", outcome="ok")
-    decode._kv.settings = KVTransferSettings(**{**shm_settings.model_dump(), "transport": "tcp"})
+                                  transport=transport, direction="fetch", outcome="ok")
+    decode._kv.settings = KVTransferSettings(**{**shm_settings.model_dump(), "transport": transport})
     try:
         got = [complete(live_engines.disagg_url, p) for p in prompts]
     finally:
@@ -163,9 +160,21 @@ def test_tcp_transport_gives_identical_output(live_engines):
         assert trace["served_by"] in ("transferred", "prefill_only"), trace
     time.sleep(0.5)
     fetched_after = metric_value(live_engines.disagg_url, "pdserve_kv_transfers_total",
-                                 transport="tcp", direction="fetch", outcome="ok")
+                                 transport=transport, direction="fetch", outcome="ok")
     assert fetched_after - fetched_before == sum(1 for g in got if len(g["choices"][0]["token_ids"]) > 1)
     assert list_segments(live_engines.staging_dir) == []
+
+
+def test_tcp_transport_gives_identical_output(live_engines):
+    """Force decode to fetch staged KV over TCP (the cross-host path) instead of mapping
+    the producer's shared memory; outputs must not change and nothing may be left behind."""
+    _forced_transport_gives_identical_output(live_engines, "tcp", varied_prompts()[3:7])
+
+
+def test_dist_transport_gives_identical_output(live_engines):
+    """The same over torch.distributed (gloo here, NCCL on GPUs): the decode asks the
+    prefill's responder through the rendezvous store and receives over their pair group."""
+    _forced_transport_gives_identical_output(live_engines, "dist", varied_prompts()[2:6])
 
 
 def test_grafana_dashboard_queries_only_series_the_real_deployment_exports(live_engines):
