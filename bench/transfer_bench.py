@@ -120,7 +120,7 @@ def bench_fresh_pages(size: int, staging: Path) -> Cell:
     return _cell("fresh", size, durations)
 
 
-def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: int, **extra):
+def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: int):
     """A worker-half PdserveConnector without an engine (as tests/kvtransfer do)."""
     from types import SimpleNamespace
 
@@ -133,7 +133,7 @@ def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: in
         kv_transfer_config=KVTransferConfig(
             kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
             kv_role=role, engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 600, **extra}),
+            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 600}),
         cache_config=SimpleNamespace(block_size=block_size))
     return PdserveConnector(config, KVConnectorRole.WORKER, kv_cache_config=None)
 

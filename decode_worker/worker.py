@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cluster.config import KVTransferSettings
 from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
@@ -40,9 +39,7 @@ from cluster.wire import (
     TransferStat,
     WorkerStats,
 )
-from kvtransfer.connector import PARAM_SEGMENT
 from kvtransfer.service import ConsumerService, MaterializedKV, vllm_kv_transfer_config
-from kvtransfer.staging import SEGMENT_PREFIX
 
 
 class DecodeWorker:
@@ -69,6 +66,7 @@ class DecodeWorker:
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
         """Stream the request's output tokens. For decode, prompt_token_ids ends with the
         prefill's first token and the handle covers every prompt id before it."""
+        materialized: MaterializedKV | None = None
         kv_params = None
         kv_load_s = None
         served_by: ServedBy = "colocated"
@@ -114,8 +112,8 @@ class DecodeWorker:
         finally:
             if first:
                 self._queued_prompt_tokens -= num_prompt
-            if kv_params is not None:
-                _discard_unconsumed(kv_params)
+            if materialized is not None:
+                self._kv.discard(materialized)
 
     async def _materialize(self, handle: KVHandle) -> MaterializedKV:
         """Make the handle's KV local (a fetch runs in a thread). A fetch cannot be
@@ -125,8 +123,12 @@ class DecodeWorker:
         try:
             return await asyncio.shield(fetch)
         except asyncio.CancelledError:
-            fetch.add_done_callback(_discard_when_fetched)
+            fetch.add_done_callback(self._discard_when_fetched)
             raise
+
+    def _discard_when_fetched(self, fetch: asyncio.Future) -> None:
+        if not fetch.cancelled() and fetch.exception() is None:
+            self._kv.discard(fetch.result())
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
@@ -153,19 +155,3 @@ def _finish_reason(reason: str | None, finished: bool):
     if reason in ("stop", "length", "abort"):
         return reason
     return "error" if reason == "error" else "stop"
-
-
-def _discard_when_fetched(fetch: asyncio.Future) -> None:
-    if not fetch.cancelled() and fetch.exception() is None:
-        _discard_unconsumed(fetch.result().kv_transfer_params)
-
-
-def _discard_unconsumed(kv_transfer_params: dict[str, Any]) -> None:
-    """Remove a request's segment unless its engine consumed it (the connector recycles a
-    segment it loads, so then this finds nothing). Unlink, not recycle: the engine may be
-    in the very step that loads it (an abort races with that step); unlinking leaves the
-    connector's mapping intact, while a recycled file could be reused and overwritten
-    under it."""
-    path = Path(kv_transfer_params[PARAM_SEGMENT])
-    if path.name.startswith(SEGMENT_PREFIX):
-        path.unlink(missing_ok=True)

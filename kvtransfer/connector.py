@@ -352,7 +352,7 @@ class PdserveConnector(KVConnectorBase_V1):
                 rows[dst_ids] = src[load.first_block : load.first_block + n]
             else:
                 dst_idx = torch.tensor(load.dst_block_ids, dtype=torch.long, device=kv.device)
-                src_t = _segment_blocks(seg, layer, kv, layout.num_blocks)
+                src_t = torch.from_numpy(region).view(kv.dtype).view(layout.num_blocks, *kv.shape[1:])
                 kv.index_copy_(0, dst_idx, src_t[load.first_block : load.first_block + n].to(kv.device))
         return n * sum(self._layer_bytes)
 

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import mmap
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -61,7 +59,7 @@ import torch
 from torch.distributed import PrefixStore, Store
 
 from cluster.wire import KVTransferError
-from kvtransfer.staging import StagingSegment, recycle
+from kvtransfer.staging import StagingSegment, create_mapped_file, recycle
 
 Role = Literal["prefill", "decode"]
 Backend = Literal["gloo", "nccl"]
@@ -419,12 +417,7 @@ def _send_buffer(buf: memoryview, send: Callable[[torch.Tensor], None]) -> int:
 
 
 def _recv_into_new_file(path: Path, nbytes: int, receive: Callable[[torch.Tensor], None]) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-        mm = mmap.mmap(fd, nbytes)
-    finally:
-        os.close(fd)
+    mm = create_mapped_file(path, nbytes)
     view = memoryview(mm)
     try:
         out = torch.frombuffer(view, dtype=torch.uint8)  # [nbytes], the file's pages

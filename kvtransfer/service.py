@@ -39,6 +39,7 @@ from kvtransfer.handle import (
 )
 from kvtransfer.staging import (
     default_staging_dir,
+    is_segment_name,
     list_segments,
     owner_tag,
     reclaim_expired,
@@ -174,6 +175,17 @@ class ConsumerService:
         stat = TransferStat(transport=name, direction="fetch", num_bytes=nbytes,
                             duration_s=time.perf_counter() - started, outcome="ok")
         return MaterializedKV({PARAM_SEGMENT: str(path), PARAM_NUM_TOKENS: desc.num_tokens}, stat)
+
+    @staticmethod
+    def discard(kv: MaterializedKV) -> None:
+        """Remove a materialized segment its engine did not consume (the connector gives
+        back a segment it loads, so then this finds nothing). Unlink, not recycle: the
+        engine may be in the very step that loads it (an abort races with that step), and
+        unlinking leaves the connector's mapping intact, while a recycled file could be
+        reused and overwritten under it."""
+        path = Path(kv.kv_transfer_params[PARAM_SEGMENT])
+        if is_segment_name(path.name):
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ removes the pools and segments of producers that died.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
@@ -37,7 +38,6 @@ import shutil
 import struct
 import tempfile
 import time
-import itertools
 from collections import OrderedDict
 from pathlib import Path
 
@@ -75,6 +75,18 @@ def default_staging_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def create_mapped_file(path: Path, nbytes: int, *, exclusive: bool = True) -> mmap.mmap:
+    """A new file of `nbytes` at `path`, mapped shared and writable (fresh pages: every
+    first touch faults; `SegmentPool` is how to avoid that). Not exclusive: replaces it."""
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
 def payload_nbytes(layout: SegmentLayout) -> int:
     return layout.num_blocks * sum(layout.bytes_per_block)
 
@@ -104,12 +116,7 @@ class StagingSegment:
             mm = pool.acquire(Path(path), nbytes)
             pool_dir = str(pool.dir)
         else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, nbytes)
-                mm = mmap.mmap(fd, nbytes)
-            finally:
-                os.close(fd)
+            mm = create_mapped_file(path, nbytes)
             pool_dir = ""
         seg = cls(path, mm, SegmentHeader(layout=layout, is_complete=False,
                                           created_at=time.time(), pool_dir=pool_dir))
@@ -224,6 +231,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 def owner_tag(engine_id: str) -> str:
     """The file-name-safe prefix that marks one engine incarnation's segments."""
     return _UNSAFE.sub("_", engine_id)
+
+
+def is_segment_name(name: str) -> bool:
+    """Whether `name` (a bare file name, e.g. from a peer) can name a staged segment."""
+    return name.startswith(SEGMENT_PREFIX) and "/" not in name and name != SEGMENT_PREFIX
 
 
 def segment_path(staging_dir: Path, engine_id: str, request_id: str) -> Path:

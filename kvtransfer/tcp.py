@@ -49,10 +49,10 @@ the path still names the file it sent; if not, the client discards what it recei
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
-import contextlib
 import socket
 import socketserver
 import struct
@@ -69,6 +69,8 @@ from kvtransfer.staging import (
     SegmentHeader,
     SegmentPool,
     StagingSegment,
+    create_mapped_file,
+    is_segment_name,
     process_alive,
     recycle,
     size_class,
@@ -190,7 +192,7 @@ class TransferServer:
         if req.producer_epoch != self.producer_epoch:
             _send_msg(sock, FetchReply(ok=False, error="producer restarted (epoch mismatch)"))
             return False
-        if "/" in name or not name.startswith(SEGMENT_PREFIX):
+        if not is_segment_name(name):
             _send_msg(sock, FetchReply(ok=False, error="invalid segment name"))
             return False
         path = self.staging_dir / name
@@ -259,10 +261,7 @@ def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
             assert isinstance(reply, FetchReply)
             if not reply.ok:
                 raise KVTransferError(f"producer refused {segment_name}: {reply.error}")
-            if pool is not None:
-                _receive_into_pooled_file(sock, dest, reply.nbytes, pool, pool_lock)
-            else:
-                _receive_into_file(sock, dest, reply.nbytes)
+            _receive(sock, dest, reply.nbytes, pool, pool_lock)
             if _recv_exact(sock, 1) != SENT_INTACT:
                 raise KVTransferError(f"producer took {segment_name} back during the transfer")
             try:
@@ -287,34 +286,29 @@ def _recv_into_view(sock: socket.socket, view: memoryview, nbytes: int) -> None:
         got += k
 
 
-def _receive_into_pooled_file(sock: socket.socket, dest: Path, nbytes: int, pool: SegmentPool,
-                              lock: threading.Lock | None) -> None:
+def _receive(sock: socket.socket, dest: Path, nbytes: int, pool: SegmentPool | None,
+             lock: threading.Lock | None) -> None:
+    """Receive the segment into `dest`: a recycled file of `pool`, which the copy then
+    names as where its file goes once loaded; without a pool, a new file sized like a
+    pooled one (its tail stays sparse)."""
+    if pool is None:
+        with create_mapped_file(dest, size_class(nbytes), exclusive=False) as mm:
+            _recv_into(sock, mm, nbytes)
+        return
     with lock or contextlib.nullcontext():
         mm = pool.acquire(dest, nbytes)
-    view = memoryview(mm)[:nbytes]
-    try:
-        _recv_into_view(sock, view, nbytes)
-    finally:
-        view.release()
+    _recv_into(sock, mm, nbytes)
     seg = StagingSegment.open(dest, pool.maps)  # checks the header that arrived
     seg.adopt(pool)
     seg.close()
 
 
-def _receive_into_file(sock: socket.socket, dest: Path, nbytes: int) -> None:
-    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+def _recv_into(sock: socket.socket, mm: mmap.mmap, nbytes: int) -> None:
+    view = memoryview(mm)[:nbytes]
     try:
-        # Sized like a pooled file (the tail stays sparse), so that when the consumer
-        # recycles the copy into its producer's pool (same host) the pool can reuse it.
-        os.ftruncate(fd, size_class(nbytes))
-        with mmap.mmap(fd, nbytes) as mm:
-            view = memoryview(mm)
-            try:
-                _recv_into_view(sock, view, nbytes)
-            finally:
-                view.release()
+        _recv_into_view(sock, view, nbytes)
     finally:
-        os.close(fd)
+        view.release()
 
 
 def reclaim_orphan_fetches(staging_dir: Path) -> int:

@@ -46,7 +46,11 @@ import msgspec
 from cluster.config import KVTransferSettings
 from cluster.wire import KVTransferError
 from kvtransfer.handle import TransferDescriptor
-from kvtransfer.staging import SEGMENT_PREFIX, SegmentPool, StagingSegment
+from kvtransfer.staging import (
+    SegmentPool,
+    StagingSegment,
+    is_segment_name,
+)
 from kvtransfer.tcp import fetch_segment, fetched_path
 
 if TYPE_CHECKING:  # typing only: kvtransfer.dist imports torch.distributed
@@ -224,10 +228,6 @@ def _queue_key(peer_id: str) -> str:
     return f"{_QUEUE_PREFIX}/{peer_id}"
 
 
-def _is_segment_name(name: str) -> bool:
-    return name.startswith(SEGMENT_PREFIX) and "/" not in name and name != SEGMENT_PREFIX
-
-
 def _require_store(settings: KVTransferSettings) -> None:
     if settings.dist_store_host is None or settings.dist_store_port is None:
         raise KVTransferError("transport 'dist' needs kv_transfer.dist_store_host and "
@@ -267,7 +267,7 @@ class DistFetchTransport:
 
     def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
         name = Path(desc.segment_path).name
-        if not _is_segment_name(name):
+        if not is_segment_name(name):
             raise KVTransferError(f"handle names no staged KV segment: {desc.segment_path!r}")
         store, dist = self._connect(timeout_s)
         peer_id = dist_peer_id(desc.producer_id, desc.producer_epoch)
@@ -354,7 +354,7 @@ class DistResponder:
                 continue
             if isinstance(msg, DistStop) or self._closed.is_set():
                 return
-            if _is_segment_name(msg.segment_name):
+            if is_segment_name(msg.segment_name):
                 self._workers.submit(self._serve, msg)
 
     def _serve(self, req: DistFetchRequest) -> None:

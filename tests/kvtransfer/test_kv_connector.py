@@ -61,6 +61,15 @@ def _run_save_step(worker: PdserveConnector, caches: dict[str, torch.Tensor],
     worker.clear_connector_metadata()
 
 
+def _consumer(staging: Path, caches: dict[str, torch.Tensor] | None = None
+              ) -> tuple[PdserveConnector, dict[str, torch.Tensor]]:
+    """A decode's worker half over `caches` (default: 10 zeroed blocks per layer)."""
+    consumer = _connector("kv_consumer", staging, "decode-0")
+    dst = caches if caches is not None else _caches(10, "zeros")
+    consumer.register_kv_caches(dst)
+    return consumer, dst
+
+
 def _load(worker: PdserveConnector, load: LoadSpec) -> None:
     worker.bind_connector_metadata(PdserveConnectorMetadata(loads=[load]))
     worker.start_load_kv(None)
@@ -112,9 +121,7 @@ def test_staging_after_the_forward_writes_the_same_segment_as_layer_by_layer(tmp
 def test_checksummed_segment_loads_and_a_damaged_block_is_refused(tmp_path):
     path, src = _stage_two_steps(tmp_path, checksums="crc32")
     assert StagingSegment.open(path).header.layout.trailer_nbytes > 0
-    consumer = _connector("kv_consumer", tmp_path, "decode-0")
-    dst = _caches(10, "zeros")
-    consumer.register_kv_caches(dst)
+    consumer, dst = _consumer(tmp_path)
     _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(7, 2, 9),
                           first_block=0))
     assert consumer.get_block_ids_with_load_errors() == set()
@@ -123,7 +130,7 @@ def test_checksummed_segment_loads_and_a_damaged_block_is_refused(tmp_path):
     path, _ = _stage_two_steps(tmp_path / "again", checksums="crc32")
     seg = StagingSegment.open(path)
     view = seg.layer_view(1)
-    view[len(view) - 1] ^= 0xFF  # one bit pattern in layer 1, last block
+    view[len(view) - 1] ^= 0xFF  # flip one byte of layer 1's last block
     view.release()
     seg.close()
     dst = _caches(10, "zeros")
@@ -141,9 +148,7 @@ def test_save_then_load_copies_blocks_between_non_contiguous_ids(staged, tmp_pat
     assert seg.header.layout.num_blocks == 3 and seg.header.layout.num_tokens == NUM_PROMPT_TOKENS
     seg.close()
 
-    consumer = _connector("kv_consumer", tmp_path, "decode-0")
-    dst = _caches(10, "zeros")
-    consumer.register_kv_caches(dst)
+    consumer, dst = _consumer(tmp_path)
     _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(7, 2, 9),
                              first_block=0))
 
@@ -161,9 +166,7 @@ def test_save_then_load_copies_blocks_between_non_contiguous_ids(staged, tmp_pat
 
 def test_load_after_a_local_prefix_hit_starts_mid_segment(staged, tmp_path):
     path, src, _ = staged
-    consumer = _connector("kv_consumer", tmp_path, "decode-0")
-    dst = _caches(10, "zeros")
-    consumer.register_kv_caches(dst)
+    consumer, dst = _consumer(tmp_path)
     # The decode already had block 0's 32 tokens cached: it loads segment blocks 1 and 2.
     _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(4, 0),
                              first_block=1))
@@ -180,9 +183,7 @@ def test_incomplete_segment_reports_its_blocks_as_load_errors(tmp_path):
         request_id="req-1", segment_path=path, block_ids=(5, 1), first_block=0, end_token=40,
         num_prompt_tokens=NUM_PROMPT_TOKENS)]))  # the prefill never got to token 70
 
-    consumer = _connector("kv_consumer", tmp_path, "decode-0")
-    dst = _caches(10, "zeros")
-    consumer.register_kv_caches(dst)
+    consumer, dst = _consumer(tmp_path)
     _load(consumer, LoadSpec(request_id="req-1", segment_path=path, dst_block_ids=(7, 2, 9),
                              first_block=0))
 
@@ -190,6 +191,20 @@ def test_incomplete_segment_reports_its_blocks_as_load_errors(tmp_path):
     assert consumer.get_block_ids_with_load_errors() == set()  # reported once
     assert not any(kv.any() for kv in dst.values())  # nothing computed on partial KV
     assert consumer.get_kv_connector_stats().reduce()["num_failed"] == 1
+
+
+def test_blocks_numpy_cannot_view_are_loaded_through_torch(staged, tmp_path):
+    """A cache whose blocks are not byte-contiguous rows (here: the innermost dims
+    transposed) takes torch's copy instead of numpy's, with the same result."""
+    path, src, src_blocks = staged
+    caches = {name: torch.zeros(10, 2, 2, 4, BLOCK_SIZE).transpose(-1, -2) for name in LAYERS}
+    consumer, dst = _consumer(tmp_path, caches)
+    _load(consumer, LoadSpec(request_id="req-1", segment_path=str(path), dst_block_ids=(7, 2, 9),
+                             first_block=0))
+    assert consumer.get_block_ids_with_load_errors() == set()
+    for name in LAYERS:
+        for d, s in zip((7, 2, 9), src_blocks):
+            assert torch.equal(dst[name][d], src[name][s])
 
 
 def test_layout_mismatch_is_a_load_error(staged, tmp_path):

@@ -228,6 +228,17 @@ def producer(tmp_path, make_segment):
     server.close()
 
 
+def _start_consumer(tmp_path: Path, children: list, server: TransferServer, path: Path,
+                    mode: str) -> tuple[Child, Path]:
+    """A consumer process fetching `path` from `server`, misbehaving as `mode` says."""
+    consumer_dir = tmp_path / "consumer"
+    consumer_dir.mkdir()
+    consumer = Child(CONSUMER, server.port, path.name, EPOCH, consumer_dir, mode,
+                     log=tmp_path / "consumer.log")
+    children.append(consumer)
+    return consumer, consumer_dir
+
+
 def _expire_lease(staging: Path) -> int:
     return reclaim_expired(staging, LEASE_S, ENGINE_ID, now=time.time() + LEASE_S + 1)
 
@@ -238,11 +249,7 @@ def test_receiver_dies_mid_stream(tmp_path, children, producer, sig):
     thread ends within the timeout, it keeps the segment, and the lease reclaims it. The dead
     consumer's partial copy goes with the consumer-side orphan sweep."""
     server, path, _ = producer
-    consumer_dir = tmp_path / "consumer"
-    consumer_dir.mkdir()
-    consumer = Child(CONSUMER, server.port, path.name, EPOCH, consumer_dir, "mid-stream",
-                     log=tmp_path / "consumer.log")
-    children.append(consumer)
+    consumer, consumer_dir = _start_consumer(tmp_path, children, server, path, "mid-stream")
     consumer.expect("mid-stream")
     assert server.num_active == 1
     consumer.signal(sig)
@@ -265,11 +272,7 @@ def test_consumer_dies_after_the_last_byte_before_the_ack(tmp_path, children, pr
     """The ack never comes because the consumer died: the producer keeps the segment until
     the lease; the consumer's complete but unowned copy goes with the orphan sweep."""
     server, path, _ = producer
-    consumer_dir = tmp_path / "consumer"
-    consumer_dir.mkdir()
-    consumer = Child(CONSUMER, server.port, path.name, EPOCH, consumer_dir, "die-before-ack",
-                     log=tmp_path / "consumer.log")
-    children.append(consumer)
+    consumer, consumer_dir = _start_consumer(tmp_path, children, server, path, "die-before-ack")
     consumer.expect("received-all")
     consumer.signal(signal.SIGKILL)
     seconds = _elapsed_until(lambda: server.num_active == 0, TIMEOUT_S + MARGIN_S)
@@ -289,11 +292,7 @@ def test_lost_ack_leaves_each_side_its_own_copy_until_it_lets_go(tmp_path, child
     consumer's copy is complete and its own, so the fetch succeeds; the producer gives up
     waiting after its timeout, keeps its segment, and its lease reclaims it."""
     server, path, payload = producer
-    consumer_dir = tmp_path / "consumer"
-    consumer_dir.mkdir()
-    consumer = Child(CONSUMER, server.port, path.name, EPOCH, consumer_dir, "ack-lost",
-                     log=tmp_path / "consumer.log")
-    children.append(consumer)
+    consumer, consumer_dir = _start_consumer(tmp_path, children, server, path, "ack-lost")
     dest, nbytes, complete = consumer.expect("fetched ").split()
     dest = Path(dest)
     assert complete == "1" and int(nbytes) == HEADER_BYTES + len(payload)
