@@ -58,6 +58,7 @@ class DecodeWorker:
         self._engine = EngineHost(spec)
         self._queued_prompt_tokens = 0
         self._fetch_transfers: list[TransferStat] = []
+        self._channel = None  # cluster.channel.ChannelServer once open_channel ran
 
     async def start(self) -> str:
         await self._engine.start()
@@ -144,7 +145,17 @@ class DecodeWorker:
             transfers=fetches + load.take_transfers(),
         )
 
+    async def open_channel(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve this worker to routers over a worker channel (cluster/channel.py) on this
+        process's event loop; returns its "host:port". Called once, after `start()`."""
+        from cluster.channel import ChannelServer
+
+        self._channel = ChannelServer(self, host, port)
+        return await self._channel.start()
+
     async def shutdown(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
         self._engine.shutdown()
         self._kv.close()  # transports' connections (dist pair groups)
 

@@ -40,6 +40,7 @@ class PrefillWorker:
         self._in_flight: set[str] = set()
         self._aborted: set[str] = set()  # aborted while their prefill was in flight
         self._sweeper: asyncio.Task | None = None
+        self._channel = None  # cluster.channel.ChannelServer once open_channel ran
 
     async def start(self) -> str:
         await self._engine.start()
@@ -110,7 +111,17 @@ class PrefillWorker:
             num_staged_segments=self._kv.num_staged(), transfers=load.take_transfers(),
         )
 
+    async def open_channel(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve this worker to routers over a worker channel (cluster/channel.py) on this
+        process's event loop; returns its "host:port". Called once, after `start()`."""
+        from cluster.channel import ChannelServer
+
+        self._channel = ChannelServer(self, host, port)
+        return await self._channel.start()
+
     async def shutdown(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._kv.close()
