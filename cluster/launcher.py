@@ -1,8 +1,9 @@
 """The composition root: starts Ray, the worker actors and the router for one `ServeConfig`.
 
 Worker classes are plain; here they are wrapped with ``ray.remote`` and given their
-resources. The router reaches them through the small adapters below, which turn Ray actor
-calls back into the protocols `router.pool` defines. Nothing imports this module but the CLI.
+resources. Once an engine is up, its worker opens a worker channel (cluster/channel.py) on
+this node and the router talks to it over that channel: Ray places and supervises the
+workers, and carries nothing per request or per token. Nothing imports this module but the CLI.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.channel import WorkerChannelClient
 from cluster.config import ConfigError, PoolConfig, ServeConfig
 from cluster.engine_host import EngineSpec, is_cuda_available
 from cluster.tiny_model import ensure_tiny_model
-from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
 
 log = logging.getLogger("pdserve")
 ENGINE_START_TIMEOUT_S = 900.0
@@ -27,51 +27,6 @@ ENGINE_START_TIMEOUT_S = 900.0
 
 class StartupError(RuntimeError):
     """The deployment could not start; the message says which instance and why."""
-
-
-class RayPrefillClient:
-    def __init__(self, instance_id: str, actor: Any):
-        self.instance_id = instance_id
-        self._actor = actor
-
-    async def prefill(self, req: EngineRequest) -> PrefillResult:
-        return await self._actor.prefill.remote(req)
-
-    async def release_kv(self, handle: KVHandle) -> bool:
-        return await self._actor.release_kv.remote(handle)
-
-    async def abort(self, request_id: str) -> None:
-        await self._actor.abort.remote(request_id)
-
-    async def stats(self) -> WorkerStats:
-        return await self._actor.stats.remote()
-
-
-class RayGenerateClient:
-    def __init__(self, instance_id: str, actor: Any):
-        self.instance_id = instance_id
-        self._actor = actor
-
-    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
-        import ray
-
-        stream = self._actor.generate.options(num_returns="streaming").remote(req)
-        is_done = False
-        try:
-            async for ref in stream:
-                delta = await ref
-                yield delta
-                if delta.finish_reason is not None:
-                    is_done = True
-        finally:
-            if not is_done:
-                ray.cancel(stream)
-
-    async def abort(self, request_id: str) -> None:
-        await self._actor.abort.remote(request_id)
-
-    async def stats(self) -> WorkerStats:
-        return await self._actor.stats.remote()
 
 
 def resolve_model_path(config: ServeConfig) -> Path:
@@ -119,14 +74,18 @@ class Deployment:
     config: ServeConfig
     model_path: Path
     actors: dict[str, Any] = field(default_factory=dict)
-    prefill: list[RayPrefillClient] = field(default_factory=list)
-    decode: list[RayGenerateClient] = field(default_factory=list)
-    colocated: list[RayGenerateClient] = field(default_factory=list)
+    # The router's ends of the workers' channels (cluster/channel.py): nothing per request
+    # or per token goes through Ray.
+    prefill: list[WorkerChannelClient] = field(default_factory=list)
+    decode: list[WorkerChannelClient] = field(default_factory=list)
+    colocated: list[WorkerChannelClient] = field(default_factory=list)
     dist_store: Any = None  # the torch.distributed rendezvous store of transport `dist`
 
     async def shutdown(self) -> None:
         import ray
 
+        for client in self.prefill + self.decode + self.colocated:
+            await client.close()
         await asyncio.gather(*(_quiet(a.shutdown.remote()) for a in self.actors.values()))
         for actor in self.actors.values():
             ray.kill(actor)
@@ -175,16 +134,25 @@ async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
             if role == "prefill":
                 actor = ray.remote(PrefillWorker).options(**options).remote(
                     instance_id, spec, config.kv_transfer, node_ip)
-                dep.prefill.append(RayPrefillClient(instance_id, actor))
             else:
                 actor = ray.remote(DecodeWorker).options(**options).remote(
                     instance_id, spec, config.kv_transfer, role)
-                (dep.decode if role == "decode" else dep.colocated).append(
-                    RayGenerateClient(instance_id, actor))
             dep.actors[instance_id] = actor
-    starts = {iid: actor.start.remote() for iid, actor in dep.actors.items()}
+    roles = {f"{role}-{i}": role for role, pool in config.pools().items()
+             for i in range(pool.num_instances)}
+
+    async def start_one(instance_id: str, actor: Any) -> None:
+        await actor.start.remote()
+        address = await actor.open_channel.remote(node_ip)
+        role = roles[instance_id]
+        client = WorkerChannelClient(address, instance_id, role)
+        {"prefill": dep.prefill, "decode": dep.decode, "colocated": dep.colocated}[role].append(client)
+
     try:
-        await asyncio.wait_for(asyncio.gather(*starts.values()), timeout=ENGINE_START_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(*(start_one(i, a) for i, a in dep.actors.items())),
+                               timeout=ENGINE_START_TIMEOUT_S)
+        for clients in (dep.prefill, dep.decode, dep.colocated):
+            clients.sort(key=lambda c: c.instance_id)
     except asyncio.TimeoutError as e:
         await dep.shutdown()
         raise StartupError(f"engines did not start within {ENGINE_START_TIMEOUT_S:.0f} s") from e
