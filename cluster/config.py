@@ -8,11 +8,22 @@ both (flags win); anything invalid fails at start-up with a message naming the f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.auth import MASKED, check_secret
 
 Mode = Literal["disaggregated", "colocated"]
 Role = Literal["prefill", "decode", "colocated"]
@@ -72,6 +83,17 @@ class PoolConfig(_Strict):
         None, ge=1, description="Token budget of one engine step; defaults to vLLM's."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prompt prefixes.")
+    node_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray Serve: custom Ray resources each instance asks of its node (in the "
+        "first bundle of its placement group), so that only nodes offering them host this pool, "
+        "e.g. {pdserve_prefill_node: 0.01}. How `placement.affinity` is enacted across nodes.",
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray Serve: Ray node labels every bundle of an instance must match (a label "
+        "selector), e.g. {ray.io/accelerator-type: H100}.",
+    )
 
     @model_validator(mode="after")
     def _cores_match_instances(self) -> "PoolConfig":
@@ -110,6 +132,19 @@ class KVTransferSettings(_Strict):
         None,
         description="Address decode instances use to reach this node's TCP transfer server; "
         "defaults to the Ray node IP.",
+    )
+    bind_host: str | None = Field(
+        None,
+        description="Address the TCP transfer server listens on; defaults to the node's own "
+        "address (the Ray node IP), never every interface unless set to 0.0.0.0 here.",
+    )
+    secret: SecretStr | None = Field(
+        None,
+        description="Per-deployment secret (at least 16 bytes) that every KV transfer "
+        "connection proves with an HMAC challenge-response before a byte of KV moves. Unset: "
+        "the environment variable PDSERVE_KV_SECRET, else a secret generated once per user "
+        "and host (enough for a one-host deployment; hosts of a multi-host deployment must "
+        "share one). Never printed or logged.",
     )
     staging_dir: Path | None = Field(
         None,
@@ -152,6 +187,13 @@ class KVTransferSettings(_Strict):
         "agree.",
     )
 
+    @field_validator("secret")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_secret(value.get_secret_value())
+        return value
+
     @model_validator(mode="after")
     def _dist_needs_a_store(self) -> KVTransferSettings:
         if (self.dist_store_host is None) != (self.dist_store_port is None):
@@ -185,6 +227,61 @@ class RouterConfig(_Strict):
     max_pending_requests: int = Field(
         4096, ge=1, description="Requests in flight beyond which new ones get HTTP 503."
     )
+    prefix_aware_routing: bool = Field(
+        True, description="Prefer the instance believed to hold the prompt's prefix in its KV "
+        "cache, weighed against the prompt tokens queued on it (router/prefix.py).",
+    )
+    local_prefill_max_tokens: int = Field(
+        0, ge=0, description="Conditional disaggregation: a request whose prompt has at most this "
+        "many tokens not cached on its decode instance is prefilled there instead of on the "
+        "prefill pool. 0 turns this rule off.",
+    )
+    local_prefill_queue_tokens: int | None = Field(
+        None, ge=1, description="Conditional disaggregation: when the least-loaded prefill instance "
+        "has at least this many prompt tokens queued and the decode instance has fewer than this "
+        "many (this prompt included) and room in its KV cache, prefill on the decode instance. "
+        "Unset turns this rule off.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key clients must send as `Authorization: Bearer <key>` on /v1/*; "
+        "unset: the environment variable PDSERVE_API_KEY, else no authentication. /health "
+        "stays open; /metrics and /dashboard need the key unless `open_metrics`. Never "
+        "printed or logged.",
+    )
+    open_metrics: bool = Field(
+        False,
+        description="With an API key set, still serve /metrics and /dashboard without it (for "
+        "a Prometheus that cannot send a bearer token).",
+    )
+    max_request_body_bytes: int = Field(
+        8 * 1024**2, ge=1024, description="Request bodies larger than this get HTTP 413."
+    )
+    max_queued_requests: int = Field(
+        1024,
+        ge=1,
+        description="Requests admitted whose prompt is not yet computed (router-side queue, "
+        "all prefill instances together); past it new requests get HTTP 429 at once.",
+    )
+    ttft_reject_factor: float | None = Field(
+        10.0,
+        gt=0,
+        description="Reject with HTTP 429 when the TTFT predicted from the queue (queued "
+        "prompt tokens over measured prefill throughput) exceeds this many times the TTFT "
+        "SLO; null: only the queue bound rejects.",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            key = value.get_secret_value()
+            if key == MASKED:
+                raise ValueError("is a masked value (as --print-config shows secrets); give the "
+                                 "real key")
+            if not key or key != key.strip():
+                raise ValueError("must be non-empty, without surrounding whitespace")
+        return value
 
 
 class RayConfig(_Strict):
@@ -194,6 +291,39 @@ class RayConfig(_Strict):
     namespace: str = Field("pdserve", description="Ray namespace of the deployment's actors.")
     object_store_memory_bytes: int = Field(
         256 * 1024**2, gt=0, description="Object store size of a local Ray instance."
+    )
+    app_name: str = Field(
+        "pdserve", min_length=1, description="Ray Serve application name of the deployment."
+    )
+    router_replicas: int = Field(
+        1, ge=1, description="Ray Serve: replicas of the router (HTTP ingress) deployment."
+    )
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="Ray Serve: how often each replica's engine is health-checked."
+    )
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="Ray Serve: a health check unanswered this long fails the replica."
+    )
+    drain_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Ray Serve: a replica being removed (scale-down, redeploy) takes no new "
+        "requests and waits at most this long for the ones it holds before it stops.",
+    )
+
+
+class PlacementConfig(_Strict):
+    affinity: Literal["any", "high", "low"] = Field(
+        "any",
+        description="Where prefill and decode instances run relative to each other. `high`: a "
+        "prefill and the decodes it feeds share a node (KV over shared memory or NVLink): both "
+        "pools ask for the same `node_resources`/`node_labels`, which each node offers for one "
+        "prefill and its decodes. `low`: the pools run on different nodes (KV over TCP): they "
+        "ask for different node resources or labels. `any`: Ray Serve's default spread.",
+    )
+    bundle_strategy: Literal["STRICT_PACK", "PACK"] = Field(
+        "STRICT_PACK",
+        description="Placement-group strategy of one instance's bundles (one bundle per "
+        "tensor/pipeline-parallel worker): STRICT_PACK keeps an instance on one node.",
     )
 
 
@@ -207,6 +337,7 @@ class ServeConfig(_Strict):
     slo: SLOConfig = Field(default_factory=SLOConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
     def _pools_present(self) -> "ServeConfig":
@@ -218,6 +349,15 @@ class ServeConfig(_Strict):
                 )
         elif self.colocated.num_instances < 1:
             raise ValueError("colocated mode needs colocated.num_instances >= 1")
+        p, d = self.prefill, self.decode
+        same_nodes = p.node_resources.keys() == d.node_resources.keys() and p.node_labels == d.node_labels
+        if self.mode == "disaggregated" and self.placement.affinity == "high" and not same_nodes:
+            raise ValueError("placement.affinity 'high' puts prefill and decode on the same nodes: "
+                             "give both pools the same node_resources keys and node_labels")
+        if self.mode == "disaggregated" and self.placement.affinity == "low" and same_nodes \
+                and (p.node_resources or p.node_labels):
+            raise ValueError("placement.affinity 'low' puts prefill and decode on different "
+                             "nodes: give the pools different node_resources or node_labels")
         return self
 
     def pools(self) -> dict[Role, PoolConfig]:
@@ -249,6 +389,20 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+# Secrets may come from the environment (between the YAML file and CLI flags in precedence),
+# so they need not sit in a file or on a command line.
+ENV_SECRETS = {"PDSERVE_API_KEY": ("router", "api_key"), "PDSERVE_KV_SECRET": ("kv_transfer", "secret")}
+
+
+def _from_environment() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for var, (section, key) in ENV_SECRETS.items():
+        value = os.environ.get(var)
+        if value:
+            found.setdefault(section, {})[key] = value
+    return found
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Read a YAML file (optional), apply nested `overrides` (e.g. from CLI flags), validate."""
     data: dict[str, Any] = {}
@@ -264,6 +418,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
+    data = _deep_merge(data, _from_environment())
     data = _deep_merge(data, overrides or {})
     try:
         return ServeConfig.model_validate(data)

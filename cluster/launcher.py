@@ -191,22 +191,13 @@ def _host_dist_store(kv: Any, node_ip: str) -> Any:
 
 
 def build_router_app(config: ServeConfig, model_path: Path, dep: Deployment):
-    from router.app import RouterDeps, create_app
-    from router.metrics import Metrics
-    from router.pool import WorkerPool
+    from router.build import build_router
     from router.tokenizer import ModelTokenizer
 
-    pool = WorkerPool.build(config.router, prefill=dep.prefill, decode=dep.decode,
-                            colocated=dep.colocated, block_size=config.model.block_size or 16)
-    num_gpus = sum(p.num_gpus * p.num_instances for p in config.pools().values())
-    num_instances = sum(p.num_instances for p in config.pools().values())
-    metrics = Metrics(config.slo, num_units=int(num_gpus) if num_gpus else num_instances,
-                      unit="gpu" if num_gpus else "instance")
-    deps = RouterDeps(config=config.router, slo=config.slo,
-                      model_name=served_model_name(config, model_path),
-                      tokenizer=ModelTokenizer(model_path, config.model.max_model_len),
-                      pool=pool, metrics=metrics)
-    return create_app(deps)
+    app, _ = build_router(config, ModelTokenizer(model_path, config.model.max_model_len),
+                          served_model_name(config, model_path), prefill=dep.prefill,
+                          decode=dep.decode, colocated=dep.colocated)
+    return app
 
 
 async def serve(config: ServeConfig) -> None:

@@ -6,12 +6,34 @@ handle is opaque here: only `kvtransfer` reads its bytes.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-ServedBy = Literal["transferred", "recomputed", "colocated", "prefill_only"]
+# How a request's prompt KV was obtained: moved from prefill, recomputed by decode after a
+# failed transfer, computed by a colocated instance, computed by the decode instance itself
+# (conditional disaggregation), or not needed (the request ended at its first token).
+ServedBy = Literal["transferred", "recomputed", "colocated", "local_prefill", "prefill_only"]
+
+
+class LifecycleEvent(str, enum.Enum):
+    """Names of the timestamps in a request's trace (`RequestTrace.events`)."""
+
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    PREFILL_START = "prefill_start"  # worker clock: the engine took the prompt
+    PREFILL_END = "prefill_end"
+    HANDOFF = "handoff"
+    DECODING = "decoding"
+    GENERATING = "generating"
+    FIRST_TOKEN = "first_token"
+    DECODE_FIRST_TOKEN = "decode_first_token"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+    FINISH = "finish"  # the front end sent the last byte
 
 
 class KVTransferError(RuntimeError):
@@ -22,6 +44,21 @@ class WorkerUnavailable(RuntimeError):
     """No worker of a needed role can take the request right now."""
 
 
+class StructuredSpec(msgspec.Struct, frozen=True):
+    """One structured-output constraint (vLLM's `StructuredOutputsParams`): exactly one of
+    the constraint fields is set."""
+
+    json: str | None = None  # a JSON schema, serialized
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF / Lark, as vLLM's backends read it
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
 class SamplingSpec(msgspec.Struct, frozen=True):
     """The sampling parameters pdserve forwards to an engine."""
 
@@ -29,10 +66,41 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: disabled
+    min_p: float = 0.0
     seed: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    # Logprobs of the sampled token plus this many alternatives per output token
+    # (None: no logprobs).
+    num_logprobs: int | None = None
+    structured: StructuredSpec | None = None
+    stream_interval: int | None = None
+
+    @property
+    def depends_on_output(self) -> bool:
+        """Whether sampling a token depends on the output tokens before it (not just on the
+        prompt + output sequence as one context): penalties over output tokens, multi-token
+        bad words, a grammar's state. Decode must then see prefill's first token as output,
+        not as prompt."""
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.bad_words) or self.structured is not None)
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One output token's logprob, its rank in the vocabulary (1 = most likely) and the
+    top alternatives as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class KVHandle(msgspec.Struct, frozen=True):
@@ -61,6 +129,7 @@ class PrefillResult(msgspec.Struct, frozen=True):
     num_cached_tokens: int  # prompt tokens served from prefill's own prefix cache
     prefill_start_s: float  # wall clock (time.time()) on the worker
     prefill_end_s: float
+    first_token_logprob: TokenLogprob | None = None  # when sampling.num_logprobs is set
 
 
 class TokenDelta(msgspec.Struct, frozen=True):
@@ -73,6 +142,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
     num_prompt_tokens_computed: int | None = None
     kv_load_s: float | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when requested
 
 
 class TransferStat(msgspec.Struct, frozen=True):
@@ -97,4 +167,6 @@ class WorkerStats(msgspec.Struct, frozen=True):
     num_kv_blocks: int
     queued_prompt_tokens: int = 0  # prompt tokens accepted and not yet prefilled
     num_staged_segments: int = 0  # prefill: KV segments staged and not yet claimed
+    block_size: int = 0  # the engine's KV block size in tokens; 0 until the engine is up
+    is_draining: bool = False  # finishing what it holds; routing sends it nothing new
     transfers: tuple[TransferStat, ...] = ()  # since the previous poll

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import RouterConfig, SLOConfig
-from cluster.wire import SamplingSpec, WorkerUnavailable
+from cluster.wire import SamplingSpec, TokenDelta, TokenLogprob, WorkerUnavailable
 from router import openai_protocol as oai
 from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
@@ -59,12 +59,24 @@ def _error(err: oai.OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+@dataclass(frozen=True)
+class _OutputOptions:
+    """How the answer is written back (everything the router, not an engine, does)."""
+
+    stop_strings: list[str]
+    include_stop_str: bool
+    skip_special_tokens: bool
+    return_token_ids: bool
+    logprobs: oai.LogprobFormatter | None
+
+
 @dataclass
 class _Prepared:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
-    stop_strings: list[str]
+    output: _OutputOptions
+    prompt_text: str | None = None  # the rendered chat prompt, when asked for
 
 
 def create_app(deps: RouterDeps) -> FastAPI:
@@ -122,23 +134,27 @@ def create_app(deps: RouterDeps) -> FastAPI:
     async def completions(body: oai.CompletionRequest):
         prompt = body.single_prompt()
         if isinstance(prompt, str):
-            ids = deps.tokenizer.encode(prompt)
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = deps.tokenizer.encode(prompt, add_special_tokens=add_special)
         else:
             ids = list(prompt)
-            vocab_ok = all(0 <= i for i in ids)
-            if not vocab_ok:
+            if not all(0 <= i for i in ids):
                 raise oai.OpenAIError(400, "prompt token ids must be non-negative", param="prompt")
-        prepared = _prepare(deps, body, ids, body.max_tokens, "cmpl")
+        prepared = _prepare(deps, body, body.truncate(ids), body.max_tokens, "cmpl")
         return await _serve(deps, prepared, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oai.ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         try:
-            ids = deps.tokenizer.apply_chat_template(messages)
+            text = deps.tokenizer.render_chat(messages, chat_template=body.chat_template,
+                                              **body.template_kwargs())
         except TokenizerError as e:
             raise oai.OpenAIError(400, str(e), param="messages") from e
-        prepared = _prepare(deps, body, ids, body.max_new_tokens, "chatcmpl")
+        ids = deps.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        prepared = _prepare(deps, body, body.truncate(ids), body.max_new_tokens, "chatcmpl")
+        if body.return_prompt_text:
+            prepared.prompt_text = text
         return await _serve(deps, prepared, body, chat=True)
 
     return app
@@ -165,131 +181,218 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
             f"for the completion). Reduce the prompt or max_tokens.", param="max_tokens")
     if body.min_tokens > max_tokens:
         raise oai.OpenAIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
-    stops = body.stop_strings
     sampling = SamplingSpec(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        top_k=max(0, body.top_k), seed=body.seed, min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()))
-    return _Prepared(oai.new_id(prefix), ids, sampling, stops)
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0, seed=body.seed,
+        min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=body.logit_bias_ids,
+        allowed_token_ids=tuple(body.allowed_token_ids) if body.allowed_token_ids else None,
+        bad_words=tuple(body.bad_words), stream_interval=body.stream_interval)
+    output = _OutputOptions(
+        stop_strings=body.stop_strings, include_stop_str=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
+        return_token_ids=bool(body.return_token_ids),
+        logprobs=None)
+    request_id = oai.new_id(prefix) if body.request_id is None else f"{prefix}-{body.request_id}"
+    if body.request_id is not None:
+        known = deps.traces.get(request_id)
+        if known is not None and not known.state.is_final:
+            raise oai.OpenAIError(400, f"request_id {body.request_id!r} is already in flight",
+                                  param="request_id")
+    return _Prepared(request_id, ids, sampling, output)
+
+
+@dataclass
+class _Chunk:
+    """What one step of the workers added to the answer."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+
+
+class _Generation:
+    """One admitted request: its handoff through the pools, its text, its accounting.
+
+    `start()` waits for the first token (so failures before it still get a status code),
+    `chunks()` yields the answer step by step, `close()` aborts what still runs and accounts
+    for the request exactly once, in its own task so a cancelled request cannot interrupt it.
+    """
+
+    def __init__(self, deps: RouterDeps, p: _Prepared):
+        if deps.num_in_flight >= deps.config.max_pending_requests:
+            raise oai.OpenAIError(503, "too many requests in flight; retry later",
+                                  "service_unavailable")
+        if not deps.pool.is_ready():
+            raise oai.OpenAIError(503, "no worker is available", "service_unavailable")
+        self.deps = deps
+        self.p = p
+        self.trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids))
+        deps.remember(self.trace)
+        self.handoff = Handoff(deps.pool, deps.tokenizer.eos_token_ids, p.request_id,
+                               p.prompt_token_ids, p.sampling, self.trace)
+        self._tokens = self.handoff.tokens()
+        detok = deps.tokenizer.detokenizer(p.prompt_token_ids, p.output.skip_special_tokens)
+        self.text = OutputText(detok, p.output.stop_strings, p.output.include_stop_str)
+        self._first: TokenDelta | None = None
+        self._is_finished = False
+        deps.num_in_flight += 1
+
+    def _finish(self) -> None:
+        if not self._is_finished:
+            self._is_finished = True
+            self.deps.num_in_flight -= 1
+            self.deps.metrics.record_request(self.trace)
+
+    def close(self) -> None:
+        closing = asyncio.ensure_future(self._tokens.aclose())
+        closing.add_done_callback(lambda _: self._finish())
+
+    async def start(self) -> None:
+        try:
+            self._first = await self._tokens.__anext__()
+        except StopAsyncIteration:
+            self._first = None
+        except WorkerUnavailable as e:
+            await self._tokens.aclose()
+            self._finish()
+            raise oai.OpenAIError(503, str(e), "service_unavailable") from e
+        except RequestFailed as e:
+            self._finish()
+            raise oai.OpenAIError(500, str(e), "internal_error") from e
+        except BaseException:
+            await self._tokens.aclose()
+            self._finish()
+            raise
+
+    def _add(self, delta: TokenDelta) -> tuple[_Chunk, bool]:
+        before = self.text.num_tokens
+        added = self.text.add(delta.token_ids)
+        num_kept = self.text.num_tokens - before  # tokens up to a stop match
+        logprobs = list(delta.logprobs[:num_kept]) if delta.logprobs else []
+        return _Chunk(added.text, list(delta.token_ids[:num_kept]), logprobs), added.is_stopped
+
+    async def chunks(self) -> AsyncIterator[_Chunk]:
+        """The answer step by step; ends early (closing the handoff) at a stop string."""
+        if self._first is not None:
+            chunk, is_stopped = self._add(self._first)
+            yield chunk
+            if is_stopped:
+                self.handoff.stop_early()
+                return
+            async for delta in self._tokens:
+                chunk, is_stopped = self._add(delta)
+                yield chunk
+                if is_stopped:
+                    self.handoff.stop_early()
+                    return
+        rest = self.text.flush()
+        if rest:
+            yield _Chunk(rest, [], [])
+
+    @property
+    def finish_reason(self) -> str:
+        return self.trace.finish_reason or "stop"
+
+    def usage(self) -> dict:
+        return oai.usage(len(self.p.prompt_token_ids), self.text.num_tokens)
 
 
 async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat: bool):
-    if deps.num_in_flight >= deps.config.max_pending_requests:
-        raise oai.OpenAIError(503, "too many requests in flight; retry later", "service_unavailable")
-    if not deps.pool.is_ready():
-        raise oai.OpenAIError(503, "no worker is available", "service_unavailable")
-    trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids))
-    deps.remember(trace)
-    handoff = Handoff(deps.pool, deps.tokenizer.eos_token_ids, p.request_id,
-                      p.prompt_token_ids, p.sampling, trace)
-    tokens = handoff.tokens()
-    text = OutputText(deps.tokenizer.detokenizer(p.prompt_token_ids), p.stop_strings)
-    deps.num_in_flight += 1
-    finished = False
-
-    def finish() -> None:
-        nonlocal finished
-        if not finished:
-            finished = True
-            deps.num_in_flight -= 1
-            deps.metrics.record_request(trace)
-
-    def close_and_finish() -> None:
-        """Abort what still runs and account for the request. Runs in its own task, so a
-        cancelled request (client gone) cannot interrupt it."""
-        closing = asyncio.ensure_future(tokens.aclose())
-        closing.add_done_callback(lambda _: finish())
-
-    # Wait for the first token before answering, so early failures get a status code.
-    try:
-        first_ids = await tokens.__anext__()
-    except StopAsyncIteration:
-        first_ids = ()
-    except WorkerUnavailable as e:
-        await tokens.aclose()
-        finish()
-        raise oai.OpenAIError(503, str(e), "service_unavailable") from e
-    except RequestFailed as e:
-        finish()
-        raise oai.OpenAIError(500, str(e), "internal_error") from e
-    except BaseException:
-        await tokens.aclose()
-        finish()
-        raise
-
-    async def all_text() -> AsyncIterator[str]:
-        """Text deltas; ends early (closing `tokens`) when a stop string matches."""
-        delta = text.add(first_ids)
-        if delta.text:
-            yield delta.text
-        if delta.is_stopped:
-            handoff.stop_early()
-            return
-        async for ids in tokens:
-            delta = text.add(ids)
-            if delta.text:
-                yield delta.text
-            if delta.is_stopped:
-                handoff.stop_early()
-                return
-        rest = text.flush()
-        if rest:
-            yield rest
-
-    def usage() -> dict:
-        return oai.usage(len(p.prompt_token_ids), text.num_tokens)
-
+    gen = _Generation(deps, p)
+    await gen.start()
     if not body.stream:
-        try:
-            pieces = [piece async for piece in all_text()]
-        except RequestFailed as e:
-            raise oai.OpenAIError(500, str(e), "internal_error") from e
-        finally:
-            close_and_finish()
-        reason = trace.finish_reason or "stop"
-        if chat:
-            result = oai.chat_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
-        else:
-            result = oai.completion_body(p.request_id, deps.model_name, "".join(pieces), reason, usage())
-        if body.return_token_ids:
-            result["choices"][0]["token_ids"] = list(text.token_ids)
-            result["prompt_token_ids"] = list(p.prompt_token_ids)
-        return result
-
-    async def sse() -> AsyncIterator[str]:
-        model = deps.model_name
-        try:
-            if chat:
-                yield _sse(oai.chat_chunk(p.request_id, model, {"role": "assistant", "content": ""}, None))
-            try:
-                async for piece in all_text():
-                    if chat:
-                        yield _sse(oai.chat_chunk(p.request_id, model, {"content": piece}, None))
-                    else:
-                        yield _sse(oai.completion_body(p.request_id, model, piece, None, None))
-            except RequestFailed as e:
-                err = oai.OpenAIError(500, str(e), "internal_error")
-                yield _sse(err.body())
-                yield "data: [DONE]\n\n"
-                return
-            reason = trace.finish_reason or "stop"
-            if chat:
-                yield _sse(oai.chat_chunk(p.request_id, model, {}, reason))
-            else:
-                yield _sse(oai.completion_body(p.request_id, model, "", reason, None))
-            if body.include_usage:
-                if chat:
-                    yield _sse(oai.chat_chunk(p.request_id, model, {}, None, usage(), with_choice=False))
-                else:
-                    use_body = oai.completion_body(p.request_id, model, "", None, usage())
-                    use_body["choices"] = []
-                    yield _sse(use_body)
-            yield "data: [DONE]\n\n"
-        finally:
-            close_and_finish()
-
-    return StreamingResponse(sse(), media_type="text/event-stream",
+        return await _whole_body(gen, chat)
+    return StreamingResponse(_sse_events(gen, body, chat), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Request-Id": p.request_id})
+
+
+async def _whole_body(gen: _Generation, chat: bool) -> dict:
+    p, model = gen.p, gen.deps.model_name
+    pieces: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    try:
+        async for chunk in gen.chunks():
+            pieces.append(chunk.text)
+            logprobs.extend(chunk.logprobs)
+    except RequestFailed as e:
+        raise oai.OpenAIError(500, str(e), "internal_error") from e
+    finally:
+        gen.close()
+    fmt = p.output.logprobs
+    text = "".join(pieces)
+    if chat:
+        result = oai.chat_body(p.request_id, model, text, gen.finish_reason, gen.usage(),
+                               fmt.chat(logprobs) if fmt else None)
+        if p.prompt_text is not None:
+            result["prompt_text"] = p.prompt_text
+    else:
+        result = oai.completion_body(p.request_id, model, text, gen.finish_reason, gen.usage(),
+                                     fmt.completion(logprobs) if fmt else None)
+    if p.output.return_token_ids:
+        result["choices"][0]["token_ids"] = list(gen.text.token_ids)
+        result["prompt_token_ids"] = list(p.prompt_token_ids)
+    return result
+
+
+async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -> AsyncIterator[str]:
+    p, model, rid = gen.p, gen.deps.model_name, gen.p.request_id
+    fmt = p.output.logprobs
+    continuous = body.include_usage and body.continuous_usage
+    num_chars = 0  # text sent so far (completions' logprob text offsets)
+    try:
+        if chat:
+            first = oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None)
+            if p.output.return_token_ids:
+                first["prompt_token_ids"] = list(p.prompt_token_ids)
+            if p.prompt_text is not None:
+                first["prompt_text"] = p.prompt_text
+            yield _sse(first)
+        try:
+            is_first = True
+            async for chunk in gen.chunks():
+                if not chunk.text and not chunk.logprobs:
+                    continue
+                use = gen.usage() if continuous else None
+                if chat:
+                    event = oai.chat_chunk(rid, model, {"content": chunk.text}, None, use,
+                                           logprobs=fmt.chat(chunk.logprobs) if fmt else None)
+                else:
+                    event = oai.completion_body(
+                        rid, model, chunk.text, None, use,
+                        fmt.completion(chunk.logprobs, num_chars) if fmt else None)
+                    if p.output.return_token_ids and is_first:
+                        event["prompt_token_ids"] = list(p.prompt_token_ids)
+                if p.output.return_token_ids:
+                    event["choices"][0]["token_ids"] = chunk.token_ids
+                num_chars += len(chunk.text)
+                is_first = False
+                yield _sse(event)
+        except RequestFailed as e:
+            yield _sse(oai.OpenAIError(500, str(e), "internal_error").body())
+            yield "data: [DONE]\n\n"
+            return
+        use = gen.usage() if continuous else None
+        if chat:
+            yield _sse(oai.chat_chunk(rid, model, {}, gen.finish_reason, use))
+        else:
+            yield _sse(oai.completion_body(rid, model, "", gen.finish_reason, use))
+        if body.include_usage:
+            if chat:
+                yield _sse(oai.chat_chunk(rid, model, {}, None, gen.usage(), with_choice=False))
+            else:
+                final = oai.completion_body(rid, model, "", None, gen.usage())
+                final["choices"] = []
+                yield _sse(final)
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.close()
 
 
 def _sse(payload: dict) -> str:

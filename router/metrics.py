@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cluster.config import SLOConfig
-from cluster.wire import TransferStat, WorkerStats
+from cluster.wire import LifecycleEvent, TransferStat, WorkerStats
 from router.handoff import RequestTrace
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -152,20 +152,32 @@ class Metrics:
                                         registry=r)
         self.served = Counter("pdserve_requests_served", "How each request's prompt KV was "
                               "obtained: transferred, recomputed on decode, colocated, "
-                              "or prefill_only (ended at its first token)", ["served_by"],
+                              "local_prefill (computed on its decode instance), or prefill_only (ended at its first token)", ["served_by"],
                               registry=r)
+        # -- routing decisions --------------------------------------------------------
+        self.paths = Counter("pdserve_routing_paths", "Where each request's prompt was computed: "
+                             "disaggregated (prefill pool, then KV handoff), local_prefill (on "
+                             "its decode instance: conditional disaggregation) or colocated; "
+                             "with the rule that decided it", ["path", "reason"], registry=r)
+        self.prefix_matched_tokens = Counter(
+            "pdserve_routing_prefix_matched_tokens", "Prompt tokens the chosen instance was "
+            "believed to hold in its prefix cache when the request was routed", registry=r)
         self._window: collections.deque[tuple[float, bool]] = collections.deque()
         self.started_s = time.time()
 
     # -- recording ------------------------------------------------------------------
     def record_request(self, trace: RequestTrace, slo_class: str = "default") -> RequestSLO:
-        trace.mark("finish")
+        trace.mark(LifecycleEvent.FINISH)
         outcome = trace.state.value
         self.requests.labels(outcome, trace.finish_reason or "none").inc()
         self.prompt_tokens.inc(trace.num_prompt_tokens)
         self.generation_tokens.inc(trace.num_output_tokens)
         if trace.served_by is not None:
             self.served.labels(trace.served_by).inc()
+        if trace.path is not None:
+            self.paths.labels(trace.path, trace.path_reason or "default").inc()
+        if trace.num_prefix_matched_tokens:
+            self.prefix_matched_tokens.inc(trace.num_prefix_matched_tokens)
         ev = trace.events
         if "prefill_start" in ev:
             self.queue.observe(max(0.0, ev["prefill_start"] - trace.arrival_s))

@@ -8,11 +8,12 @@ the same names) or fakes. The router never imports a worker package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 from cluster.config import RouterConfig
 from cluster.wire import (
@@ -24,6 +25,7 @@ from cluster.wire import (
     WorkerStats,
     WorkerUnavailable,
 )
+from router.prefix import PrefixIndex, block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,17 @@ class GenerateClient(WorkerClient, Protocol):
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]: ...
 
 
+@dataclass(frozen=True)
+class RouteRequest:
+    """What routing needs to know about one request."""
+
+    prompt_token_ids: tuple[int, ...]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
 @dataclass
 class InstanceView:
     """What routing knows about one instance."""
@@ -58,6 +71,7 @@ class InstanceView:
     inflight_requests: int = 0
     inflight_prompt_tokens: int = 0
     blocks_reserved_since_poll: int = 0
+    prefixes: PrefixIndex | None = None  # None: prefix-aware routing is off
 
     @property
     def instance_id(self) -> str:
@@ -65,7 +79,12 @@ class InstanceView:
 
     @property
     def is_available(self) -> bool:
-        return self.is_healthy and self.stats is not None and self.stats.is_ready
+        return (self.is_healthy and self.stats is not None and self.stats.is_ready
+                and not self.stats.is_draining)
+
+    @property
+    def block_size(self) -> int:
+        return self.stats.block_size if self.stats is not None else 0
 
     def free_kv_blocks(self) -> float:
         if self.stats is None:
@@ -73,22 +92,39 @@ class InstanceView:
         free = (1.0 - self.stats.kv_cache_usage) * self.stats.num_kv_blocks
         return free - self.blocks_reserved_since_poll
 
+    def num_cached_tokens(self, route: RouteRequest) -> int:
+        """Prompt tokens this instance is believed to hold in its prefix cache (whole
+        blocks; never the last prompt token, which the engine always computes)."""
+        size = self.block_size
+        if self.prefixes is None or size <= 0:
+            return 0
+        hashes = block_hashes(route.prompt_token_ids[:-1], size)
+        return self.prefixes.num_matched_blocks(hashes) * size
 
-Policy = Callable[[list[InstanceView]], InstanceView]
+    def remember_prefix(self, route: RouteRequest) -> None:
+        size = self.block_size
+        if self.prefixes is not None and size > 0:
+            self.prefixes.insert(block_hashes(route.prompt_token_ids[:-1], size))
 
 
-def least_prompt_tokens(views: list[InstanceView]) -> InstanceView:
-    return min(views, key=lambda v: (v.inflight_prompt_tokens, v.inflight_requests))
+Policy = Callable[[list[InstanceView], RouteRequest], InstanceView]
 
 
-def most_free_kv(views: list[InstanceView]) -> InstanceView:
+def least_prompt_tokens(views: list[InstanceView], route: RouteRequest) -> InstanceView:
+    """The instance that would start computing this prompt soonest: fewest prompt tokens
+    queued ahead of it plus the tokens of this prompt it does not hold cached."""
+    return min(views, key=lambda v: (v.inflight_prompt_tokens + route.num_prompt_tokens
+                                     - v.num_cached_tokens(route), v.inflight_requests))
+
+
+def most_free_kv(views: list[InstanceView], route: RouteRequest) -> InstanceView:
     return max(views, key=lambda v: (v.free_kv_blocks(), -v.inflight_requests))
 
 
 def _round_robin() -> Policy:
     counter = itertools.count()
 
-    def pick(views: list[InstanceView]) -> InstanceView:
+    def pick(views: list[InstanceView], route: RouteRequest) -> InstanceView:
         return views[next(counter) % len(views)]
 
     return pick
@@ -100,6 +136,19 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": _round_robin,
 }
 
+PathKind = Literal["disaggregated", "local_prefill"]
+PathReason = Literal["default", "short_prompt", "prefill_saturated", "no_prefill_available"]
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """Where a request's prompt is computed: on a prefill instance, then handed off
+    (disaggregated), or on the decode instance that will decode it (local_prefill)."""
+
+    kind: PathKind
+    reason: PathReason
+    decode: InstanceView | None = None  # set for local_prefill
+
 
 @dataclass
 class WorkerPool:
@@ -107,26 +156,26 @@ class WorkerPool:
     prefill: list[InstanceView] = field(default_factory=list)
     decode: list[InstanceView] = field(default_factory=list)
     colocated: list[InstanceView] = field(default_factory=list)
-    block_size: int = 16
     on_transfers: Callable[[str, tuple[TransferStat, ...]], None] | None = None
 
     def __post_init__(self) -> None:
         self._pick_prefill = POLICIES[self.config.prefill_policy]()
         self._pick_decode = POLICIES[self.config.decode_policy]()
         self._poller: asyncio.Task | None = None
+        # Clean-up that must finish even when the request that started it is cancelled.
+        self._background: set[asyncio.Task] = set()
 
     @classmethod
-    def build(cls, config: RouterConfig, *, prefill=(), decode=(), colocated=(),
-              block_size: int = 16) -> "WorkerPool":
-        return cls(config=config,
-                   prefill=[InstanceView(c, "prefill") for c in prefill],
-                   decode=[InstanceView(c, "decode") for c in decode],
-                   colocated=[InstanceView(c, "colocated") for c in colocated],
-                   block_size=block_size)
+    def build(cls, config: RouterConfig, *, prefill=(), decode=(), colocated=()) -> "WorkerPool":
+        pool = cls(config=config)
+        for role, clients in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
+            for client in clients:
+                pool.add(client, role)
+        return pool
 
     @property
     def is_disaggregated(self) -> bool:
-        return bool(self.prefill)
+        return bool(self.prefill) or (bool(self.decode) and not self.colocated)
 
     def all(self) -> list[InstanceView]:
         return self.prefill + self.decode + self.colocated
@@ -136,26 +185,85 @@ class WorkerPool:
             return any(v.is_available for v in self.prefill) and any(v.is_available for v in self.decode)
         return any(v.is_available for v in self.colocated)
 
-    # -- routing ----------------------------------------------------------------------
-    def pick_prefill(self) -> InstanceView:
-        views = self.prefill if self.is_disaggregated else self.colocated
-        return self._pick(views, self._pick_prefill, "prefill" if self.is_disaggregated else "colocated")
+    # -- membership (elastic pools: replicas join once ready, leave after draining) -----
+    def _views(self, role: str) -> list[InstanceView]:
+        return {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}[role]
 
-    def pick_decode(self) -> InstanceView:
-        return self._pick(self.decode, self._pick_decode, "decode")
+    def add(self, client: WorkerClient, role: str) -> InstanceView:
+        """A new instance; it takes requests once its first stats poll says it is ready."""
+        views = self._views(role)
+        if any(v.instance_id == client.instance_id for v in self.all()):
+            raise ValueError(f"instance {client.instance_id!r} is already in the pool")
+        prefixes = PrefixIndex(0) if self.config.prefix_aware_routing else None
+        view = InstanceView(client, role, prefixes=prefixes)
+        views.append(view)
+        return view
+
+    def remove(self, instance_id: str) -> InstanceView | None:
+        """Forget an instance (it drained, or its replica is gone). Requests it still holds
+        keep their view and end as they would."""
+        for views in (self.prefill, self.decode, self.colocated):
+            for view in views:
+                if view.instance_id == instance_id:
+                    views.remove(view)
+                    return view
+        return None
+
+    # -- routing ----------------------------------------------------------------------
+    def pick_prefill(self, route: RouteRequest) -> InstanceView:
+        views = self.prefill if self.is_disaggregated else self.colocated
+        return self._pick(views, self._pick_prefill, "prefill" if self.is_disaggregated else "colocated",
+                          route)
+
+    def pick_decode(self, route: RouteRequest) -> InstanceView:
+        return self._pick(self.decode, self._pick_decode, "decode", route)
+
+    def choose_path(self, route: RouteRequest) -> PathChoice:
+        """Conditional disaggregation: prefill where the request will decode when its
+        uncached prompt is short, or when the prefill pool is backed up and a decode
+        instance has room; otherwise the prefill pool."""
+        cfg = self.config
+        if cfg.local_prefill_max_tokens == 0 and cfg.local_prefill_queue_tokens is None:
+            return PathChoice("disaggregated", "default")
+        decodes = [v for v in self.decode if v.is_available]
+        if not decodes:
+            return PathChoice("disaggregated", "default")  # pick_decode raises later
+        decode = self._pick_decode(decodes, route)
+        uncached = route.num_prompt_tokens - decode.num_cached_tokens(route)
+        if uncached <= cfg.local_prefill_max_tokens:
+            return PathChoice("local_prefill", "short_prompt", decode)
+        prefills = [v for v in self.prefill if v.is_available]
+        if not prefills:
+            return PathChoice("local_prefill", "no_prefill_available", decode)
+        if cfg.local_prefill_queue_tokens is not None:
+            best = self._pick_prefill(prefills, route)
+            backlog = best.inflight_prompt_tokens
+            has_room = (decode.inflight_prompt_tokens + uncached <= cfg.local_prefill_queue_tokens
+                        and decode.free_kv_blocks() * max(1, decode.block_size) > route.num_prompt_tokens)
+            if backlog >= cfg.local_prefill_queue_tokens and has_room:
+                return PathChoice("local_prefill", "prefill_saturated", decode)
+        return PathChoice("disaggregated", "default")
 
     @staticmethod
-    def _pick(views: list[InstanceView], policy: Policy, role: str) -> InstanceView:
+    def _pick(views: list[InstanceView], policy: Policy, role: str, route: RouteRequest) -> InstanceView:
         available = [v for v in views if v.is_available]
         if not available:
             raise WorkerUnavailable(f"no {role} instance is available")
-        return policy(available)
+        return policy(available, route)
+
+    def in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` to completion even if the task that started it is cancelled."""
+        task = asyncio.get_running_loop().create_task(_quietly(coro))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- load accounting --------------------------------------------------------------
-    def begin(self, view: InstanceView, num_prompt_tokens: int) -> None:
+    @staticmethod
+    def begin(view: InstanceView, num_prompt_tokens: int) -> None:
         view.inflight_requests += 1
         view.inflight_prompt_tokens += num_prompt_tokens
-        view.blocks_reserved_since_poll += -(-num_prompt_tokens // self.block_size)
+        if view.block_size > 0:  # known once the engine reported it
+            view.blocks_reserved_since_poll += -(-num_prompt_tokens // view.block_size)
 
     @staticmethod
     def prompt_done(view: InstanceView, num_prompt_tokens: int) -> None:
@@ -180,6 +288,8 @@ class WorkerPool:
         view.stats = stats
         view.is_healthy = True
         view.blocks_reserved_since_poll = 0
+        if view.prefixes is not None and view.prefixes.capacity_blocks != stats.num_kv_blocks:
+            view.prefixes.resize(stats.num_kv_blocks)
         if stats.transfers and self.on_transfers is not None:
             self.on_transfers(view.instance_id, stats.transfers)
 
@@ -200,3 +310,10 @@ class WorkerPool:
             except asyncio.CancelledError:
                 pass
             self._poller = None
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
+
+
+async def _quietly(coro) -> None:
+    with contextlib.suppress(Exception):
+        await coro

@@ -73,7 +73,7 @@ class FakePrefillWorker:
         return WorkerStats(instance_id=self.instance_id, role="prefill", is_ready=True,
                            num_running_reqs=self.running, num_waiting_reqs=0,
                            kv_cache_usage=0.0, num_kv_blocks=1000,
-                           num_staged_segments=len(self.staged))
+                           num_staged_segments=len(self.staged), block_size=16)
 
 
 class FakeDecodeWorker:
@@ -136,35 +136,34 @@ class FakeDecodeWorker:
         return WorkerStats(instance_id=self.instance_id, role=self.role, is_ready=True,
                            num_running_reqs=len(self.active), num_waiting_reqs=0,
                            kv_cache_usage=len(self.active) / 100, num_kv_blocks=100,
-                           transfers=transfers)
+                           transfers=transfers, block_size=16)
 
 
 def make_fake_deployment(mode: str = "disaggregated", *, num_prefill: int = 1, num_decode: int = 1,
                          num_colocated: int = 1, slo=None, router_config=None, **decode_kwargs):
     """A router app over fake workers. Returns (app, deps, prefills, decodes)."""
-    from cluster.config import RouterConfig, SLOConfig
+    from cluster.config import RouterConfig, ServeConfig, SLOConfig
     from cluster.tiny_model import ensure_tiny_model
-    from router.app import RouterDeps, create_app
-    from router.metrics import Metrics
-    from router.pool import WorkerPool
+    from router.build import build_router
     from router.tokenizer import ModelTokenizer
 
     slo = slo or SLOConfig(ttft_s=1.0, tpot_s=0.1)
     router_config = router_config or RouterConfig(stats_interval_s=0.05)
+    config = ServeConfig(mode=mode, slo=slo, router=router_config,
+                         prefill={"num_instances": num_prefill}, decode={"num_instances": num_decode},
+                         colocated={"num_instances": num_colocated})
+    tokenizer = ModelTokenizer(ensure_tiny_model("tiny"))
     if mode == "disaggregated":
         prefills = [FakePrefillWorker(f"prefill-{i}") for i in range(num_prefill)]
         decodes = [FakeDecodeWorker(f"decode-{i}", prefills=prefills, **decode_kwargs)
                    for i in range(num_decode)]
-        pool = WorkerPool.build(router_config, prefill=prefills, decode=decodes)
+        app, deps = build_router(config, tokenizer, "pdserve-tiny", prefill=prefills, decode=decodes)
     else:
         prefills = []
         decodes = [FakeDecodeWorker(f"colocated-{i}", role="colocated", **decode_kwargs)
                    for i in range(num_colocated)]
-        pool = WorkerPool.build(router_config, colocated=decodes)
-    deps = RouterDeps(config=router_config, slo=slo, model_name="pdserve-tiny",
-                      tokenizer=ModelTokenizer(ensure_tiny_model("tiny")), pool=pool,
-                      metrics=Metrics(slo, num_units=len(prefills) + len(decodes)))
-    return create_app(deps), deps, prefills, decodes
+        app, deps = build_router(config, tokenizer, "pdserve-tiny", colocated=decodes)
+    return app, deps, prefills, decodes
 
 
 @contextlib.asynccontextmanager

@@ -45,14 +45,19 @@ class LiveEngines:
 async def _start(live: LiveEngines, ready: threading.Event, stop: asyncio.Event) -> None:
     import uvicorn
 
-    from cluster.config import KVTransferSettings, ModelConfig, PoolConfig, RouterConfig, SLOConfig
+    from cluster.config import (
+        KVTransferSettings,
+        ModelConfig,
+        PoolConfig,
+        RouterConfig,
+        ServeConfig,
+        SLOConfig,
+    )
     from cluster.engine_host import EngineSpec
     from cluster.tiny_model import ensure_tiny_model
     from decode_worker.worker import DecodeWorker
     from prefill_worker.worker import PrefillWorker
-    from router.app import RouterDeps, create_app
-    from router.metrics import Metrics
-    from router.pool import WorkerPool
+    from router.build import build_router
     from router.tokenizer import ModelTokenizer
 
     model_path = ensure_tiny_model("tiny")
@@ -87,13 +92,15 @@ async def _start(live: LiveEngines, ready: threading.Event, stop: asyncio.Event)
         router_cfg = RouterConfig(stats_interval_s=0.1)
         slo = SLOConfig(ttft_s=2.0, tpot_s=0.5)
         tokenizer = ModelTokenizer(model_path, model.max_model_len)
-        for name, pool in (
-            ("disagg", WorkerPool.build(router_cfg, prefill=[prefill], decode=[decode])),
-            ("coloc", WorkerPool.build(router_cfg, colocated=[coloc])),
-        ):
-            deps = RouterDeps(config=router_cfg, slo=slo, model_name="pdserve-tiny",
-                              tokenizer=tokenizer, pool=pool, metrics=Metrics(slo, num_units=2))
-            server = uvicorn.Server(uvicorn.Config(create_app(deps), host="127.0.0.1", port=0,
+        for name, (config, clients) in {
+            "disagg": (ServeConfig(mode="disaggregated", router=router_cfg, slo=slo),
+                       dict(prefill=[prefill], decode=[decode])),
+            "coloc": (ServeConfig(mode="colocated", router=router_cfg, slo=slo,
+                                  colocated={"num_instances": 2}),
+                      dict(colocated=[coloc])),
+        }.items():
+            app, _ = build_router(config, tokenizer, "pdserve-tiny", **clients)
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
                                                    log_level="warning"))
             servers.append((name, server, asyncio.create_task(server.serve())))
         for name, server, _ in servers:

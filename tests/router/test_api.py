@@ -9,8 +9,9 @@ import json
 import httpx
 
 from cluster.config import RouterConfig, SLOConfig
-from router.pool import WorkerPool
-from tests.fakes import make_fake_deployment, serving
+from cluster.wire import WorkerStats
+from router.pool import RouteRequest, WorkerPool
+from tests.fakes import FakeDecodeWorker, make_fake_deployment, serving
 
 MODEL = "pdserve-tiny"
 
@@ -202,10 +203,14 @@ async def test_prefill_routing_spreads_by_queued_prompt_tokens():
 
 
 def test_round_robin_policy_cycles():
-    pool = WorkerPool.build(RouterConfig(prefill_policy="round_robin"), colocated=["a", "b", "c"])
+    clients = [FakeDecodeWorker(name, role="colocated") for name in ("a", "b", "c")]
+    pool = WorkerPool.build(RouterConfig(prefill_policy="round_robin"), colocated=clients)
     for v in pool.colocated:
-        v.stats = type("S", (), {"is_ready": True})()
-    picks = [pool.pick_prefill().client for _ in range(6)]
+        v.stats = WorkerStats(instance_id=v.instance_id, role="colocated", is_ready=True,
+                              num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.0,
+                              num_kv_blocks=100, block_size=16)
+    route = RouteRequest((1, 2, 3))
+    picks = [pool.pick_prefill(route).instance_id for _ in range(6)]
     assert picks == ["a", "b", "c", "a", "b", "c"]
 
 
