@@ -59,10 +59,21 @@ class EngineSpec:
 
 def to_sampling_params(spec: SamplingSpec, *, max_tokens: int | None = None,
                        min_tokens: int | None = None, kv_transfer_params: dict | None = None):
+    """vLLM's SamplingParams for `spec`: every SamplingSpec field reaches the engine (the
+    router already refused what pdserve cannot honour)."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+    structured = None
+    if spec.structured is not None:
+        c = spec.structured
+        structured = StructuredOutputsParams(
+            json=c.json, regex=c.regex, choice=list(c.choice) if c.choice is not None else None,
+            grammar=c.grammar, json_object=c.json_object, structural_tag=c.structural_tag,
+            disable_any_whitespace=c.disable_any_whitespace,
+            disable_additional_properties=c.disable_additional_properties,
+            whitespace_pattern=c.whitespace_pattern)
     return SamplingParams(
         n=1,
         max_tokens=spec.max_tokens if max_tokens is None else max_tokens,
@@ -70,11 +81,21 @@ def to_sampling_params(spec: SamplingSpec, *, max_tokens: int | None = None,
         temperature=spec.temperature,
         top_p=spec.top_p,
         top_k=spec.top_k if spec.top_k > 0 else 0,
+        min_p=spec.min_p,
         seed=spec.seed,
+        frequency_penalty=spec.frequency_penalty,
+        presence_penalty=spec.presence_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        logit_bias={tid: bias for tid, bias in spec.logit_bias} or None,
+        allowed_token_ids=list(spec.allowed_token_ids) if spec.allowed_token_ids is not None else None,
+        bad_words=list(spec.bad_words) or None,
+        logprobs=spec.num_logprobs,
+        structured_outputs=structured,
         ignore_eos=spec.ignore_eos,
         stop_token_ids=list(spec.stop_token_ids),
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        stream_interval=spec.stream_interval,
         extra_args=extra,
     )
 
@@ -84,6 +105,7 @@ class EngineHost:
         self.spec = spec
         self.load = EngineLoad()
         self.num_kv_blocks = 0
+        self.block_size = 0  # tokens per KV block, known once the engine is up
         self._engine = None
 
     @property
@@ -135,6 +157,7 @@ class EngineHost:
         self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
         cache = self._engine.vllm_config.cache_config
         self.num_kv_blocks = int(cache.num_gpu_blocks or 0)
+        self.block_size = int(cache.block_size)
 
     async def stream(self, request_id: str, prompt_token_ids: list[int],
                      sampling_params) -> AsyncIterator[Any]:

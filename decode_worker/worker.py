@@ -141,6 +141,7 @@ class DecodeWorker:
             instance_id=self.instance_id, role=self.role, is_ready=self._engine.is_ready,
             num_running_reqs=load.num_running_reqs, num_waiting_reqs=load.num_waiting_reqs,
             kv_cache_usage=load.kv_cache_usage, num_kv_blocks=self._engine.num_kv_blocks,
+            block_size=self._engine.block_size,
             queued_prompt_tokens=self._queued_prompt_tokens,
             transfers=fetches + load.take_transfers(),
         )

@@ -107,6 +107,7 @@ class PrefillWorker:
             instance_id=self.instance_id, role="prefill", is_ready=self._engine.is_ready,
             num_running_reqs=load.num_running_reqs, num_waiting_reqs=load.num_waiting_reqs,
             kv_cache_usage=load.kv_cache_usage, num_kv_blocks=self._engine.num_kv_blocks,
+            block_size=self._engine.block_size,
             queued_prompt_tokens=self._queued_prompt_tokens,
             num_staged_segments=self._kv.num_staged(), transfers=load.take_transfers(),
         )
