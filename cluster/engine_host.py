@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ModelConfig, PoolConfig
-from cluster.wire import SamplingSpec, TransferStat
+from cluster.wire import SamplingSpec, TokenLogprob, TransferStat
 
 # Memory-bounding defaults for CPU engines: vLLM sizes its KV cache from this.
 _CPU_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -98,6 +98,26 @@ def to_sampling_params(spec: SamplingSpec, *, max_tokens: int | None = None,
         stream_interval=spec.stream_interval,
         extra_args=extra,
     )
+
+
+def token_logprobs(completion, num_top: int) -> tuple[TokenLogprob, ...] | None:
+    """The logprobs of a vLLM CompletionOutput's new tokens as wire structs (None when the
+    request asked for none). Each position of vLLM's logprobs maps token id -> Logprob
+    for the sampled token and the top `num_top` alternatives."""
+    positions = completion.logprobs
+    if positions is None:
+        return None
+    out = []
+    for i, token_id in enumerate(completion.token_ids):
+        position = positions[i]
+        sampled = position[token_id]
+        top = sorted(((tid, lp) for tid, lp in position.items()
+                      if lp.rank is not None and 1 <= lp.rank <= max(num_top, 0)),
+                     key=lambda item: item[1].rank)
+        out.append(TokenLogprob(token_id=int(token_id), logprob=float(sampled.logprob),
+                                rank=int(sampled.rank or 0),
+                                top=tuple((int(tid), float(lp.logprob)) for tid, lp in top)))
+    return tuple(out)
 
 
 class EngineHost:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from cluster.config import KVTransferSettings
-from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
+from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params, token_logprobs
 from cluster.wire import (
     EngineRequest,
     KVHandle,
@@ -96,6 +96,9 @@ class DecodeWorker:
             async for out in self._engine.stream(req.request_id, list(req.prompt_token_ids), sp):
                 completion = out.outputs[0] if out.outputs else None
                 token_ids = tuple(completion.token_ids) if completion else ()
+                logprobs = (token_logprobs(completion, req.sampling.num_logprobs)
+                            if completion is not None and req.sampling.num_logprobs is not None
+                            else None)
                 finish = _finish_reason(completion.finish_reason if completion else None,
                                         out.finished)
                 if first:
@@ -107,9 +110,9 @@ class DecodeWorker:
                     yield TokenDelta(token_ids=token_ids, finish_reason=finish,
                                      served_by=served_by,
                                      num_prompt_tokens_computed=num_prompt - num_cached,
-                                     kv_load_s=kv_load_s)
+                                     kv_load_s=kv_load_s, logprobs=logprobs)
                 else:
-                    yield TokenDelta(token_ids=token_ids, finish_reason=finish)
+                    yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs)
         finally:
             if first:
                 self._queued_prompt_tokens -= num_prompt

@@ -183,14 +183,16 @@ class PdserveConnector(KVConnectorBase_V1):
         if path is None:
             return 0, False
         num_tokens = int(params.get(PARAM_NUM_TOKENS, 0))
-        # The consumer's prompt is the producer's prompt plus its first token: at least
-        # that one token is computed here.
-        if not 0 < num_tokens < len(request.prompt_token_ids or ()):
+        num_prompt = len(request.prompt_token_ids or ())
+        # The consumer's prompt is the producer's prompt plus its first token, or (when the
+        # router has decode sample the first token again) the producer's prompt itself: at
+        # least the last prompt token is computed here, so it loads at most num_prompt - 1.
+        if not 0 < num_tokens <= num_prompt:
             return 0, False
         if not _segment_is_usable(Path(path), num_tokens, self._block_size):
             return 0, False  # recompute; the worker reports the outcome
         self._num_local_computed[request.request_id] = num_computed_tokens
-        return max(0, num_tokens - num_computed_tokens), False
+        return max(0, min(num_tokens, num_prompt - 1) - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:

@@ -17,8 +17,8 @@ import asyncio
 import time
 
 from cluster.config import KVTransferSettings
-from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params
-from cluster.wire import EngineRequest, KVHandle, PrefillResult, WorkerStats
+from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params, token_logprobs
+from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenLogprob, WorkerStats
 from kvtransfer.service import ProducerService, vllm_kv_transfer_config
 
 
@@ -58,6 +58,7 @@ class PrefillWorker:
         sp = to_sampling_params(req.sampling, max_tokens=1, min_tokens=min(req.sampling.min_tokens, 1))
         started = time.time()
         first_token: int | None = None
+        first_logprob: TokenLogprob | None = None
         final = None
         self._queued_prompt_tokens += len(req.prompt_token_ids)
         self._in_flight.add(req.request_id)
@@ -66,6 +67,8 @@ class PrefillWorker:
                                                  list(req.prompt_token_ids), sp):
                 if out.outputs and out.outputs[0].token_ids and first_token is None:
                     first_token = out.outputs[0].token_ids[0]
+                    if req.sampling.num_logprobs is not None:  # the first token's, from prefill
+                        first_logprob = token_logprobs(out.outputs[0], req.sampling.num_logprobs)[0]
                 final = out
         finally:
             self._queued_prompt_tokens -= len(req.prompt_token_ids)
@@ -91,6 +94,7 @@ class PrefillWorker:
             num_cached_tokens=int(final.num_cached_tokens or 0),
             prefill_start_s=started,
             prefill_end_s=time.time(),
+            first_token_logprob=first_logprob,
         )
 
     async def release_kv(self, handle: KVHandle) -> bool:

@@ -17,9 +17,11 @@ import collections
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -193,12 +195,18 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias=body.logit_bias_ids,
         allowed_token_ids=tuple(body.allowed_token_ids) if body.allowed_token_ids else None,
-        bad_words=tuple(body.bad_words), stream_interval=body.stream_interval)
+        bad_words=tuple(body.bad_words), stream_interval=body.stream_interval,
+        num_logprobs=body.num_logprobs)
+    if sampling.depends_on_output and sampling.seed is None and sampling.temperature > 0:
+        # Decode samples prefill's first token again (see Handoff._decode); with one seed
+        # for both engines it draws the same token. A random seed is as random as none.
+        sampling = msgspec.structs.replace(sampling, seed=secrets.randbits(63))
     output = _OutputOptions(
         stop_strings=body.stop_strings, include_stop_str=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
         return_token_ids=bool(body.return_token_ids),
-        logprobs=None)
+        logprobs=None if body.num_logprobs is None else oai.LogprobFormatter(
+            deps.tokenizer.token_text, body.num_logprobs, bool(body.return_tokens_as_token_ids)))
     request_id = oai.new_id(prefix) if body.request_id is None else f"{prefix}-{body.request_id}"
     if body.request_id is not None:
         known = deps.traces.get(request_id)
@@ -272,6 +280,9 @@ class _Generation:
             raise
 
     def _add(self, delta: TokenDelta) -> tuple[_Chunk, bool]:
+        if self.p.output.logprobs is not None and delta.token_ids and (
+                delta.logprobs is None or len(delta.logprobs) != len(delta.token_ids)):
+            raise RequestFailed("a worker returned tokens without the logprobs asked for")
         before = self.text.num_tokens
         added = self.text.add(delta.token_ids)
         num_kept = self.text.num_tokens - before  # tokens up to a stop match

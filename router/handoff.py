@@ -236,7 +236,8 @@ class Handoff:
         first = result.first_token_id
         self.trace.mark(LifecycleEvent.FIRST_TOKEN)
         self.trace.num_output_tokens = 1
-        yield TokenDelta(token_ids=(first,))
+        first_logprobs = (result.first_token_logprob,) if result.first_token_logprob else None
+        yield TokenDelta(token_ids=(first,), logprobs=first_logprobs)
 
         finish = self._ends_at_first_token(first)
         if finish is not None:
@@ -255,6 +256,13 @@ class Handoff:
         # Every sampling field carries over; only the budget shrinks by the first token.
         decode_sampling = msgspec.structs.replace(
             s, max_tokens=s.max_tokens - 1, min_tokens=max(0, s.min_tokens - 1))
+        prompt = self.prompt_token_ids + (first_token,)
+        replayed_first: int | None = None
+        if s.depends_on_output:
+            # Penalties, bad words and grammars must see prefill's token as *output*: decode
+            # gets the prompt alone (KV for all but its last token), samples the first token
+            # again under the same seed and constraint, and the router drops that copy.
+            decode_sampling, prompt, replayed_first = s, self.prompt_token_ids, first_token
         view = self.pool.pick_decode(self.route)
         self.trace.decode_instance = view.instance_id
         self.pool.begin(view, len(self.prompt_token_ids) + 1)
@@ -262,10 +270,9 @@ class Handoff:
         # From here the decode worker owns the staged KV (it consumes or frees it).
         self._held_kv = None
         self.trace.move_to(RequestState.DECODING)
-        req = EngineRequest(request_id=self.request_id,
-                            prompt_token_ids=self.prompt_token_ids + (first_token,),
+        req = EngineRequest(request_id=self.request_id, prompt_token_ids=prompt,
                             sampling=decode_sampling, kv_handle=handle)
-        async for delta in self._stream(view, req):
+        async for delta in self._stream(view, req, replayed_first):
             yield delta
 
     async def _local_prefill(self, choice: PathChoice) -> AsyncIterator[TokenDelta]:
@@ -299,7 +306,8 @@ class Handoff:
                 self.trace.mark(LifecycleEvent.FIRST_TOKEN)
             yield delta
 
-    async def _stream(self, view: InstanceView, req: EngineRequest) -> AsyncIterator[TokenDelta]:
+    async def _stream(self, view: InstanceView, req: EngineRequest,
+                      replayed_first: int | None = None) -> AsyncIterator[TokenDelta]:
         num_prompt = len(req.prompt_token_ids)
         prompt_pending = True
         try:
@@ -317,6 +325,9 @@ class Handoff:
                             self.trace.mark(LifecycleEvent.DECODE_FIRST_TOKEN)
                     if delta.error is not None:
                         raise RequestFailed(delta.error)
+                    if replayed_first is not None and delta.token_ids:
+                        delta = _without_replayed_first(delta, replayed_first)
+                        replayed_first = None
                     if delta.finish_reason is not None:
                         self._is_worker_done = True
                         self.trace.finish_reason = delta.finish_reason
@@ -333,3 +344,14 @@ class Handoff:
             if prompt_pending:
                 self.pool.prompt_done(view, num_prompt)
         raise RequestFailed(f"{view.role} instance {view.instance_id} ended the stream early")
+
+
+def _without_replayed_first(delta: TokenDelta, first_token: int) -> TokenDelta:
+    """Decode's copy of prefill's first token, dropped (the client already has it)."""
+    if delta.token_ids[0] != first_token:
+        raise RequestFailed(
+            f"decode sampled first token {delta.token_ids[0]}, prefill sampled {first_token}: "
+            "the engines disagree (non-deterministic sampling)")
+    return msgspec.structs.replace(
+        delta, token_ids=delta.token_ids[1:],
+        logprobs=delta.logprobs[1:] if delta.logprobs is not None else None)

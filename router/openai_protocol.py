@@ -1,17 +1,21 @@
 """OpenAI-compatible request models, response builders and the OpenAI error format.
 
-Requests are validated with pydantic at the edge; unknown fields are ignored (clients send
-many), but fields pdserve cannot honour (``n > 1``, ``logprobs``, ``echo``, ``best_of``)
-get a clear 400 instead of being silently dropped.
+Requests are validated with pydantic at the edge. Every field of vLLM's own request models
+is either honoured or refused with a 400 naming it (the rules are in `router.api_fields`);
+fields vLLM does not know either are ignored, as vLLM ignores them.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.wire import TokenLogprob
+from router import api_fields
 
 
 class OpenAIError(Exception):
@@ -31,41 +35,78 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
 
+MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class _SamplingFields(BaseModel):
+    """Fields both endpoints honour. Every other field vLLM accepts is listed in
+    `router.api_fields` and refused (400 naming it) when set to anything but a no-op."""
+
     model_config = ConfigDict(extra="ignore")
+    _endpoint: ClassVar[api_fields.Endpoint]
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="vLLM extension; -1 or 0 disables")
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = Field(default_factory=list)
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    include_stop_str_in_output: bool = False
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = Field(False, description="vLLM extension: keep going past EOS")
     min_tokens: int = Field(0, ge=0, description="vLLM extension")
-    return_token_ids: bool = Field(False, description="vLLM extension: include output token ids")
-    logprobs: Any = None
-    best_of: int | None = None
-    user: str | None = None
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    add_special_tokens: bool | None = None
+    return_token_ids: bool | None = Field(None, description="vLLM extension: include token ids")
+    return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    stream_interval: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """A field vLLM accepts and pdserve cannot honour is refused, never dropped."""
+        found = api_fields.first_rejected(data, cls._endpoint)
+        if found is not None:
+            name, rule = found
+            raise OpenAIError(400, f"`{name}` is not supported by pdserve: {rule.note}.",
+                              param=name)
+        if isinstance(data, dict) and data.get("stream_options") and not data.get("stream"):
+            raise OpenAIError(400, "Stream options can only be defined when `stream=True`.",
+                              param="stream_options")
+        return data
 
     @model_validator(mode="after")
-    def _unsupported(self):
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported by pdserve; send separate requests")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of is not supported by pdserve")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported by pdserve yet")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+    def _check_values(self):
+        for name in ("allowed_token_ids", "stop_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and any(i < 0 for i in ids):
+                raise OpenAIError(400, f"`{name}` must be non-negative token ids", param=name)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise OpenAIError(400, "`allowed_token_ids` must not be empty", param="allowed_token_ids")
+        if self.logit_bias:
+            for key in self.logit_bias:
+                if not key.lstrip("-").isdigit():
+                    raise OpenAIError(400, f"`logit_bias` keys must be token ids, got {key!r}",
+                                      param="logit_bias")
         return self
 
     @property
@@ -81,19 +122,32 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        """`truncate_prompt_tokens`: keep the last N ids (or the first N with `right`)."""
+        n = self.truncate_prompt_tokens
+        if n is None or n == -1 or len(ids) <= n:
+            return ids
+        return ids[:n] if self.truncation_side == "right" else ids[len(ids) - n:]
+
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
+    _endpoint: ClassVar[api_fields.Endpoint] = "completions"
 
-    @model_validator(mode="after")
-    def _completion_only(self):
-        if self.echo:
-            raise ValueError("echo is not supported by pdserve")
-        if self.suffix:
-            raise ValueError("suffix is not supported by pdserve")
-        return self
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -110,7 +164,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -128,14 +182,59 @@ class ChatMessage(BaseModel):
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: text content plus any other keys the
+        client sent (name, tool_calls, tool_call_id), as vLLM passes them."""
+        message = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
+        message["role"] = self.role
+        message["content"] = self.text()
+        return message
+
 
 class ChatCompletionRequest(_SamplingFields):
+    _endpoint: ClassVar[api_fields.Endpoint] = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(0, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    return_prompt_text: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_checks(self):
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(400, "when using `top_logprobs`, `logprobs` must be set to true.",
+                              param="top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise OpenAIError(400, "Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.", param="continue_final_message")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.top_logprobs if self.logprobs else None
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Variables for the chat template, as vLLM's `build_chat_params` sets them."""
+        kwargs: dict[str, Any] = dict(self.chat_template_kwargs or {})
+        kwargs.update(add_generation_prompt=self.add_generation_prompt,
+                      continue_final_message=self.continue_final_message)
+        if self.documents is not None:
+            kwargs["documents"] = self.documents
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
 
 def new_id(prefix: str) -> str:
@@ -148,32 +247,93 @@ def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None,
-                    use: dict | None) -> dict[str, Any]:
+                    use: dict | None, logprobs: dict | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict) -> dict[str, Any]:
+def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict,
+              logprobs: dict | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish}],
+                     "logprobs": logprobs, "finish_reason": finish}],
         "usage": use,
     }
 
 
 def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None,
-               use: dict | None = None, with_choice: bool = True) -> dict[str, Any]:
+               use: dict | None = None, with_choice: bool = True,
+               logprobs: dict | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
         if with_choice else [],
     }
     if use is not None:
         body["usage"] = use
     return body
+
+
+# -- logprobs, in the two formats vLLM's server writes ------------------------------------
+
+_MIN_LOGPROB = -9999.0  # what OpenAI (and vLLM) send instead of -inf
+
+
+def _position(entry: TokenLogprob) -> list[tuple[int, float]]:
+    """One position as vLLM's logprob dict orders it: the sampled token first, then the
+    top alternatives by rank, each token once."""
+    items = {entry.token_id: entry.logprob}
+    for token_id, logprob in entry.top:
+        items.setdefault(token_id, logprob)
+    return list(items.items())
+
+
+class LogprobFormatter:
+    """Turns engine logprobs into the response's ``logprobs`` objects."""
+
+    def __init__(self, token_text: Callable[[int], str], num_top: int, tokens_as_ids: bool):
+        self._token_text = token_text
+        self.num_top = num_top
+        self._as_ids = tokens_as_ids
+
+    def _text(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self._as_ids else self._token_text(token_id)
+
+    def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        content = []
+        for entry in entries:
+            token = self._text(entry.token_id)
+            top = []
+            for i, (token_id, logprob) in enumerate(_position(entry)):
+                if self.num_top != -1 and i >= self.num_top:
+                    break
+                alt = self._text(token_id)
+                top.append({"token": alt, "logprob": max(logprob, _MIN_LOGPROB),
+                            "bytes": list(alt.encode("utf-8", errors="replace"))})
+            content.append({"token": token, "logprob": max(entry.logprob, _MIN_LOGPROB),
+                            "bytes": list(token.encode("utf-8", errors="replace")),
+                            "top_logprobs": top})
+        return {"content": content}
+
+    def completion(self, entries: list[TokenLogprob], initial_text_offset: int = 0) -> dict[str, Any]:
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        offset = initial_text_offset
+        for entry in entries:
+            token = self._text(entry.token_id)
+            tokens.append(token)
+            token_logprobs.append(max(entry.logprob, _MIN_LOGPROB))
+            # The sampled token plus `num_top` alternatives (OpenAI's "top k + 1").
+            top_logprobs.append({
+                self._text(token_id): max(logprob, _MIN_LOGPROB)
+                for i, (token_id, logprob) in enumerate(_position(entry))
+                if self.num_top == -1 or i <= self.num_top})
+            offsets.append(offset)
+            offset += len(token)
+        return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens,
+                "top_logprobs": top_logprobs}

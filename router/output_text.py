@@ -20,9 +20,11 @@ class TextDelta:
 
 
 class OutputText:
-    def __init__(self, detokenizer: IncrementalDetokenizer, stop_strings: list[str]):
+    def __init__(self, detokenizer: IncrementalDetokenizer, stop_strings: list[str],
+                 include_stop_str: bool = False):
         self._detok = detokenizer
         self._stops = stop_strings
+        self._include_stop_str = include_stop_str  # keep the matched stop string (vLLM option)
         self._hold = max((len(s) for s in stop_strings), default=1) - 1
         self._text = ""  # all text so far (up to a stop)
         self._emitted = 0  # chars of _text already returned
@@ -39,7 +41,7 @@ class OutputText:
             for stop in self._stops:
                 idx = self._text.find(stop, start)
                 if idx != -1:
-                    self._text = self._text[:idx]
+                    self._text = self._text[: idx + len(stop) if self._include_stop_str else idx]
                     self.is_stopped = True
                     break
             if self.is_stopped:

@@ -57,35 +57,61 @@ class ModelTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], **template_kwargs) -> list[int]:
         """Prompt ids of a chat, ending with the assistant's turn prompt."""
-        if self._chat_template is None:
+        # The template writes any BOS itself, as vLLM's chat path assumes.
+        return self.encode(self.render_chat(messages, **template_kwargs), add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The chat as prompt text. `template_kwargs` become template variables (tools,
+        documents, continue_final_message, the client's chat_template_kwargs), as vLLM
+        passes them; `chat_template` replaces the model's template for this call."""
+        template = self._chat_template
+        if chat_template is not None:
+            try:
+                template = _compile_template(chat_template)
+            except jinja2.TemplateError as e:
+                raise TokenizerError(f"chat_template does not compile: {e}") from e
+        if template is None:
             raise TokenizerError("this model has no chat template; use /v1/completions")
+        variables = dict(template_kwargs)
+        variables.update(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self._bos_token or "", eos_token=self._eos_token or "")
         try:
-            text = self._chat_template.render(
-                messages=messages, add_generation_prompt=True,
-                bos_token=self._bos_token or "", eos_token=self._eos_token or "")
+            text = template.render(**variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from e
-        # The template writes any BOS itself, as vLLM's chat path assumes.
-        return self.encode(text, add_special_tokens=False)
+        if template_kwargs.get("continue_final_message") and messages:
+            # Leave the last message open: cut what the template wrote after its content.
+            last = messages[-1].get("content") or ""
+            if isinstance(last, str) and last and last in text:
+                text = text[: text.rindex(last) + len(last)]
+        return text
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text on its own (how vLLM shows a token in logprobs)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
-    def detokenizer(self, prompt_token_ids: list[int]) -> "IncrementalDetokenizer":
-        return IncrementalDetokenizer(self, prompt_token_ids)
+    def detokenizer(self, prompt_token_ids: list[int],
+                    skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, prompt_token_ids, skip_special_tokens)
 
 
 class IncrementalDetokenizer:
     """Text deltas for a stream of output ids; multi-byte characters split across tokens
     are held back until complete (tokenizers' DecodeStream)."""
 
-    def __init__(self, tokenizer: ModelTokenizer, prompt_token_ids: list[int]):
+    def __init__(self, tokenizer: ModelTokenizer, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True):
         self._backend = tokenizer._tok
         # Primed with the prompt's tail so the first output token's leading space decodes
         # as it would mid-text.
-        self._stream = DecodeStream(ids=list(prompt_token_ids[-6:]), skip_special_tokens=True)
+        self._stream = DecodeStream(ids=list(prompt_token_ids[-6:]),
+                                    skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         return self._stream.step(self._backend, token_id) or ""

@@ -140,7 +140,7 @@ async def test_bad_inputs_get_openai_errors_and_server_stays_healthy():
             (dict(json={"model": MODEL, "prompt": "x", "n": 2}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "temperature": -1}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "max_tokens": 0}), 400),
-            (dict(json={"model": MODEL, "prompt": "x", "logprobs": 3}), 400),
+            (dict(json={"model": MODEL, "prompt": "x", "logprobs": 21}), 400),  # over max_logprobs
             (dict(json={"model": MODEL, "prompt": []}), 400),
             (dict(json={"model": "gpt-7", "prompt": "x"}), 404),
             (dict(json={"model": MODEL, "prompt": "x " * (limit + 10)}), 400),
