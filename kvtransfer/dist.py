@@ -34,6 +34,8 @@ in the same order (the pull model gives this: the decode asks, the prefill answe
 order). `transfer_id` names one attempt and must not be reused::
 
     both     handshake through the store under the transfer id: agree on the generation
+    both     the deployment secret's challenge-response over the group (kvtransfer/auth.py,
+             fixed-size uint8 messages): P refuses a decode that fails it, and D a prefill
     P ─▶ D   int64[2] (status, nbytes); status REFUSED: nothing follows
     P ─▶ D   uint8[nbytes]: the payload (for a segment: its whole file, header included,
              so the decode's connector checks completeness and layout on load as usual)
@@ -59,6 +61,7 @@ import torch
 from torch.distributed import PrefixStore, Store
 
 from cluster.wire import KVTransferError
+from kvtransfer import auth as kv_auth
 from kvtransfer.staging import StagingSegment, create_mapped_file, recycle
 
 Role = Literal["prefill", "decode"]
@@ -279,8 +282,9 @@ class DistTransport:
 
     def __init__(self, local_id: str, role: Role, store: Store, backend: Backend = "gloo",
                  max_groups: int = 8, timeout_s: float = 30.0,
-                 group_factory: GroupFactory | None = None):
+                 group_factory: GroupFactory | None = None, secret: bytes | None = None):
         self.backend = backend
+        self._secret = secret if secret is not None else kv_auth.kv_secret()
         # Wire tensors live where the backend moves them from: host for gloo, GPU for NCCL.
         self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
                        else torch.device("cpu"))
@@ -294,11 +298,13 @@ class DistTransport:
         if payload.dtype != torch.uint8 or payload.dim() != 1:
             raise ValueError("payload must be a 1-d uint8 tensor")
         with self.pool.lease(peer_id, transfer_id) as comm:
+            self._authenticate(comm, peer_id)
             self._send_frame(comm, _Status.OK, payload)
 
     def recv(self, peer_id: str, transfer_id: str) -> torch.Tensor:
         """Receive the payload `peer_id` sends under `transfer_id` (a CPU uint8 tensor)."""
         with self.pool.lease(peer_id, transfer_id) as comm:
+            self._authenticate(comm, peer_id)
             status, nbytes = self._recv_header(comm, transfer_id)
             out = torch.empty(nbytes, dtype=torch.uint8)
             if status == _Status.OK:
@@ -319,6 +325,7 @@ class DistTransport:
         nbytes = 0
         pool_dir = ""
         with self.pool.lease(peer_id, transfer_id) as comm:
+            self._authenticate(comm, peer_id)  # before a byte of the segment moves
             try:
                 seg = StagingSegment.open(path)
             except KVTransferError as e:
@@ -349,6 +356,7 @@ class DistTransport:
         """
         dest_path = Path(dest_path)
         with self.pool.lease(peer_id, transfer_id) as comm:
+            self._authenticate(comm, peer_id)
             status, nbytes = self._recv_header(comm, transfer_id)
             if status == _Status.OK:
                 try:
@@ -367,6 +375,22 @@ class DistTransport:
         self.pool.close()
 
     # -- framing ----------------------------------------------------------------------
+    def _authenticate(self, comm: Communicator, peer_id: str) -> None:
+        """The secret's challenge-response over the pair group (the prefill challenges)."""
+        def send(data: bytes) -> None:
+            wire = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+            self._wait(comm.group.send([wire], comm.peer_rank, 0), "authentication", peer_id)
+
+        def recv(nbytes: int) -> bytes:
+            wire = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._wait(comm.group.recv([wire], comm.peer_rank, 0), "authentication", peer_id)
+            return bytes(wire.cpu().tolist())
+
+        if self.pool.role == "prefill":
+            kv_auth.dist_prove_prefill(send, recv, self._secret, peer_id)
+        else:
+            kv_auth.dist_prove_decode(send, recv, self._secret)
+
     def _send_frame(self, comm: Communicator, status: _Status, payload: torch.Tensor | None) -> None:
         nbytes = 0 if payload is None else payload.numel()
         header = torch.tensor([int(status), nbytes], dtype=torch.int64, device=self.device)

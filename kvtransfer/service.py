@@ -31,6 +31,7 @@ from kvtransfer.connector import (
     PARAM_NUM_TOKENS,
     PARAM_SEGMENT,
 )
+from kvtransfer import auth as kv_auth
 from kvtransfer.handle import (
     TransferDescriptor,
     decode_handle,
@@ -78,8 +79,11 @@ class ProducerService:
         # Engine ids tag segment names, so each incarnation only reclaims its own.
         self.engine_id = f"{producer_id}-{self.epoch}"
         self.staging_dir = Path(settings.staging_dir or default_staging_dir())
+        # The node's own address, never every interface unless configured (bind_host).
         self._server = TransferServer(self.staging_dir, self.epoch,
-                                      timeout_s=settings.connect_timeout_s).start()
+                                      host=settings.bind_host or advertise_host,
+                                      timeout_s=settings.connect_timeout_s,
+                                      secret=kv_auth.kv_secret(settings)).start()
         self._advertise_host = settings.advertise_host or advertise_host
         # With a rendezvous store configured, decodes may fetch over `dist` too: answer them.
         self._dist: DistResponder | None = None

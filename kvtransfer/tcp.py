@@ -2,6 +2,8 @@
 
 Wire protocol (no pickle; msgpack headers, raw payload)::
 
+    both              the deployment secret's HMAC challenge-response (kvtransfer/auth.py):
+                      a peer that fails it is refused before its request is even read
     client → server   u32 length | msgpack FetchRequest
     server → client   u32 length | msgpack FetchReply
                       (ok) nbytes of segment bytes, sent with sendfile (no user-space copy);
@@ -64,6 +66,7 @@ from typing import BinaryIO
 import msgspec
 
 from cluster.wire import KVTransferError
+from kvtransfer import auth as kv_auth
 from kvtransfer.staging import (
     SEGMENT_PREFIX,
     SegmentHeader,
@@ -132,13 +135,15 @@ class TransferServer:
     that dies or stalls holds a server thread for at most that long.
     """
 
-    def __init__(self, staging_dir: Path, producer_epoch: str, host: str = "0.0.0.0",
-                 port: int = 0, timeout_s: float = 30.0):
+    def __init__(self, staging_dir: Path, producer_epoch: str, host: str = "127.0.0.1",
+                 port: int = 0, timeout_s: float = 30.0, secret: bytes | None = None):
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         self.staging_dir = Path(staging_dir)
         self.producer_epoch = producer_epoch
         self.timeout_s = timeout_s
+        self._secret = secret if secret is not None else kv_auth.kv_secret()
+        self.refusals = kv_auth.RefusalCounter(parent=kv_auth.REFUSALS)  # failed authentication
         server = self
 
         class _Handler(socketserver.BaseRequestHandler):
@@ -177,7 +182,9 @@ class TransferServer:
         self._count(active=1)
         served = False
         try:
-            served = self._serve(sock)
+            # Nothing is read from a peer that has not proven the deployment secret.
+            if kv_auth.accept(sock, self._secret, self.refusals):
+                served = self._serve(sock)
         except (KVTransferError, OSError):
             pass  # the consumer reports its own failure; the lease reclaims the segment
         finally:
@@ -244,18 +251,21 @@ def fetched_path(dest_dir: Path, segment_name: str) -> Path:
 
 def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
                   dest_dir: Path, timeout_s: float, pool: SegmentPool | None = None,
-                  pool_lock: threading.Lock | None = None) -> tuple[Path, int]:
+                  pool_lock: threading.Lock | None = None,
+                  secret: bytes | None = None) -> tuple[Path, int]:
     """Copy a remote segment into `dest_dir`; returns (local path, segment bytes).
 
     Raises KVTransferError, and leaves nothing in `dest_dir`, unless the whole segment
     arrived intact; the returned copy is the caller's even if the ack is lost. With `pool`
     (the consumer's own; `pool_lock` serializes taking files from it), the bytes land in a
     recycled, already-mapped file instead of fresh pages, and the copy names that pool as
-    the one its file goes back to once loaded.
+    the one its file goes back to once loaded. `secret`: the deployment's KV secret
+    (default: `kv_auth.kv_secret()`), proven before the request is sent.
     """
     dest = fetched_path(dest_dir, segment_name)
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            kv_auth.connect(sock, secret if secret is not None else kv_auth.kv_secret())
             _send_msg(sock, FetchRequest(segment_name=segment_name, producer_epoch=producer_epoch))
             reply = _recv_msg(sock, FetchReply)
             assert isinstance(reply, FetchReply)

@@ -32,6 +32,7 @@ in the same order, as `DistTransport` requires.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import threading
 import uuid
@@ -45,6 +46,7 @@ import msgspec
 
 from cluster.config import KVTransferSettings
 from cluster.wire import KVTransferError
+from kvtransfer import auth as kv_auth
 from kvtransfer.handle import TransferDescriptor
 from kvtransfer.staging import (
     SegmentPool,
@@ -173,6 +175,7 @@ class TcpTransport:
     def __init__(self, settings: KVTransferSettings, consumer_id: str):
         self._pool_bytes = int(settings.staging_pool_gib * (1 << 30))
         self._pool_id = f"fetch-{consumer_id}"
+        self._secret = kv_auth.kv_secret(settings)
         self._pools: dict[Path, SegmentPool] = {}  # per destination dir
         self._lock = threading.Lock()
 
@@ -190,7 +193,8 @@ class TcpTransport:
     def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
         return fetch_segment(desc.tcp_host, desc.tcp_port, Path(desc.segment_path).name,
                              desc.producer_epoch, dest_dir, timeout_s,
-                             pool=self._pool(Path(dest_dir)), pool_lock=self._lock)
+                             pool=self._pool(Path(dest_dir)), pool_lock=self._lock,
+                             secret=self._secret)
 
     def close(self) -> None:
         with self._lock:
@@ -209,6 +213,11 @@ class DistFetchRequest(msgspec.Struct, frozen=True, tag="fetch"):
     segment_name: str
     decode_id: str  # the decode's rank-1 id in the pair (its DistTransport local id)
     transfer_id: str  # fresh per attempt; names the pair's handshake in the store
+    mac: bytes = b""  # kv_auth.sign_request over the fields above: the store is open to all
+
+    def is_signed_with(self, secret: bytes) -> bool:
+        return kv_auth.verify_request(secret, self.mac, self.segment_name, self.decode_id,
+                                      self.transfer_id)
 
 
 class DistStop(msgspec.Struct, frozen=True, tag="stop"):
@@ -248,6 +257,32 @@ def connect_store(settings: KVTransferSettings, timeout_s: float) -> Any:
                               f"{settings.dist_store_host}:{settings.dist_store_port}: {e}") from e
 
 
+def host_store(settings: KVTransferSettings, bind_host: str, timeout_s: float) -> Any:
+    """Host the deployment's rendezvous TCPStore, listening on `bind_host` only.
+
+    torch's TCPStore server listens on every interface whatever host it is given; handing
+    it a socket already bound to the node's own address keeps it there (`bind_host`
+    "0.0.0.0" restores every interface). Fetch requests in the store are signed and every
+    transfer authenticates over its pair group (kvtransfer/auth.py), so a reachable store
+    is not an open door either way.
+    """
+    import socket
+
+    from torch.distributed import TCPStore
+
+    _require_store(settings)
+    listener = socket.create_server((bind_host, settings.dist_store_port), backlog=512)
+    try:
+        store = TCPStore(settings.dist_store_host, settings.dist_store_port, is_master=True,
+                         wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+                         master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store's server owns the descriptor now
+    return store
+
+
 class DistFetchTransport:
     """Any host in the rendezvous: ask the prefill through the store, receive over the pair
     group (gloo or NCCL, `dist_backend`). Connects on the first fetch, whose `timeout_s`
@@ -259,6 +294,7 @@ class DistFetchTransport:
     def __init__(self, settings: KVTransferSettings, consumer_id: str):
         _require_store(settings)  # fail at start-up, not at the first request
         self._settings = settings
+        self._secret = kv_auth.kv_secret(settings)
         self.consumer_id = consumer_id
         self._lock = threading.Lock()  # guards the fields below, never held across a transfer
         self._store: Any = None
@@ -272,8 +308,10 @@ class DistFetchTransport:
         store, dist = self._connect(timeout_s)
         peer_id = dist_peer_id(desc.producer_id, desc.producer_epoch)
         dest = fetched_path(dest_dir, name)
-        request = DistFetchRequest(segment_name=name, decode_id=self.consumer_id,
-                                   transfer_id=uuid.uuid4().hex)
+        transfer_id = uuid.uuid4().hex
+        request = DistFetchRequest(
+            segment_name=name, decode_id=self.consumer_id, transfer_id=transfer_id,
+            mac=kv_auth.sign_request(self._secret, name, self.consumer_id, transfer_id))
         with self._lock:
             peer_lock = self._peer_locks.setdefault(peer_id, threading.Lock())
         with peer_lock:  # one outstanding request per pair: both ends see the same order
@@ -297,7 +335,7 @@ class DistFetchTransport:
                 self._store = connect_store(self._settings, timeout_s)
                 self._dist = DistTransport(self.consumer_id, "decode", self._store,
                                            backend=self._settings.dist_backend,
-                                           timeout_s=timeout_s)
+                                           timeout_s=timeout_s, secret=self._secret)
             return self._store, self._dist
 
     def close(self) -> None:
@@ -329,13 +367,16 @@ class DistResponder:
         # a long timeout, leaves the pair groups' client free (and the log quiet when idle).
         self._queue = self._store.clone()
         self._queue.set_timeout(timedelta(hours=1))
+        self._secret = kv_auth.kv_secret(settings)
+        self._recent_transfer_ids: collections.deque[str] = collections.deque(maxlen=4096)
         self._dist = DistTransport(engine_id, "prefill", self._store, backend=settings.dist_backend,
-                                   timeout_s=timeout_s)
+                                   timeout_s=timeout_s, secret=self._secret)
         self._workers = ThreadPoolExecutor(max_workers=max_concurrent,
                                            thread_name_prefix="pdserve-kv-dist-send")
         self._closed = threading.Event()
         self.num_served = 0
         self.num_failed = 0
+        self.num_refused = 0  # fetch requests that failed authentication
         self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pdserve-kv-dist", daemon=True)
         self._thread.start()
@@ -354,6 +395,13 @@ class DistResponder:
                 continue
             if isinstance(msg, DistStop) or self._closed.is_set():
                 return
+            # Forged (unsigned) or replayed requests never tie up a sender thread.
+            if not msg.is_signed_with(self._secret) or msg.transfer_id in self._recent_transfer_ids:
+                kv_auth.REFUSALS.add("dist", msg.decode_id, "unsigned or replayed fetch request")
+                with self._count_lock:
+                    self.num_refused += 1
+                continue
+            self._recent_transfer_ids.append(msg.transfer_id)
             if is_segment_name(msg.segment_name):
                 self._workers.submit(self._serve, msg)
 

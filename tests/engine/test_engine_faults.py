@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from cluster import auth
 from cluster.config import KVTransferSettings
 from cluster.wire import (
     EngineRequest,
@@ -210,6 +211,10 @@ class Relay:
         with client, socket.create_connection(("127.0.0.1", self._upstream_port)) as up:
             client.settimeout(60)
             up.settimeout(60)
+            # Relay the authentication handshake (challenge, response, verdict) untouched.
+            client.sendall(_recv_exact(up, auth.CHALLENGE_BYTES))
+            up.sendall(_recv_exact(client, auth.RESPONSE_BYTES))
+            client.sendall(_recv_exact(up, auth.VERDICT_BYTES))
             up.sendall(_recv_frame(client))
             reply_frame = _recv_frame(up)
             client.sendall(reply_frame)

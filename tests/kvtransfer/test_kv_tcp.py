@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.wire import KVTransferError
+from kvtransfer import auth as kv_auth
 from kvtransfer.staging import (
     HEADER_BYTES,
     SegmentLayout,
@@ -105,6 +106,7 @@ def test_client_dying_mid_transfer_leaves_segment_with_producer(server, consumer
     nbytes = src.stat().st_size
     assert server.num_active == 0
     with socket.create_connection(("127.0.0.1", server.port), timeout=5.0) as sock:
+        kv_auth.connect(sock, kv_auth.kv_secret())
         _send_msg(sock, FetchRequest(segment_name=src.name, producer_epoch=EPOCH))
         reply = _recv_msg(sock, FetchReply)
         assert reply.ok and reply.nbytes == nbytes
@@ -131,6 +133,7 @@ def test_producer_dying_mid_transfer_removes_consumer_copy(tmp_path, consumer_di
     def half_server() -> None:
         conn, _ = listener.accept()
         with conn:
+            assert kv_auth.accept(conn, kv_auth.kv_secret())
             _recv_msg(conn, FetchRequest)
             _send_msg(conn, FetchReply(ok=True, nbytes=len(data)))
             conn.sendall(data[: len(data) // 2])
