@@ -1,15 +1,36 @@
 """Discrete-event simulation of KV transfer and a pool of decode instances.
 
-Request lifecycle on the decode side (push model: decode reserves KV, then prefill writes):
+Request lifecycle on the decode side (push model: decode allocates KV, then prefill writes):
 
     PREFILLED --route(most free KV among allowed instances)--> WAITING (FCFS, per instance)
-      --KV for prompt+output fits and a sequence slot is free: reserve--> TRANSFERRING
+      --admission: KV fits, a sequence slot and token budget are free--> TRANSFERRING
       --link free (FCFS per link), bytes/bandwidth + latency--> READY
       --next step boundary of the least-loaded lane--> RUNNING (one token per step)
-      --last token--> FINISHED (reservation released; waiting requests re-checked)
+      --last token--> FINISHED (KV freed; waiting requests re-checked)
+    RUNNING --KV exhausted at a step (paged memory): newest request of the lane-->
+      PREEMPTED (its KV freed, back to the head of WAITING; re-admitted, it recomputes its
+      prompt plus the tokens generated so far on the decode instance: vLLM's recompute)
 
-Admission reserves the request's final footprint (prompt + output tokens), so a running
-request is never preempted; a request larger than the whole cache fails (finish = inf).
+Two memory models (`DecodePool.memory`):
+
+- `paged` (vLLM's and DistServe's engines): admission allocates the prompt's KV; every step
+  each running request grows by one token; when a step leaves the instance over capacity,
+  the newest requests of that lane are preempted. Admission keeps `admission_watermark`
+  of the cache free (vLLM's watermark), so a freshly admitted batch does not preempt at
+  once. Block granularity is modelled in aggregate: each request holds half a block of
+  unused slots on average (`block_size / 2` tokens).
+- `reserve` (the planner's earlier model, kept for comparison): admission reserves the
+  final footprint (prompt + output), so nothing is ever preempted.
+
+KV load on the step path (`kv_load_s_per_token` > 0): the instance loads a request's KV
+inside its step loop, so the step the request joins takes `prompt tokens x
+kv_load_s_per_token` longer for every request of the lane. DistServe's decode engine
+migrates KV block by block between steps (`post_process` awaits each migration); vLLM's
+connector loads synchronously before the forward of the step. 0: the load overlaps steps.
+
+Admission limits (both models): `max_num_seqs` sequences per instance and
+`max_num_batched_tokens` tokens per step (a decode step schedules one token per sequence).
+A request that can never fit (prompt + output over the whole cache) fails (finish = inf).
 A decode instance with p pipeline stages runs p interleaved micro-batches ("lanes"); each
 lane's step takes the unpipelined step time of its own batch (see `EngineTiming`).
 """
@@ -19,6 +40,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -29,6 +51,8 @@ from .latency_model import EngineTiming
 # transfer at that instant, so requests landing together share a step.
 _TRANSFER_DONE, _STEP_DONE, _KICK = 0, 1, 2
 
+DecodeMemory = Literal["paged", "reserve"]
+
 
 @dataclass(frozen=True)
 class DecodePool:
@@ -36,10 +60,17 @@ class DecodePool:
     timing: EngineTiming
     kv_capacity_tokens: int
     max_num_seqs: int = 128
+    memory: DecodeMemory = "paged"
+    block_size: int = 1  # tokens per KV block; 1 = no rounding
+    max_num_batched_tokens: int | None = None  # tokens per step; None = no limit
+    admission_watermark: float = 0.0  # share of the cache kept free when admitting
+    kv_load_s_per_token: float = 0.0  # > 0: loading a request's KV stalls the step it joins
 
     def __post_init__(self) -> None:
         if self.num_instances < 1 or self.max_num_seqs < 1 or self.kv_capacity_tokens < 0:
             raise ValueError("a decode pool needs >= 1 instance, max_num_seqs >= 1, capacity >= 0")
+        if self.block_size < 1 or not 0 <= self.admission_watermark < 1:
+            raise ValueError("block_size must be >= 1 and admission_watermark in [0, 1)")
 
     @property
     def num_lanes(self) -> int:
@@ -68,6 +99,7 @@ class DecodeOutcome:
     transfer_s: np.ndarray  # [N] link-busy seconds of the request's own transfer
     num_violations: int
     stopped_early: bool
+    num_preemptions: int = 0
 
 
 def simulate_decode_pool(
@@ -101,20 +133,31 @@ def simulate_decode_pool(
     pids = prefill_ids.tolist() if prefill_ids is not None else [0] * n
     limit = max_violations if max_violations is not None else n + 1
     violations = 0
+    preemptions = 0
 
     k, lanes_per = pool.num_instances, pool.num_lanes
     cap, max_seqs = pool.kv_capacity_tokens, pool.max_num_seqs
+    paged = pool.memory == "paged"
+    slack = pool.block_size // 2 if paged else 0  # unused slots of a request's last block
+    admit_cap = cap * (1.0 - pool.admission_watermark)
+    max_tokens = pool.max_num_batched_tokens if pool.max_num_batched_tokens is not None else max_seqs
+    max_seqs = min(max_seqs, max_tokens)  # one token per sequence and step
     thr, small, large, oa, ob = pool.timing.decode_coefficients_ms()
+    recompute_ms = pool.timing.profile.prefill_ms  # unpipelined prefill of the recomputed context
+    load_ms_per_token = 1000.0 * pool.kv_load_s_per_token
     all_ids = tuple(range(k))
     if topology is not None:
         cands, link_ids, spt = topology.decode_candidates, topology.link_ids, topology.seconds_per_token
         link_free = [0.0] * topology.num_links
         lat = topology.latency_s
 
-    reserved = [0] * k
+    used = [0] * k  # KV tokens held (paged: current contexts; reserve: final footprints)
     admitted = [0] * k
     waiting: list[deque[int]] = [deque() for _ in range(k)]
     waiting_tokens = [0] * k
+    generated = [0] * n  # decode steps done before a preemption (recomputed on re-admission)
+    epoch = [0] * n  # bumped on preemption: invalidates the request's finish-heap entry
+    join_step = [0] * n
     # Lane state, flat index = instance * lanes_per + lane.
     num_lanes = k * lanes_per
     lane_b = [0] * num_lanes  # running batch size
@@ -122,7 +165,9 @@ def simulate_decode_pool(
     lane_step = [0] * num_lanes  # steps completed
     lane_busy = [False] * num_lanes
     lane_pending: list[list[int]] = [[] for _ in range(num_lanes)]
-    lane_finish: list[list[tuple[int, int]]] = [[] for _ in range(num_lanes)]  # heap (step, req)
+    lane_finish: list[list[tuple[int, int, int]]] = [[] for _ in range(num_lanes)]  # (step, req, epoch)
+    lane_order: list[list[int]] = [[] for _ in range(num_lanes)]  # join order, lazily pruned
+    running = [False] * n
     events: list[tuple[float, int, int, int]] = []
     seq = 0
 
@@ -130,43 +175,64 @@ def simulate_decode_pool(
     arrivals = [t for t, _ in order]
     arrival_ids = [r for _, r in order]
 
+    def footprint(r: int) -> int:
+        """KV tokens admission allocates for r."""
+        return ins[r] + generated[r] + slack if paged else ins[r] + outs[r]
+
     def start_step(lane: int, now: float) -> None:
         nonlocal seq
         pend = lane_pending[lane]
+        extra_ms = 0.0
         if pend:
             b, ctx, step, fin = lane_b[lane], lane_ctx[lane], lane_step[lane], lane_finish[lane]
             for r in pend:
                 b += 1
-                ctx += ins[r]
-                heapq.heappush(fin, (step + outs[r] - 1, r))
+                g = generated[r]
+                ctx += ins[r] + g
+                if g:
+                    extra_ms += recompute_ms((ins[r] + g,))
+                else:
+                    extra_ms += load_ms_per_token * ins[r]
+                join_step[r] = step
+                running[r] = True
+                lane_order[lane].append(r)
+                heapq.heappush(fin, (step + outs[r] - 1 - g, r, epoch[r]))
             lane_b[lane], lane_ctx[lane] = b, ctx
             pend.clear()
         b, ctx = lane_b[lane], lane_ctx[lane]
         a, bb, c = small if b < thr else large
-        dt = (a + bb * (ctx + b) + c * b + oa + ob * ctx) / 1000.0
+        dt = (a + bb * (ctx + b) + c * b + oa + ob * ctx + extra_ms) / 1000.0
         lane_busy[lane] = True
         heapq.heappush(events, (now + dt, _STEP_DONE, seq, lane))
         seq += 1
 
+    def fail(r: int) -> None:
+        nonlocal violations
+        if not flagged[r]:
+            violations += 1
+            flagged[r] = True
+
     def admit(d: int, now: float) -> None:
-        nonlocal seq, violations
+        nonlocal seq
         q = waiting[d]
         while q:
             r = q[0]
-            need = ins[r] + outs[r]
-            if need > cap:  # can never run here: fail it rather than block the queue forever
+            if ins[r] + outs[r] + slack > cap:  # can never finish here: fail, do not block the queue
                 q.popleft()
-                waiting_tokens[d] -= need
-                if not flagged[r]:
-                    violations += 1
-                    flagged[r] = True
+                waiting_tokens[d] -= ins[r] + outs[r]
+                fail(r)
                 continue
-            if reserved[d] + need > cap or admitted[d] >= max_seqs:
+            need = footprint(r)
+            if admitted[d] >= max_seqs or (admitted[d] and used[d] + need > admit_cap):
                 return
             q.popleft()
-            waiting_tokens[d] -= need
-            reserved[d] += need
+            waiting_tokens[d] -= ins[r] + outs[r]
+            used[d] += need
             admitted[d] += 1
+            if generated[r]:  # preempted earlier: recomputes locally, no transfer
+                heapq.heappush(events, (now, _TRANSFER_DONE, seq, r * k + d))
+                seq += 1
+                continue
             if topology is None:
                 done = now
             else:
@@ -180,6 +246,26 @@ def simulate_decode_pool(
             heapq.heappush(events, (done, _TRANSFER_DONE, seq, r * k + d))
             seq += 1
 
+    def preempt(lane: int, d: int) -> None:
+        """Free KV by evicting the lane's newest requests until the instance fits."""
+        nonlocal preemptions
+        order_l = lane_order[lane]
+        while used[d] > cap and lane_b[lane] > 1:
+            r = order_l.pop()
+            if not running[r]:
+                continue  # finished earlier; pruned lazily
+            g = generated[r] + lane_step[lane] - join_step[r]
+            lane_b[lane] -= 1
+            lane_ctx[lane] -= ins[r] + g
+            used[d] -= ins[r] + generated[r] + slack + (lane_step[lane] - join_step[r])
+            admitted[d] -= 1
+            generated[r] = g
+            running[r] = False
+            epoch[r] += 1
+            preemptions += 1
+            waiting[d].appendleft(r)
+            waiting_tokens[d] += ins[r] + outs[r]
+
     nxt = 0
     total = len(arrivals)
     while nxt < total or events:
@@ -192,15 +278,21 @@ def simulate_decode_pool(
                 d = lane // lanes_per
                 step = lane_step[lane] + 1
                 lane_step[lane] = step
-                lane_ctx[lane] += lane_b[lane]
+                b = lane_b[lane]
+                lane_ctx[lane] += b
+                if paged:
+                    used[d] += b
                 fin = lane_finish[lane]
                 freed = False
-                while fin and fin[0][0] == step:
-                    _, r = heapq.heappop(fin)
+                while fin and fin[0][0] <= step:
+                    _, r, ep = heapq.heappop(fin)
+                    if ep != epoch[r]:
+                        continue  # preempted since this entry was pushed
                     finish[r] = now
+                    running[r] = False
                     lane_b[lane] -= 1
                     lane_ctx[lane] -= ins[r] + outs[r] - 1
-                    reserved[d] -= ins[r] + outs[r]
+                    used[d] -= (ins[r] + outs[r] - 1 + slack) if paged else ins[r] + outs[r]
                     admitted[d] -= 1
                     freed = True
                     if not flagged[r]:
@@ -210,20 +302,22 @@ def simulate_decode_pool(
                             flagged[r] = True
                 if violations > limit:
                     break
+                if paged and used[d] > cap:
+                    preempt(lane, d)
                 if freed:
                     admit(d, now)
                 if lane_b[lane] or lane_pending[lane]:
                     start_step(lane, now)
                 else:
                     lane_busy[lane] = False
-            else:  # transfer done
+            else:  # transfer done (or a preempted request re-admitted)
                 r, d = divmod(payload, k)
-                kv_ready[r] = now
-                if deadline is not None and not flagged[r] and now > deadline[r]:
-                    violations += 1
-                    flagged[r] = True
-                    if violations > limit:
-                        break
+                if not generated[r]:
+                    kv_ready[r] = now
+                    if deadline is not None and not flagged[r] and now > deadline[r]:
+                        fail(r)
+                        if violations > limit:
+                            break
                 first = d * lanes_per
                 lane = min(range(first, first + lanes_per),
                            key=lambda l: lane_b[l] + len(lane_pending[l]))
@@ -237,11 +331,12 @@ def simulate_decode_pool(
             r = arrival_ids[nxt]
             nxt += 1
             allowed = cands[pids[r]] if topology is not None else all_ids
-            # The router's "most free KV": capacity minus reservations and queued demand.
-            d = max(allowed, key=lambda j: cap - reserved[j] - waiting_tokens[j]) \
+            # The router's "most free KV": capacity minus held KV and queued demand.
+            d = max(allowed, key=lambda j: cap - used[j] - waiting_tokens[j]) \
                 if len(allowed) > 1 else allowed[0]
             waiting[d].append(r)
             waiting_tokens[d] += ins[r] + outs[r]
             admit(d, now)
     stopped = violations > limit
-    return DecodeOutcome(np.array(kv_ready), np.array(finish), np.array(xfer), violations, stopped)
+    return DecodeOutcome(np.array(kv_ready), np.array(finish), np.array(xfer), violations, stopped,
+                         preemptions)

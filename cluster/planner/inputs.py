@@ -92,9 +92,11 @@ class WorkloadSpec(_Strict):
 
 class EngineSpec(_Strict):
     prefill_token_budget: int = Field(
-        4096, ge=1, description="Prompt tokens per prefill batch (max_num_batched_tokens)."
+        4096, ge=1, description="Tokens per iteration (vLLM's max_num_batched_tokens): bounds a "
+        "prefill batch's prompt tokens and a decode step's sequences."
     )
-    max_num_seqs: int = Field(128, ge=1, description="Most requests in one decode batch.")
+    max_num_seqs: int = Field(128, ge=1, description="Most requests in one decode batch (vLLM's "
+                              "max_num_seqs).")
     block_size: int = Field(16, ge=1, description="KV-cache block size in tokens.")
     first_token_source: Literal["prefill", "decode"] = Field(
         "prefill",
@@ -103,7 +105,30 @@ class EngineSpec(_Strict):
         "lands on a decode instance (transfer and decode admission count in TTFT).",
     )
     framework_overhead: bool = Field(
-        False, description="Add DistServe's per-iteration overhead (2 ms + 0.1 us per context token)."
+        True, description="Add DistServe's per-iteration framework overhead (2 ms + 0.1 us per "
+        "context token on the first stage). The published A100 profiles exclude it; replaying "
+        "DistServe's real traces needs it (docs/planner.md, 'Fidelity')."
+    )
+    decode_memory: Literal["paged", "reserve"] = Field(
+        "paged", description="paged: decode allocates KV as tokens are generated and preempts "
+        "the newest request (recompute) when the cache runs out, as vLLM and DistServe do; "
+        "reserve: admission reserves prompt + output up front (never preempts, pessimistic)."
+    )
+    admission_watermark: float = Field(
+        0.01, ge=0, lt=0.5, description="Share of the decode KV cache kept free when admitting "
+        "a request (vLLM's watermark), so new admissions do not preempt at once."
+    )
+    kv_load_gb_s: float | None = Field(
+        None, gt=0, description="Effective GB/s at which a decode instance loads a request's KV "
+        "inside its step loop, stalling that step for every running request (DistServe's decode "
+        "engine migrates KV between steps: 50 GB/s fits its A100 traces). Unset: loading "
+        "overlaps decode steps; only the request itself waits for its transfer."
+    )
+    pipeline_stage_fixed_cost: Literal["per_stage", "split"] = Field(
+        "per_stage", description="per_stage: every pipeline stage pays the profile's fixed "
+        "per-iteration cost (kernel launches, scheduling); split: the whole iteration divides "
+        "by the stage count (DistServe's simulator). Real DistServe traces with decode PP2 "
+        "match per_stage (docs/planner.md, 'Fidelity')."
     )
     iteration_time_scale: float = Field(
         1.0, ge=1.0, le=10.0,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -162,22 +162,31 @@ class EngineTiming:
     `pipeline_parallel_size` equal stages.
 
     `framework_overhead` adds DistServe's per-iteration scheduling cost on the first stage,
-    `2 + 0.0001 * sum(context tokens)` ms; off by default because our own profiles are
-    measured end to end through the engine and already include it.
+    `2 + 0.0001 * sum(context tokens)` ms (the published profiles exclude it).
+    `stage_fixed_cost`: `split` divides the whole iteration by the stage count (DistServe's
+    model); `per_stage` divides only the token-dependent terms, and every stage pays the
+    profile's fixed cost `a` (its kernel launches and scheduling do not shrink with fewer
+    layers), which is what DistServe's real PP2 decode traces show.
     """
+
 
     profile: LatencyProfile
     pipeline_parallel_size: int = 1
     framework_overhead: bool = False
+    stage_fixed_cost: Literal["per_stage", "split"] = "split"
 
     def __post_init__(self) -> None:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be >= 1")
 
+    def _fixed_ms(self, a: float) -> float:
+        """Fixed cost of one stage."""
+        return a if self.stage_fixed_cost == "per_stage" else a / self.pipeline_parallel_size
+
     def prefill_stage_s(self, sum_lens: float, sum_sq_lens: float) -> tuple[float, float]:
         """(first stage, each later stage) seconds of one prefill batch."""
         a, b, c = self.profile.prefill
-        stage = (a + b * sum_lens + c * sum_sq_lens) / self.pipeline_parallel_size
+        stage = self._fixed_ms(a) + (b * sum_lens + c * sum_sq_lens) / self.pipeline_parallel_size
         first = stage + (2.0 + 1e-4 * sum_lens if self.framework_overhead else 0.0)
         return first / 1000.0, stage / 1000.0
 
@@ -196,7 +205,7 @@ class EngineTiming:
         p = self.profile
         small = batch_size < p.decoding_large_small_bs_threshold
         a, b, c = p.decoding_smallbs if small else p.decoding_largebs
-        ms = a + b * (sum_context + batch_size) + c * batch_size
+        ms = self._fixed_ms(a) * self.pipeline_parallel_size + b * (sum_context + batch_size) + c * batch_size
         if self.framework_overhead:
             ms += 2.0 + 1e-4 * sum_context
         return ms / 1000.0
@@ -205,7 +214,10 @@ class EngineTiming:
         """(threshold, small, large, overhead a, overhead per context token) for hot loops."""
         p = self.profile
         oa, ob = (2.0, 1e-4) if self.framework_overhead else (0.0, 0.0)
-        return p.decoding_large_small_bs_threshold, p.decoding_smallbs, p.decoding_largebs, oa, ob
+        scale = self._fixed_ms(1.0) * self.pipeline_parallel_size  # fixed cost of all stages
+        small = (p.decoding_smallbs[0] * scale,) + tuple(p.decoding_smallbs[1:])
+        large = (p.decoding_largebs[0] * scale,) + tuple(p.decoding_largebs[1:])
+        return p.decoding_large_small_bs_threshold, small, large, oa, ob
 
     def mixed_step_s(
         self, chunk_lens: list[int], chunk_prefix_lens: list[int], batch_size: int, sum_context: float

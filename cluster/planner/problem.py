@@ -31,7 +31,9 @@ class PlanningProblem:
     colocated_profiles: dict[int, LatencyProfile] | None = None  # None: same as `profiles`
 
     def timing(self, config: ParallelConfig) -> EngineTiming:
-        return EngineTiming(self.profiles[config.tp], config.pp, self.request.engine.framework_overhead)
+        e = self.request.engine
+        return EngineTiming(self.profiles[config.tp], config.pp, e.framework_overhead,
+                            e.pipeline_stage_fixed_cost)
 
     def kv_capacity(self, config: ParallelConfig) -> int:
         """KV tokens of one instance: capacity table > measured (profile, pp 1) > computed."""
@@ -69,8 +71,11 @@ class PlanningProblem:
         return PrefillPool(num_instances, self.timing(config), self.request.engine.prefill_token_budget)
 
     def decode_pool(self, config: ParallelConfig, num_instances: int) -> DecodePool:
+        e = self.request.engine
         return DecodePool(num_instances, self.timing(config), self.kv_capacity(config),
-                          self.request.engine.max_num_seqs)
+                          e.max_num_seqs, e.decode_memory, e.block_size, e.prefill_token_budget,
+                          e.admission_watermark,
+                          self.kv_bytes_per_token / (e.kv_load_gb_s * 1e9) if e.kv_load_gb_s else 0.0)
 
     def colocated_tps(self) -> list[int]:
         return sorted(self.colocated_profiles if self.colocated_profiles is not None else self.profiles)

@@ -178,3 +178,61 @@ def test_runs_are_deterministic_and_stop_early_when_lost():
                                         trace.output_lens, slo, stop_when_lost=True)
     assert overloaded.stopped_early and overloaded.attainment(slo) < 0.9
     assert violation_budget(1000, 0.9) == 100 and violation_budget(7, 1.0) == 0
+
+
+def test_paged_decode_preempts_the_newest_request_and_recomputes_it():
+    # Two prompts of 100 tokens, 10 decode steps each, 215 tokens of KV: both fit at
+    # admission (paged), the cache overflows after 8 steps (216 tokens), the newer request
+    # is preempted, waits for the older one to finish, then recomputes its 108-token context.
+    from cluster.planner.decode_pool import simulate_decode_pool
+    arrival, ins, outs = _arrays((0.0, 100, 11), (0.0, 100, 11))
+    pool = DecodePool(1, EngineTiming(PROFILE), kv_capacity_tokens=215, memory="paged")
+    out = simulate_decode_pool(arrival, ins, outs, pool)
+    together = sum(_step_ms(2, 2 * (100 + k)) for k in range(8))
+    first_done = together + _step_ms(1, 108) + _step_ms(1, 109)
+    second_done = first_done + PROFILE.prefill_ms([108]) + _step_ms(1, 108) + _step_ms(1, 109)
+    assert out.num_preemptions == 1
+    assert out.finish_s.tolist() == pytest.approx([first_done / 1000, second_done / 1000])
+    # Reserving prompt + output up front never preempts: the second waits from the start.
+    reserve = simulate_decode_pool(arrival, ins, outs, DecodePool(1, EngineTiming(PROFILE), 215,
+                                                                   memory="reserve"))
+    alone = sum(_step_ms(1, 100 + k) for k in range(10))
+    assert reserve.num_preemptions == 0
+    assert reserve.finish_s.tolist() == pytest.approx([alone / 1000, 2 * alone / 1000])
+
+
+def test_decode_admission_limits():
+    from cluster.planner.decode_pool import simulate_decode_pool
+    arrival, ins, outs = _arrays((0.0, 100, 11), (0.0, 100, 11))
+    alone = sum(_step_ms(1, 100 + k) for k in range(10)) / 1000
+    # One token per step (max_num_batched_tokens) or one sequence: requests run one by one.
+    for pool in (DecodePool(1, EngineTiming(PROFILE), 10_000, max_num_batched_tokens=1),
+                 DecodePool(1, EngineTiming(PROFILE), 10_000, max_num_seqs=1)):
+        out = simulate_decode_pool(arrival, ins, outs, pool)
+        assert out.finish_s.tolist() == pytest.approx([alone, 2 * alone])
+    # The watermark keeps 10% free: 2 x 100 tokens do not fit under 0.9 x 215 at admission.
+    out = simulate_decode_pool(arrival, ins, outs,
+                               DecodePool(1, EngineTiming(PROFILE), 215, admission_watermark=0.1))
+    assert out.num_preemptions == 0 and out.finish_s.tolist() == pytest.approx([alone, 2 * alone])
+
+
+def test_kv_load_on_the_step_path_stalls_every_running_request():
+    from cluster.planner.decode_pool import simulate_decode_pool
+    # The second request lands after the first one's first step; its 1000-token load
+    # (1 ms per 100 tokens) stretches the step it joins for both.
+    arrival, ins, outs = _arrays((0.0, 100, 3), (0.001, 1000, 2))
+    pool = DecodePool(1, EngineTiming(PROFILE), 10_000, kv_load_s_per_token=1e-5)
+    out = simulate_decode_pool(arrival, ins, outs, pool)
+    step0 = _step_ms(1, 100) + 1000 * 1e-5 * 100
+    step1 = _step_ms(2, 101 + 1000) + 1000 * 1e-5 * 1000
+    assert out.finish_s.tolist() == pytest.approx([(step0 + step1) / 1000] * 2)
+
+
+def test_pipeline_stages_pay_the_fixed_cost_each():
+    split = EngineTiming(PROFILE, 2, stage_fixed_cost="split")
+    per_stage = EngineTiming(PROFILE, 2, stage_fixed_cost="per_stage")
+    a = PROFILE.decoding_smallbs[0]
+    assert per_stage.decode_step_s(4, 400) - split.decode_step_s(4, 400) == pytest.approx(a / 1000)
+    assert split.decode_step_s(4, 400) == pytest.approx(EngineTiming(PROFILE).decode_step_s(4, 400))
+    first, later = per_stage.prefill_stage_s(300, 300**2)
+    assert later == pytest.approx((PROFILE.prefill[0] + (PROFILE.prefill_ms([300]) - PROFILE.prefill[0]) / 2) / 1000)
