@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.config import RouterConfig, SLOConfig
 from cluster.wire import SamplingSpec, TokenDelta, TokenLogprob, WorkerUnavailable
 from router import openai_protocol as oai
+from router import guard
+from router.admission import Admission
 from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
 from router.metrics import Metrics
@@ -50,6 +52,10 @@ class RouterDeps:
     metrics: Metrics
     traces: collections.OrderedDict[str, RequestTrace] = field(default_factory=collections.OrderedDict)
     num_in_flight: int = 0
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config, self.slo)
 
     def remember(self, trace: RequestTrace) -> None:
         self.traces[trace.request_id] = trace
@@ -92,6 +98,7 @@ def create_app(deps: RouterDeps) -> FastAPI:
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.deps = deps
+    guard.install(app, deps)  # API keys, body limit, 429s (router/guard.py)
     app.include_router(dashboard_routes(deps))
     deps.pool.on_transfers = lambda _instance, transfers: deps.metrics.record_transfers(transfers)
 
@@ -239,6 +246,7 @@ class _Generation:
                                   "service_unavailable")
         if not deps.pool.is_ready():
             raise oai.OpenAIError(503, "no worker is available", "service_unavailable")
+        self._ticket = guard.admit(deps, len(p.prompt_token_ids))  # 429 when overloaded
         self.deps = deps
         self.p = p
         self.trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids))
@@ -255,6 +263,8 @@ class _Generation:
     def _finish(self) -> None:
         if not self._is_finished:
             self._is_finished = True
+            self._ticket.release()
+            self.deps.admission.observe(self.trace)
             self.deps.num_in_flight -= 1
             self.deps.metrics.record_request(self.trace)
 
@@ -278,6 +288,7 @@ class _Generation:
             await self._tokens.aclose()
             self._finish()
             raise
+        self._ticket.release()  # the first token exists: no longer queued
 
     def _add(self, delta: TokenDelta) -> tuple[_Chunk, bool]:
         if self.p.output.logprobs is not None and delta.token_ids and (

@@ -162,6 +162,12 @@ class Metrics:
         self.prefix_matched_tokens = Counter(
             "pdserve_routing_prefix_matched_tokens", "Prompt tokens the chosen instance was "
             "believed to hold in its prefix cache when the request was routed", registry=r)
+        # -- admission --------------------------------------------------------------
+        self.rejected = Counter("pdserve_requests_rejected", "Requests turned away before any "
+                                "work, by reason (unauthorized, body_too_large, queue_full, "
+                                "ttft_slo)", ["reason"], registry=r)
+        for reason in ("unauthorized", "body_too_large", "queue_full", "ttft_slo"):
+            self.rejected.labels(reason)  # every reason is exported, from 0
         self._window: collections.deque[tuple[float, bool]] = collections.deque()
         self.started_s = time.time()
 
@@ -211,6 +217,9 @@ class Metrics:
         if result.is_met:
             self.slo_met.labels(slo_class).inc()
         self._window.append((time.time(), result.is_met))
+
+    def record_rejection(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
 
     def record_transfers(self, transfers: tuple[TransferStat, ...]) -> None:
         for t in transfers:
