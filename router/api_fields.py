@@ -74,8 +74,8 @@ FIELDS: dict[str, FieldRule] = {
     "n": _r("n > 1 needs several decodes sharing one staged prefill (not built yet); "
             "send separate requests", 1),
     "presence_penalty": _h("engine sampler; stateful, as `frequency_penalty`"),
-    "response_format": _r("structured output is not wired through prefill and decode yet",
-                          {"type": "text"}),
+    "response_format": _h("`text`, `json_object`, `json_schema` through vLLM's structured-output "
+                          "backend on both engines; `structural_tag` formats are refused"),
     "seed": _h("per-request seed on both engines"),
     "stop": _h("stop strings, matched by the router across prefill's and decode's tokens"),
     "stream": _h("SSE chunks ending in `data: [DONE]`"),
@@ -122,7 +122,10 @@ FIELDS: dict[str, FieldRule] = {
     "media_io_kwargs": _r("pdserve serves text only", endpoints=CHAT),
     "mm_processor_kwargs": _r("pdserve serves text only", endpoints=CHAT),
     "prompt_embeds": _r("prompt embeddings are not supported", endpoints=COMPLETIONS),
-    "structured_outputs": _r("structured output is not wired through prefill and decode yet"),
+    "structured_outputs": _h("json, regex, choice, grammar, json_object, structural_tag and "
+                             "their options, through vLLM's backend; prefill's first token is "
+                             "constrained, and decode resamples it so its grammar state "
+                             "continues after it"),
     "priority": _r("the engines use FCFS scheduling (vLLM rejects a priority then too)", 0),
     "request_id": _h("response id becomes `<prefix>-<request_id>`, as vLLM"),
     "session_id": _noop("vLLM uses it only to route among data-parallel engine ranks"),

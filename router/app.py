@@ -203,7 +203,7 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
         logit_bias=body.logit_bias_ids,
         allowed_token_ids=tuple(body.allowed_token_ids) if body.allowed_token_ids else None,
         bad_words=tuple(body.bad_words), stream_interval=body.stream_interval,
-        num_logprobs=body.num_logprobs)
+        num_logprobs=body.num_logprobs, structured=body.structured_spec())
     if sampling.depends_on_output and sampling.seed is None and sampling.temperature > 0:
         # Decode samples prefill's first token again (see Handoff._decode); with one seed
         # for both engines it draws the same token. A random seed is as random as none.

@@ -7,6 +7,7 @@ fields vLLM does not know either are ignored, as vLLM ignores them.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.wire import TokenLogprob
+from cluster.wire import StructuredSpec, TokenLogprob
 from router import api_fields
 
 
@@ -36,6 +37,38 @@ class OpenAIError(Exception):
 
 
 MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "schema"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension: one constraint plus options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def model_dump(self, **kw) -> dict[str, Any]:  # the wire names, `json` included
+        return super().model_dump(by_alias=True, **kw)
 
 
 class StreamOptions(BaseModel):
@@ -78,6 +111,8 @@ class _SamplingFields(BaseModel):
     return_token_ids: bool | None = Field(None, description="vLLM extension: include token ids")
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     stream_interval: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
@@ -108,6 +143,37 @@ class _SamplingFields(BaseModel):
                     raise OpenAIError(400, f"`logit_bias` keys must be token ids, got {key!r}",
                                       param="logit_bias")
         return self
+
+    def structured_spec(self) -> StructuredSpec | None:
+        """The request's one structured-output constraint, as vLLM merges `response_format`
+        into `structured_outputs` (response_format wins)."""
+        fields = self.structured_outputs.model_dump(exclude_none=True) if self.structured_outputs else {}
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            for key in _CONSTRAINTS:
+                fields.pop(key, None)
+            if rf.type == "json_object":
+                fields["json_object"] = True
+            else:
+                if rf.json_schema is None or rf.json_schema.json_schema is None:
+                    raise OpenAIError(400, "When response_format type is 'json_schema', the "
+                                      "'json_schema' field (with its 'schema') must be provided.",
+                                      param="response_format")
+                fields["json"] = rf.json_schema.json_schema
+        if not fields:
+            return None
+        constraints = [k for k in _CONSTRAINTS if k in fields]
+        if len(constraints) != 1:
+            raise OpenAIError(400, "structured outputs need exactly one constraint of "
+                              f"{', '.join(_CONSTRAINTS)}; got {constraints or 'none'}",
+                              param="structured_outputs")
+        if "json" in fields and not isinstance(fields["json"], str):
+            fields["json"] = json.dumps(fields["json"])
+        if "choice" in fields:
+            if not fields["choice"]:
+                raise OpenAIError(400, "`choice` must not be empty", param="structured_outputs")
+            fields["choice"] = tuple(fields["choice"])
+        return StructuredSpec(**fields)
 
     @property
     def stop_strings(self) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -230,5 +231,34 @@ async def test_router_side_fields():
 def test_a_rule_refuses_only_non_off_values():
     rule = api_fields.FIELDS["n"]
     assert not rule.rejects(1) and not rule.rejects(None) and rule.rejects(2) and rule.rejects(True)
-    assert not api_fields.FIELDS["response_format"].rejects({"type": "text"})
-    assert api_fields.FIELDS["response_format"].rejects({"type": "json_object"})
+    assert not api_fields.FIELDS["tool_choice"].rejects("none")
+    assert api_fields.FIELDS["tool_choice"].rejects("auto")
+
+
+async def test_structured_output_reaches_both_engines_and_bad_ones_are_400():
+    async with recording_deployment() as (client, prefill, decode):
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        cases = [
+            ({"response_format": {"type": "json_object"}}, "json_object", True),
+            ({"response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "s", "schema": schema}}},
+             "json", json.dumps(schema)),
+            ({"structured_outputs": {"regex": "[0-9]+"}}, "regex", "[0-9]+"),
+            ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ("yes", "no")),
+            ({"structured_outputs": {"grammar": "root ::= \"a\""}}, "grammar", "root ::= \"a\""),
+        ]
+        for extra, key, value in cases:
+            r = await client.post("/v1/chat/completions", json={**_base("chat"), **extra})
+            assert r.status_code == 200, (extra, r.text)
+            p, d = prefill.requests[-1], decode.requests[-1]
+            assert getattr(p.sampling.structured, key) == value
+            assert d.sampling.structured == p.sampling.structured
+            assert d.prompt_token_ids == p.prompt_token_ids  # decode resamples the first token
+        for bad in ({"response_format": {"type": "json_schema"}},
+                    {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+                    {"structured_outputs": {"choice": []}},
+                    {"structured_outputs": {"regexp": "a"}},
+                    {"response_format": {"type": "yaml"}}):
+            r = await client.post("/v1/completions", json={**_base("completions"), **bad})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["param"].split(".")[0] in ("response_format", "structured_outputs")
