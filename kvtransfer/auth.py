@@ -24,9 +24,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable
+
+from pydantic import SecretStr
 
 from cluster import auth
 from cluster.config import KVTransferSettings
@@ -43,6 +47,17 @@ REQUEST_LABEL = b"pdserve-kv-dist-request/1"
 def kv_secret(settings: KVTransferSettings | None = None) -> bytes:
     """The deployment's KV secret (config, environment, or this host's generated one)."""
     return auth.resolve_secret(settings.secret if settings is not None else None, ENV_SECRET)
+
+
+def with_deployment_secret(settings: KVTransferSettings) -> KVTransferSettings:
+    """`settings` with the secret all instances of one deployment share: the configured
+    one, else PDSERVE_KV_SECRET, else a fresh random one. The composition root (launcher,
+    Serve app builder) calls this once and hands the result to every worker, so the hosts
+    of a deployment agree with nothing configured and two deployments never share one."""
+    if settings.secret is not None:
+        return settings
+    value = os.environ.get(ENV_SECRET) or secrets.token_hex(32)
+    return settings.model_copy(update={"secret": SecretStr(auth.check_secret(value))})
 
 
 class RefusalCounter:

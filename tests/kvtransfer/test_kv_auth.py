@@ -334,3 +334,15 @@ def test_transfer_server_listens_on_the_node_address_not_every_interface(produce
     port = producer._server.port
     assert _listening_addresses(port) == [f"127.0.0.1:{port}"]
     assert list_segments(producer.staging_dir) == []
+
+
+def test_a_deployment_gets_one_fresh_secret_unless_one_is_given(monkeypatch):
+    monkeypatch.delenv(kv_auth.ENV_SECRET, raising=False)
+    first = kv_auth.with_deployment_secret(KVTransferSettings())
+    second = kv_auth.with_deployment_secret(KVTransferSettings())
+    assert kv_auth.kv_secret(first) != kv_auth.kv_secret(second)  # per deployment
+    assert len(kv_auth.kv_secret(first)) == 64
+    assert kv_auth.with_deployment_secret(first) is first  # given: kept
+    monkeypatch.setenv(kv_auth.ENV_SECRET, "shared-by-the-operator-123")
+    assert kv_auth.kv_secret(kv_auth.with_deployment_secret(KVTransferSettings())) == \
+        b"shared-by-the-operator-123"
