@@ -121,21 +121,10 @@ def bench_fresh_pages(size: int, staging: Path) -> Cell:
 
 
 def _stand_in_connector(role: str, staging: Path, engine_id: str, block_size: int):
-    """A worker-half PdserveConnector without an engine (as tests/kvtransfer do)."""
-    from types import SimpleNamespace
+    """A worker-half PdserveConnector without an engine (kvtransfer.testing, as the tests)."""
+    from kvtransfer.testing import make_connector
 
-    from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-
-    from kvtransfer.connector import PdserveConnector
-
-    config = SimpleNamespace(
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
-            kv_role=role, engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 600}),
-        cache_config=SimpleNamespace(block_size=block_size))
-    return PdserveConnector(config, KVConnectorRole.WORKER, kv_cache_config=None)
+    return make_connector(role, staging, engine_id, block_size, lease_s=600)
 
 
 class ShmPath:
@@ -144,7 +133,7 @@ class ShmPath:
     def __init__(self, size: int, staging: Path):
         import torch
 
-        from kvtransfer.connector import LoadSpec, PdserveConnectorMetadata, SaveSpec
+        from kvtransfer.metadata import LoadSpec, PdserveConnectorMetadata, SaveSpec
 
         num_layers, num_blocks = _shape_for(size)
         block_size = BLOCK_SHAPE[1]
@@ -167,16 +156,14 @@ class ShmPath:
             dst_block_ids=tuple(range(0, 2 * num_blocks, 2)), first_block=0)])
 
     def stage(self) -> None:
-        self.producer.bind_connector_metadata(self.save_meta)
-        for name, kv in self.caches_src.items():
-            self.producer.save_kv_layer(name, kv, attn_metadata=None)
-        self.producer.wait_for_save()
-        self.producer.clear_connector_metadata()
+        from kvtransfer.testing import run_save_step
+
+        run_save_step(self.producer, self.caches_src, self.save_meta)
 
     def load(self) -> None:
-        self.consumer.bind_connector_metadata(self.load_meta)
-        self.consumer.start_load_kv(None)
-        self.consumer.clear_connector_metadata()
+        from kvtransfer.testing import run_load_step
+
+        run_load_step(self.consumer, *self.load_meta.loads)
         if self.consumer.get_block_ids_with_load_errors():
             raise RuntimeError("benchmark load failed")
 
@@ -397,12 +384,13 @@ def _ttft_engines(prompt_tokens: int, staging: Path, cpu_cores: str) -> dict[str
     common = {"model": str(ensure_tiny_model("small")), "max_model_len": prompt_tokens + 64,
               "enable_prefix_caching": False, "max_num_seqs": 4, "seed": 0}
 
+    from cluster.config import KVTransferSettings
+    from kvtransfer.params import vllm_kv_transfer_config
+
     def producer_config(engine_id: str, layerwise: bool) -> KVTransferConfig:
-        return KVTransferConfig(
-            kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
-            kv_role="kv_producer", engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60,
-                                       "layerwise": layerwise})
+        settings = KVTransferSettings(lease_s=60, layerwise=layerwise)
+        return KVTransferConfig(**vllm_kv_transfer_config("kv_producer", settings, engine_id,
+                                                          staging))
 
     # The same cores for both engines: left to vLLM's automatic binding, the second engine
     # starts while the first holds a core and gets a different set, which voids the A/B.
@@ -428,17 +416,17 @@ def _serve_one(llm, prompt_ids: list[int]):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvtransfer.connector import PARAM_SEGMENT
-    from kvtransfer.staging import StagingSegment
+    from kvtransfer.params import StagedKV
+    from kvtransfer.segment import StagingSegment
 
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     start = time.perf_counter()
     (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)
     ttft_s = time.perf_counter() - start
-    staged = (output.kv_transfer_params or {}).get(PARAM_SEGMENT)
+    staged = StagedKV.from_params(output.kv_transfer_params)
     if staged is None:
         return ttft_s, None
-    seg = StagingSegment.open(Path(staged))
+    seg = StagingSegment.open(Path(staged.segment_path))
     layout = seg.header.layout
     seg.recycle()  # no decode here: give it back as the consumer does after loading
     return ttft_s, layout
@@ -449,8 +437,9 @@ def _staging_cost_alone(layout, staging: Path, reps: int = 10) -> float:
     wait_for_save) at the engine's own segment layout, outside the engine."""
     import torch
 
-    from kvtransfer.connector import PdserveConnectorMetadata, SaveSpec
-    from kvtransfer.staging import StagingSegment
+    from kvtransfer.metadata import PdserveConnectorMetadata, SaveSpec
+    from kvtransfer.segment import StagingSegment
+    from kvtransfer.testing import run_save_step
 
     torch.set_num_threads(1)  # as the engine serves (vLLM reduces its torch threads to one)
     producer = _stand_in_connector("kv_producer", staging, "bench-alone", layout.block_size)
@@ -465,11 +454,7 @@ def _staging_cost_alone(layout, staging: Path, reps: int = 10) -> float:
     durations = []
     for _ in range(reps):
         start = time.perf_counter()
-        producer.bind_connector_metadata(meta)
-        for name, kv in caches.items():
-            producer.save_kv_layer(name, kv, attn_metadata=None)
-        producer.wait_for_save()
-        producer.clear_connector_metadata()
+        run_save_step(producer, caches, meta)
         durations.append(time.perf_counter() - start)
         StagingSegment.open(path).recycle()
     producer.shutdown()

@@ -115,9 +115,9 @@ class KVTransferSettings(_Strict):
         "shared memory when both ends share a host, else TCP; `shm` reads the segment in place "
         "(same host only); `tcp` pulls it from the prefill node's transfer server (any host); "
         "`dist` pulls it over a torch.distributed pair group (gloo or NCCL, `dist_backend`) "
-        "through the rendezvous store `dist_store_host`:`dist_store_port`; `cuda_ipc` shares "
-        "GPU memory between processes on one host (not selectable yet: KV is staged in host "
-        "memory).",
+        "through the rendezvous store `dist_store_host`:`dist_store_port`; `cuda_ipc` maps "
+        "the prefill's device staging arena from a decode on the same host and copies device "
+        "to device (CUDA engines; see docs/kvtransfer.md for what is wired in).",
     )
     on_failure: Literal["recompute", "fail"] = Field(
         "fail",
@@ -170,6 +170,15 @@ class KVTransferSettings(_Strict):
         description="Checksum every staged block on prefill and verify it on decode before "
         "loading; a damaged block takes the on_failure path. xxh3_64 needs the xxhash "
         "package on both ends.",
+    )
+    device_staging_gib: float = Field(
+        0.5,
+        ge=0,
+        description="CUDA engines only: GPU memory each prefill reserves as its device "
+        "staging arena, where each layer's KV is gathered on the device (on a side stream, "
+        "after the layer's compute) for transport `cuda_ipc` or `dist` over NCCL. The arena is "
+        "bounded: a request that does not fit takes the host path. It comes out of the "
+        "engine's gpu_memory_utilization share (see kvtransfer.memory). CPU engines ignore it.",
     )
     dist_store_host: str | None = Field(
         None,

@@ -104,7 +104,8 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 
 class KVHandle(msgspec.Struct, frozen=True):
-    """Where a prefill left a request's KV. Opaque outside `kvtransfer`."""
+    """Where a prefill left a request's KV. Opaque outside `kvtransfer`: `data` is a
+    msgpack `kvtransfer.handle.TransferDescriptor` (segment, node, transfer server, epoch)."""
 
     producer_id: str  # instance id of the prefill worker that owns the staged KV
     data: bytes
@@ -122,7 +123,10 @@ class EngineRequest(msgspec.Struct, frozen=True):
 class PrefillResult(msgspec.Struct, frozen=True):
     request_id: str
     first_token_id: int
-    # Set when the request ended at its first token (EOS, stop id, or max_tokens == 1).
+    # "abort" when the request was aborted while its prefill ran (the router had given up;
+    # no KV is handed over), else None. The prefill never sets it for a request that ends at
+    # its first token (EOS, stop id, max_tokens == 1): the router decides that itself from
+    # first_token_id and the request's sampling (`Handoff._ends_at_first_token`).
     finish_reason: FinishReason | None
     kv_handle: KVHandle | None
     num_prompt_tokens: int
@@ -148,11 +152,16 @@ class TokenDelta(msgspec.Struct, frozen=True):
 class TransferStat(msgspec.Struct, frozen=True):
     """One KV movement, as seen by the side that performed it."""
 
-    transport: Literal["shm", "tcp", "dist", "cuda_ipc", "local"]
+    # What moved the bytes: a fetch record names the transport that brought the segment to
+    # the decode's host (shm, tcp, dist); the connector's save and load records name the
+    # staging medium they copied through (shm: host staging; cuda_ipc: a device arena).
+    transport: Literal["shm", "tcp", "dist", "cuda_ipc"]
     direction: Literal["save", "load", "fetch"]
     num_bytes: int
     duration_s: float
     outcome: Literal["ok", "failed", "expired"]
+    request_id: str | None = None  # the engine request id, when the record is about one
+    error: str | None = None  # why it failed (outcome "failed"), as the side that saw it
 
 
 class WorkerStats(msgspec.Struct, frozen=True):

@@ -17,16 +17,24 @@ request ended before the load, the engine chose to recompute, or the request was
 cancelled while the fetch ran) is removed here, never left to a lease that does not cover
 it (a fetched copy belongs to no producer).
 
-The first delta says how the prompt's KV was obtained (`served_by`) and how many prompt
-tokens the engine computed itself: 1 when the KV moved (prefill's first token), the whole
-prompt when it was recomputed. A plain class; the launcher wraps it with ``ray.remote``.
+The states and their allowed moves are `kvtransfer.lifecycle.DECODE_KV_TRANSITIONS`;
+`generate` moves a checked `Lifecycle` through them, so a wrong move raises.
+
+How the prompt's KV was obtained (`served_by`) and how many prompt tokens the engine
+computed itself (1 when the KV moved: prefill's first token; the whole prompt when it was
+recomputed): the first delta says what this worker knows then (the KV was delivered to
+the engine, or the fetch failed); the final delta carries the consumer connector's own
+report (`KVLoadReport`: loaded, or recomputed because the segment was unusable or its load
+failed), which the router takes as the last word. A plain class; the launcher wraps it
+with ``ray.remote``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from cluster.config import KVTransferSettings
 from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params, token_logprobs
@@ -39,7 +47,10 @@ from cluster.wire import (
     TransferStat,
     WorkerStats,
 )
-from kvtransfer.service import ConsumerService, MaterializedKV, vllm_kv_transfer_config
+from kvtransfer.lifecycle import DECODE_KV_TRANSITIONS, DecodeKVState, Lifecycle
+from kvtransfer.service import ConsumerService, MaterializedKV
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
@@ -52,8 +63,7 @@ class DecodeWorker:
             spec = EngineSpec(
                 model_path=spec.model_path, model=spec.model, pool=spec.pool,
                 instance_index=spec.instance_index,
-                kv_transfer_config=vllm_kv_transfer_config(
-                    "kv_consumer", kv, f"{instance_id}-consumer", self._kv.staging_dir),
+                kv_transfer_config=self._kv.engine_kv_config(f"{instance_id}-consumer"),
             )
         self._engine = EngineHost(spec)
         self._queued_prompt_tokens = 0
@@ -71,19 +81,26 @@ class DecodeWorker:
         kv_params = None
         kv_load_s = None
         served_by: ServedBy = "colocated"
+        state = Lifecycle(DECODE_KV_TRANSITIONS, DecodeKVState.RECEIVED, req.request_id)
         if req.kv_handle is not None:
+            state.move_to(DecodeKVState.FETCHING_KV)
             try:
-                materialized = await self._materialize(req.kv_handle)
+                materialized = await self._materialize(req.kv_handle, req.request_id)
             except KVTransferError as e:
-                self._fetch_transfers.append(TransferStat(
-                    transport=self._kv.transport_for(req.kv_handle), direction="fetch",
-                    num_bytes=0, duration_s=0.0, outcome="failed"))
+                self._fetch_transfers.append(self._kv.failed_fetch(req.kv_handle, e, req.request_id))
                 if self._kv.settings.on_failure == "fail":
+                    state.move_to(DecodeKVState.FAILED)
                     yield TokenDelta(token_ids=(), finish_reason="error",
                                      error=f"KV transfer failed: {e}")
                     return
+                log.info("[%s] KV fetch failed; recomputing the prompt: %s", req.request_id, e)
+                state.move_to(DecodeKVState.RECOMPUTING)
                 served_by = "recomputed"
+            except asyncio.CancelledError:
+                state.move_to(DecodeKVState.ABORTED)
+                raise
             else:
+                state.move_to(DecodeKVState.LOADING)
                 kv_params = materialized.kv_transfer_params
                 kv_load_s = materialized.stat.duration_s
                 self._fetch_transfers.append(materialized.stat)
@@ -101,29 +118,46 @@ class DecodeWorker:
                             else None)
                 finish = _finish_reason(completion.finish_reason if completion else None,
                                         out.finished)
+                # The connector's account of the prompt's KV comes with the final output.
+                report = self._kv_report(out, num_prompt) if materialized is not None else {}
                 if first:
                     first = False
+                    state.move_to(DecodeKVState.RUNNING)
                     self._queued_prompt_tokens -= num_prompt
                     num_cached = int(out.num_cached_tokens or 0)
-                    if served_by == "transferred" and num_cached < num_prompt - 1:
-                        served_by = "recomputed"  # the engine could not use the segment
+                    first_kv = {"served_by": served_by,
+                                "num_prompt_tokens_computed": num_prompt - num_cached, **report}
                     yield TokenDelta(token_ids=token_ids, finish_reason=finish,
-                                     served_by=served_by,
-                                     num_prompt_tokens_computed=num_prompt - num_cached,
-                                     kv_load_s=kv_load_s, logprobs=logprobs)
+                                     kv_load_s=kv_load_s, logprobs=logprobs, **first_kv)
                 else:
-                    yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs)
+                    yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs,
+                                     **report)
+                if out.finished:
+                    state.move_to(DecodeKVState.FINISHED)
         finally:
+            if not state.is_final:
+                state.move_to(DecodeKVState.ABORTED)
             if first:
                 self._queued_prompt_tokens -= num_prompt
             if materialized is not None:
                 self._kv.discard(materialized)
 
-    async def _materialize(self, handle: KVHandle) -> MaterializedKV:
+    def _kv_report(self, out: Any, num_prompt: int) -> dict[str, Any]:
+        """served_by and prompt tokens computed, from the consumer connector's report on a
+        finished output (empty before the end, or when it reported nothing)."""
+        report = self._kv.load_report(out.kv_transfer_params) if out.finished else None
+        if report is None:
+            return {}
+        computed = num_prompt - report.num_local_tokens - report.num_loaded_tokens
+        if report.served_by == "recomputed":
+            log.info("[%s] decode recomputed the prompt: %s", out.request_id, report.reason)
+        return {"served_by": report.served_by, "num_prompt_tokens_computed": computed}
+
+    async def _materialize(self, handle: KVHandle, request_id: str) -> MaterializedKV:
         """Make the handle's KV local (a fetch runs in a thread). A fetch cannot be
         interrupted, so when the request is cancelled meanwhile, the fetch runs on and
         what it brings is discarded as it lands."""
-        fetch = asyncio.ensure_future(asyncio.to_thread(self._kv.materialize, handle))
+        fetch = asyncio.ensure_future(asyncio.to_thread(self._kv.materialize, handle, request_id))
         try:
             return await asyncio.shield(fetch)
         except asyncio.CancelledError:

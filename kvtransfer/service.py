@@ -6,13 +6,15 @@ Transport choice, per handle (so per prefill/decode pair), from `KVTransferSetti
   shm      - the segment is on this host: the engine reads it in place (one copy, into blocks).
   tcp      - fetch the segment from the producer node's TransferServer into local staging first.
   dist     - fetch it over a torch.distributed pair group (the prefill's `DistResponder` sends).
-  cuda_ipc - registered, not selectable yet (see kvtransfer/cuda_ipc.py).
+  cuda_ipc - registered; fails at start-up on this path (host staging has no device arena to
+             lend; the device path is `device_staging.py`, see docs/kvtransfer.md).
 An explicit name forces that transport for every handle. The transports themselves live
-behind `kvtransfer.transport`'s lazy registry; this module only picks one by name.
+behind `kvtransfer.registry`'s lazy registry; this module only picks one by name.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -22,15 +24,6 @@ from typing import Any
 
 from cluster.config import KVTransferSettings
 from cluster.wire import KVHandle, KVTransferError, TransferStat
-from kvtransfer.connector import (
-    EXTRA_CHECKSUMS,
-    EXTRA_LAYERWISE,
-    EXTRA_LEASE_S,
-    EXTRA_POOL_BYTES,
-    EXTRA_STAGING_DIR,
-    PARAM_NUM_TOKENS,
-    PARAM_SEGMENT,
-)
 from kvtransfer import auth as kv_auth
 from kvtransfer.handle import (
     TransferDescriptor,
@@ -38,41 +31,30 @@ from kvtransfer.handle import (
     encode_handle,
     local_node_id,
 )
-from kvtransfer.staging import (
-    default_staging_dir,
-    is_segment_name,
-    list_segments,
-    owner_tag,
-    reclaim_expired,
-)
+from kvtransfer.names import is_segment_name, list_segments, owner_tag
+from kvtransfer.params import KVLoadReport, StagedKV, vllm_kv_transfer_config
+from kvtransfer.reclaim import Sweeper
+from kvtransfer.dist_channel import DistResponder
+from kvtransfer.registry import TRANSPORTS, Transport, TransportRegistry
+from kvtransfer.segment import default_staging_dir
 from kvtransfer.tcp import TransferServer, reclaim_orphan_fetches
-from kvtransfer.transport import TRANSPORTS, DistResponder, Transport, TransportRegistry
 
+__all__ = ["ConsumerService", "MaterializedKV", "ProducerService", "vllm_kv_transfer_config"]
 
-def vllm_kv_transfer_config(role: str, settings: KVTransferSettings, engine_id: str,
-                            staging_dir: Path) -> dict[str, Any]:
-    """Keyword arguments for vLLM's KVTransferConfig that load pdserve's connector."""
-    return {
-        "kv_connector": "PdserveConnector",
-        "kv_connector_module_path": "kvtransfer.connector",
-        "kv_role": role,
-        "engine_id": engine_id,
-        "kv_load_failure_policy": settings.on_failure,
-        "kv_connector_extra_config": {
-            EXTRA_STAGING_DIR: str(staging_dir),
-            EXTRA_LEASE_S: settings.lease_s,
-            EXTRA_POOL_BYTES: int(settings.staging_pool_gib * (1 << 30)),
-            EXTRA_LAYERWISE: settings.layerwise,
-            EXTRA_CHECKSUMS: settings.checksums,
-        },
-    }
+log = logging.getLogger(__name__)
 
 
 class ProducerService:
-    """Prefill side: owns this instance's staging area, its TCP server, and (with a
-    rendezvous store configured) the responder that answers `dist` fetches."""
+    """Prefill side: owns this instance's staging area, its TCP server, its lease sweeper
+    (the only one: it records every segment it reclaims) and, with a rendezvous store
+    configured, the responder that answers `dist` fetches.
 
-    def __init__(self, producer_id: str, settings: KVTransferSettings, advertise_host: str):
+    The prefill worker makes one call per request: `handle_for(final output params)`.
+    `sweep=False` leaves the sweeper's timer off (tests call `reclaim_expired` themselves).
+    """
+
+    def __init__(self, producer_id: str, settings: KVTransferSettings, advertise_host: str,
+                 sweep: bool = True):
         self.producer_id = producer_id
         self.settings = settings
         self.epoch = uuid.uuid4().hex[:12]
@@ -93,13 +75,30 @@ class ProducerService:
             except BaseException:
                 self._server.close()
                 raise
+        self._sweeper = Sweeper(self.staging_dir, self.engine_id, settings.lease_s)
+        if sweep:
+            self._sweeper.start()
 
-    def handle_for(self, kv_transfer_params: dict[str, Any] | None) -> KVHandle | None:
-        if not kv_transfer_params or PARAM_SEGMENT not in kv_transfer_params:
+    def engine_kv_config(self) -> dict[str, Any]:
+        """vLLM KVTransferConfig arguments for this prefill's engine (producer role)."""
+        return vllm_kv_transfer_config("kv_producer", self.settings, self.engine_id,
+                                       self.staging_dir)
+
+    def handle_for(self, kv_transfer_params: dict[str, Any] | None,
+                   request_id: str | None = None) -> KVHandle | None:
+        """The handle to a finished prefill's staged KV, from its final output's
+        kv_transfer_params; None when the connector staged nothing for it."""
+        staged = StagedKV.from_params(kv_transfer_params)
+        if staged is None:
+            if request_id is not None:
+                log.info("[%s] prefill staged no KV", request_id)
             return None
+        if request_id is not None:
+            log.debug("[%s] staged %d prompt tokens in %s", request_id, staged.num_tokens,
+                      Path(staged.segment_path).name)
         return encode_handle(TransferDescriptor(
-            segment_path=kv_transfer_params[PARAM_SEGMENT],
-            num_tokens=int(kv_transfer_params[PARAM_NUM_TOKENS]),
+            segment_path=staged.segment_path,
+            num_tokens=staged.num_tokens,
             node_id=local_node_id(),
             tcp_host=self._advertise_host,
             tcp_port=self._server.port,
@@ -122,10 +121,18 @@ class ProducerService:
     def num_staged(self) -> int:
         return len(list_segments(self.staging_dir, owner_tag(self.engine_id)))
 
-    def reclaim_expired(self) -> int:
-        return reclaim_expired(self.staging_dir, self.settings.lease_s, self.engine_id)
+    def reclaim_expired(self, now: float | None = None) -> int:
+        """One sweep now (the sweeper's timer does this on its own); returns how many
+        expired segments it reclaimed, each recorded for `take_transfers`."""
+        return self._sweeper.sweep(now=now, lease_s=self.settings.lease_s)
+
+    def take_transfers(self) -> tuple[TransferStat, ...]:
+        """Records of this service's own transfer work since the last call (expired
+        segments); the engine's connector reports its saves separately."""
+        return self._sweeper.take_records()
 
     def close(self) -> None:
+        self._sweeper.close()
         self._server.close()
         if self._dist is not None:
             self._dist.close()
@@ -133,12 +140,23 @@ class ProducerService:
 
 @dataclass(frozen=True)
 class MaterializedKV:
-    kv_transfer_params: dict[str, Any]
+    """A handle's KV, local and ready for the decode's engine to load."""
+
+    staged: StagedKV
     stat: TransferStat
+
+    @property
+    def kv_transfer_params(self) -> dict[str, Any]:
+        """What the engine request carries to the consumer's connector."""
+        return self.staged.to_params()
 
 
 class ConsumerService:
     """Decode side: turns a handle into a local segment its engine can load.
+
+    The decode worker's calls: `materialize(handle)` before the engine sees the request,
+    `discard(kv)` when the request ends, `load_report(final params)` for how the engine
+    obtained the prompt's KV (the connector's own account).
 
     `consumer_id` names this decode in `dist` pair groups (default: fresh per process);
     `transports` is the registry transports are built from (tests pass one with fakes).
@@ -163,7 +181,13 @@ class ConsumerService:
         except KVTransferError:
             return "tcp" if self.settings.transport == "auto" else self.settings.transport
 
-    def materialize(self, handle: KVHandle) -> MaterializedKV:
+    def engine_kv_config(self, engine_id: str) -> dict[str, Any]:
+        """vLLM KVTransferConfig arguments for this decode's engine (consumer role)."""
+        return vllm_kv_transfer_config("kv_consumer", self.settings, engine_id, self.staging_dir)
+
+    def materialize(self, handle: KVHandle, request_id: str | None = None) -> MaterializedKV:
+        """Make the handle's KV local. Raises KVTransferError when it cannot be had."""
+        rid = request_id or "-"
         desc = decode_handle(handle)
         name = self._select(desc)
         transport = self._transport(name)
@@ -171,14 +195,31 @@ class ConsumerService:
         try:
             path, nbytes = transport.fetch(desc, self.staging_dir, self.settings.connect_timeout_s)
         except KVTransferError as e:
+            log.warning("[%s] KV fetch over %s from %s failed: %s", rid, name, desc.producer_id, e)
             if transport.is_local and desc.node_id != local_node_id():
                 raise KVTransferError(
                     f"{e} (transport {name} reaches only this host's KV, and the handle comes "
                     f"from node {desc.node_id}, not {local_node_id()})") from e
             raise
+        duration = time.perf_counter() - started
+        log.debug("[%s] KV of %d prompt tokens local over %s in %.4f s", rid, desc.num_tokens,
+                  name, duration)
         stat = TransferStat(transport=name, direction="fetch", num_bytes=nbytes,
-                            duration_s=time.perf_counter() - started, outcome="ok")
-        return MaterializedKV({PARAM_SEGMENT: str(path), PARAM_NUM_TOKENS: desc.num_tokens}, stat)
+                            duration_s=duration, outcome="ok", request_id=request_id)
+        return MaterializedKV(StagedKV(segment_path=str(path), num_tokens=desc.num_tokens), stat)
+
+    def failed_fetch(self, handle: KVHandle, error: KVTransferError,
+                     request_id: str | None = None) -> TransferStat:
+        """The record of a materialize that raised `error`."""
+        return TransferStat(transport=self.transport_for(handle), direction="fetch",
+                            num_bytes=0, duration_s=0.0, outcome="failed",
+                            request_id=request_id, error=str(error))
+
+    @staticmethod
+    def load_report(final_kv_transfer_params: dict[str, Any] | None) -> KVLoadReport | None:
+        """How the consumer's connector obtained a finished request's prompt KV (from its
+        final output's kv_transfer_params); None when it reported nothing."""
+        return KVLoadReport.from_params(final_kv_transfer_params)
 
     @staticmethod
     def discard(kv: MaterializedKV) -> None:
@@ -187,7 +228,7 @@ class ConsumerService:
         engine may be in the very step that loads it (an abort races with that step), and
         unlinking leaves the connector's mapping intact, while a recycled file could be
         reused and overwritten under it."""
-        path = Path(kv.kv_transfer_params[PARAM_SEGMENT])
+        path = Path(kv.staged.segment_path)
         if is_segment_name(path.name):
             path.unlink(missing_ok=True)
 

@@ -5,21 +5,31 @@ Request lifecycle on this worker::
     received ──engine prefill (max_tokens=1), KV saved layer by layer──▶ STAGED
     STAGED ──decode fetches / loads the segment──▶ (ownership passes to decode)
     STAGED ──release_kv (request ended at its first token, or was cancelled)──▶ freed
-    STAGED ──nobody claims it within the lease──▶ reclaimed by the sweeper
-    received ──abort──▶ aborted (partial segment discarded by the connector)
+    STAGED ──nobody claims it within the lease──▶ reclaimed by ProducerService's sweeper
+                                                   (recorded as an "expired" transfer)
+    received ──abort──▶ aborted (partial segment discarded by the connector; the result
+                        says finish_reason="abort", or PrefillAborted is raised when no
+                        token was produced: there is no first token to report)
 
 A plain class: the launcher wraps it with ``ray.remote``; tests drive it directly.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 
 from cluster.config import KVTransferSettings
 from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params, token_logprobs
 from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenLogprob, WorkerStats
-from kvtransfer.service import ProducerService, vllm_kv_transfer_config
+from kvtransfer.service import ProducerService
+
+log = logging.getLogger(__name__)
+
+
+class PrefillAborted(RuntimeError):
+    """The router aborted this prefill before it produced a token: there is no result
+    (and nobody waits for one)."""
 
 
 class PrefillWorker:
@@ -32,26 +42,17 @@ class PrefillWorker:
         spec = EngineSpec(
             model_path=spec.model_path, model=spec.model, pool=spec.pool,
             instance_index=spec.instance_index,
-            kv_transfer_config=vllm_kv_transfer_config(
-                "kv_producer", kv, self._kv.engine_id, self._kv.staging_dir),
+            kv_transfer_config=self._kv.engine_kv_config(),
         )
         self._engine = EngineHost(spec)
         self._queued_prompt_tokens = 0
         self._in_flight: set[str] = set()
         self._aborted: set[str] = set()  # aborted while their prefill was in flight
-        self._sweeper: asyncio.Task | None = None
         self._channel = None  # cluster.channel.ChannelServer once open_channel ran
 
     async def start(self) -> str:
         await self._engine.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         return self.instance_id
-
-    async def _sweep_forever(self) -> None:
-        interval = min(self._kv.settings.lease_s / 4, 5.0)
-        while True:
-            await asyncio.sleep(interval)
-            self._kv.reclaim_expired()
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         """Compute the prompt; returns the first token and a handle to the staged KV."""
@@ -73,14 +74,18 @@ class PrefillWorker:
         finally:
             self._queued_prompt_tokens -= len(req.prompt_token_ids)
             self._in_flight.discard(req.request_id)
-        handle = self._kv.handle_for(final.kv_transfer_params) if final is not None else None
+        handle = (self._kv.handle_for(final.kv_transfer_params, req.request_id)
+                  if final is not None else None)
         if req.request_id in self._aborted:
             # The router gave up while the prompt finished: nobody will claim this KV.
             self._aborted.discard(req.request_id)
             if handle is not None:
                 self._kv.release(handle)
+            log.info("[%s] prefill aborted; staged KV released", req.request_id)
+            if first_token is None:
+                raise PrefillAborted(f"prefill of {req.request_id} was aborted before its first token")
             return PrefillResult(
-                request_id=req.request_id, first_token_id=first_token or 0, finish_reason="abort",
+                request_id=req.request_id, first_token_id=first_token, finish_reason="abort",
                 kv_handle=None, num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=0,
                 prefill_start_s=started, prefill_end_s=time.time())
         if final is None or first_token is None:
@@ -113,7 +118,8 @@ class PrefillWorker:
             kv_cache_usage=load.kv_cache_usage, num_kv_blocks=self._engine.num_kv_blocks,
             block_size=self._engine.block_size,
             queued_prompt_tokens=self._queued_prompt_tokens,
-            num_staged_segments=self._kv.num_staged(), transfers=load.take_transfers(),
+            num_staged_segments=self._kv.num_staged(),
+            transfers=load.take_transfers() + self._kv.take_transfers(),
         )
 
     async def open_channel(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -127,7 +133,5 @@ class PrefillWorker:
     async def shutdown(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self._kv.close()
+        self._kv.close()  # also stops its lease sweeper
         self._engine.shutdown()

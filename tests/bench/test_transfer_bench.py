@@ -25,7 +25,7 @@ def test_shm_path_moves_the_blocks_and_reuses_pooled_files(tmp_path):
     for name, src in path.caches_src.items():
         dst = path.caches_dst[name]
         assert bool((dst[0::2] == src[1::2]).all())  # odd source blocks -> even decode blocks
-    assert path.producer._pool.num_created == 1 and path.producer._pool.num_reused == 2
+    assert path.producer.pool.num_created == 1 and path.producer.pool.num_reused == 2
     assert list_segments(tmp_path) == []
 
 

@@ -9,12 +9,9 @@ block ids, token counts), so every step of the producer → consumer handoff run
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm.config import KVTransferConfig
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
 from kvtransfer.connector import (
@@ -26,39 +23,34 @@ from kvtransfer.connector import (
     SaveSpec,
 )
 from kvtransfer.staging import StagingSegment, list_segments, segment_path
+from kvtransfer.testing import (
+    allocated_blocks,
+    cached_requests,
+    engine_request,
+    finished_request,
+    make_connector,
+    new_request,
+    paged_caches,
+    run_load_step,
+    run_save_step,
+    scheduler_output,
+)
 
 BLOCK_SIZE = 32
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 NUM_PROMPT_TOKENS = 70  # not a multiple of the block size: the last block is partial
 
 
-def _connector(role: str, staging: Path, engine_id: str, role_half=KVConnectorRole.WORKER,
+def _connector(role: str, staging: Path, engine_id: str, role_half="worker",
                **extra) -> PdserveConnector:
-    # PdserveConnector.__init__ (and KVConnectorBase_V1's) reads only these two fields.
-    vllm_config = SimpleNamespace(
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="PdserveConnector", kv_connector_module_path="kvtransfer.connector",
-            kv_role=role, engine_id=engine_id,
-            kv_connector_extra_config={"staging_dir": str(staging), "lease_s": 60, **extra}),
-        cache_config=SimpleNamespace(block_size=BLOCK_SIZE),
-    )
-    return PdserveConnector(vllm_config, role_half, kv_cache_config=None)
+    return make_connector(role, staging, engine_id, BLOCK_SIZE, half=role_half, **extra)
 
 
 def _caches(num_blocks: int, fill: str) -> dict[str, torch.Tensor]:
-    make = torch.randn if fill == "random" else torch.zeros
-    return {name: make(num_blocks, 2, 2, BLOCK_SIZE, 4) for name in LAYERS}
+    return paged_caches(LAYERS, num_blocks, (2, 2, BLOCK_SIZE, 4), fill=fill)
 
 
-def _run_save_step(worker: PdserveConnector, caches: dict[str, torch.Tensor],
-                   meta: PdserveConnectorMetadata) -> None:
-    """What vLLM's model runner does around one forward pass on the prefill."""
-    worker.bind_connector_metadata(meta)
-    worker.start_load_kv(None)
-    for name, kv in caches.items():  # each layer, as soon as it is computed
-        worker.save_kv_layer(name, kv, attn_metadata=None)
-    worker.wait_for_save()
-    worker.clear_connector_metadata()
+_run_save_step = run_save_step
 
 
 def _consumer(staging: Path, caches: dict[str, torch.Tensor] | None = None
@@ -71,9 +63,7 @@ def _consumer(staging: Path, caches: dict[str, torch.Tensor] | None = None
 
 
 def _load(worker: PdserveConnector, load: LoadSpec) -> None:
-    worker.bind_connector_metadata(PdserveConnectorMetadata(loads=[load]))
-    worker.start_load_kv(None)
-    worker.clear_connector_metadata()
+    run_load_step(worker, load)
 
 
 def _stage_two_steps(tmp_path: Path, **extra) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -217,47 +207,36 @@ def test_layout_mismatch_is_a_load_error(staged, tmp_path):
 
 
 # -- the scheduler halves, end to end ---------------------------------------------------
-def _scheduler_output(new_reqs=(), cached=None, num_scheduled=None):
-    return SimpleNamespace(
-        scheduled_new_reqs=list(new_reqs),
-        scheduled_cached_reqs=cached or SimpleNamespace(req_ids=[], new_block_ids=[],
-                                                        resumed_req_ids=set(),
-                                                        num_computed_tokens=[]),
-        num_scheduled_tokens=num_scheduled or {},
-    )
+_scheduler_output = scheduler_output
 
 
 def test_scheduler_halves_hand_a_chunked_prefill_to_a_decode(tmp_path):
-    sched_p = _connector("kv_producer", tmp_path, "prefill-0", KVConnectorRole.SCHEDULER)
+    sched_p = _connector("kv_producer", tmp_path, "prefill-0", "scheduler")
     worker_p = _connector("kv_producer", tmp_path, "prefill-0")
     src = _caches(8, "random")
     worker_p.register_kv_caches(src)
 
     # Step 1: 40 of the 70 prompt tokens, blocks 5 and 1.
-    new = SimpleNamespace(req_id="r", prompt_token_ids=list(range(70)), block_ids=([5, 1],),
-                          num_computed_tokens=0)
+    new = new_request("r", 70, [5, 1])
     _run_save_step(worker_p, src, sched_p.build_connector_meta(
         _scheduler_output([new], num_scheduled={"r": 40})))
     # Step 2: the remaining 30 tokens; the scheduler adds block 6.
-    cached = SimpleNamespace(req_ids=["r"], new_block_ids=[([6],)], resumed_req_ids=set(),
-                             num_computed_tokens=[40])
+    cached = cached_requests(("r", [6], 40))
     _run_save_step(worker_p, src, sched_p.build_connector_meta(
         _scheduler_output(cached=cached, num_scheduled={"r": 30})))
-    finished = SimpleNamespace(request_id="r", num_computed_tokens=71,
-                               status=RequestStatus.FINISHED_LENGTH_CAPPED)
+    finished = finished_request("r", 71, RequestStatus.FINISHED_LENGTH_CAPPED)
     delay_free, params = sched_p.request_finished(finished, [5, 1, 6])
     assert delay_free is False  # the segment holds its own copy: blocks free at once
     assert params[PARAM_NUM_TOKENS] == 70 and Path(params[PARAM_SEGMENT]).exists()
 
     # The decode's prompt is the prefill's plus its first token.
-    sched_d = _connector("kv_consumer", tmp_path, "decode-0", KVConnectorRole.SCHEDULER)
+    sched_d = _connector("kv_consumer", tmp_path, "decode-0", "scheduler")
     worker_d = _connector("kv_consumer", tmp_path, "decode-0")
     dst = _caches(10, "zeros")
     worker_d.register_kv_caches(dst)
-    request = SimpleNamespace(request_id="r", kv_transfer_params=params,
-                              prompt_token_ids=list(range(71)))
+    request = engine_request("r", 71, params)
     assert sched_d.get_num_new_matched_tokens(request, 0) == (70, False)
-    blocks = SimpleNamespace(get_block_ids=lambda: ([3, 8, 0],))
+    blocks = allocated_blocks([3, 8, 0])
     sched_d.update_state_after_alloc(request, blocks, 70)
     worker_d.bind_connector_metadata(sched_d.build_connector_meta(_scheduler_output()))
     worker_d.start_load_kv(None)
@@ -271,26 +250,23 @@ def test_scheduler_halves_hand_a_chunked_prefill_to_a_decode(tmp_path):
 
 
 def test_consumer_recomputes_when_the_segment_is_gone(tmp_path):
-    sched_d = _connector("kv_consumer", tmp_path, "decode-0", KVConnectorRole.SCHEDULER)
+    sched_d = _connector("kv_consumer", tmp_path, "decode-0", "scheduler")
     params = {PARAM_SEGMENT: str(tmp_path / "pdserve-kv-gone"), PARAM_NUM_TOKENS: 70}
-    request = SimpleNamespace(request_id="r", kv_transfer_params=params,
-                              prompt_token_ids=list(range(71)))
+    request = engine_request("r", 71, params)
     assert sched_d.get_num_new_matched_tokens(request, 0) == (0, False)
 
 
 def test_aborted_prefill_discards_its_partial_segment(tmp_path):
-    sched_p = _connector("kv_producer", tmp_path, "prefill-0", KVConnectorRole.SCHEDULER)
+    sched_p = _connector("kv_producer", tmp_path, "prefill-0", "scheduler")
     worker_p = _connector("kv_producer", tmp_path, "prefill-0")
     src = _caches(8, "random")
     worker_p.register_kv_caches(src)
-    new = SimpleNamespace(req_id="r", prompt_token_ids=list(range(70)), block_ids=([5, 1],),
-                          num_computed_tokens=0)
+    new = new_request("r", 70, [5, 1])
     _run_save_step(worker_p, src, sched_p.build_connector_meta(
         _scheduler_output([new], num_scheduled={"r": 40})))
     assert len(list_segments(tmp_path)) == 1  # partially written, open in the worker
 
-    aborted = SimpleNamespace(request_id="r", num_computed_tokens=40,
-                              status=RequestStatus.FINISHED_ABORTED)
+    aborted = finished_request("r", 40, RequestStatus.FINISHED_ABORTED)
     assert sched_p.request_finished(aborted, [5, 1]) == (False, None)
     # The next step's metadata carries the discard to the worker, which unlinks.
     _run_save_step(worker_p, src, sched_p.build_connector_meta(_scheduler_output()))

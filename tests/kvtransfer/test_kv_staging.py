@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cluster.wire import KVTransferError
-from kvtransfer.connector import _segment_is_usable
+from kvtransfer.segment import segment_is_usable as _segment_is_usable
 from kvtransfer.staging import (
     HEADER_BYTES,
     SegmentLayout,

@@ -1,0 +1,63 @@
+"""What the connector's scheduler half tells its worker half each step, and the stats it returns.
+
+`PdserveConnectorMetadata` is the only channel between the halves (vLLM builds it in the
+scheduler process and binds it in each worker before the forward). `PdserveConnectorStats`
+carries the worker half's transfer records back: dicts of `cluster.wire.TransferStat`
+fields, which the engine host turns back into `TransferStat`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    request_id: str
+    segment_path: str
+    block_ids: tuple[int, ...]  # all of the request's blocks so far
+    first_block: int  # first block whose bytes change this step
+    end_token: int  # prompt tokens computed once this step ends
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    request_id: str
+    segment_path: str
+    dst_block_ids: tuple[int, ...]  # decode blocks to fill, in prompt order
+    first_block: int  # index of dst_block_ids[0] within the segment
+
+
+@dataclass
+class PdserveConnectorMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
+    discards: list[str] = field(default_factory=list)  # segment paths to give back unpublished
+
+
+@dataclass
+class PdserveConnectorStats(KVConnectorStats):
+    """Transfer records since the last collection: dicts of TransferStat fields."""
+
+    def reset(self) -> None:
+        self.data = {"transfers": []}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        self.data.setdefault("transfers", []).extend(other.data.get("transfers", []))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        records = self.data.get("transfers", [])
+        return {
+            "num_transfers": len(records),
+            "num_bytes": sum(r["num_bytes"] for r in records),
+            "num_failed": sum(r["outcome"] != "ok" for r in records),
+        }
+
+    def is_empty(self) -> bool:
+        return not self.data.get("transfers")
