@@ -84,14 +84,17 @@ FIELDS: dict[str, FieldRule] = {
                  "models with FIM rendering)", "", endpoints=COMPLETIONS),
     "temperature": _h("engine sampler; default 1.0"),
     "top_p": _h("engine sampler"),
-    "tools": _r("tool calling is not wired yet", endpoints=CHAT),
-    "tool_choice": _r("tool calling is not wired yet", "none", endpoints=CHAT),
+    "tools": _h("rendered by the chat template (`tools` variable); calls parsed from the "
+                "answer (Hermes `<tool_call>` format) with `tool_choice` auto", CHAT),
+    "tool_choice": _h("none, auto (Hermes parser), required and a named function (both "
+                      "guaranteed by a JSON-schema constraint, vLLM's schema)", CHAT),
     "reasoning_effort": _h("passed to the chat template (with `enable_thinking`), as vLLM does",
                            CHAT),
     "thinking_token_budget": _r("needs a reasoning parser; pdserve has none"),
     "include_reasoning": _noop("only read by a reasoning parser; vLLM without one ignores it too",
                                endpoints=CHAT),
-    "parallel_tool_calls": _r("tool calling is not wired yet", True, endpoints=CHAT),
+    "parallel_tool_calls": _h("false: at most one call (`maxItems: 1` for required; the first "
+                              "parsed call for auto)", CHAT),
     "user": _noop("vLLM ignores it too"),
     "use_beam_search": _r("beam search is not supported", False),
     "top_k": _h("engine sampler; -1 or 0 disables"),

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import RouterConfig, SLOConfig
 from cluster.wire import SamplingSpec, TokenDelta, TokenLogprob, WorkerUnavailable
+from router import chat_output
 from router import openai_protocol as oai
 from router import guard
 from router.admission import Admission
@@ -85,6 +86,7 @@ class _Prepared:
     sampling: SamplingSpec
     output: _OutputOptions
     prompt_text: str | None = None  # the rendered chat prompt, when asked for
+    tool_choice: chat_output.ToolChoice = chat_output.NO_TOOLS
 
 
 def create_app(deps: RouterDeps) -> FastAPI:
@@ -164,9 +166,20 @@ def create_app(deps: RouterDeps) -> FastAPI:
         prepared = _prepare(deps, body, body.truncate(ids), body.max_new_tokens, "chatcmpl")
         if body.return_prompt_text:
             prepared.prompt_text = text
+        prepared.tool_choice = _tool_choice(body)
         return await _serve(deps, prepared, body, chat=True)
 
     return app
+
+
+def _tool_choice(body: oai.ChatCompletionRequest) -> chat_output.ToolChoice:
+    choice = body.tool_choice
+    is_parallel = body.parallel_tool_calls is not False
+    if isinstance(choice, oai.NamedToolChoice):
+        return chat_output.ToolChoice("named", choice.function.name, is_parallel)
+    if choice in ("auto", "required"):
+        return chat_output.ToolChoice(choice, None, is_parallel)
+    return chat_output.NO_TOOLS
 
 
 def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
@@ -350,8 +363,10 @@ async def _whole_body(gen: _Generation, chat: bool) -> dict:
     fmt = p.output.logprobs
     text = "".join(pieces)
     if chat:
-        result = oai.chat_body(p.request_id, model, text, gen.finish_reason, gen.usage(),
-                               fmt.chat(logprobs) if fmt else None)
+        message, calls = chat_output.whole_message(p.tool_choice, text)
+        result = oai.chat_body(p.request_id, model, message,
+                               chat_output.finish_reason(p.tool_choice, gen.finish_reason, calls),
+                               gen.usage(), fmt.chat(logprobs) if fmt else None)
         if p.prompt_text is not None:
             result["prompt_text"] = p.prompt_text
     else:
@@ -376,6 +391,7 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
             if p.prompt_text is not None:
                 first["prompt_text"] = p.prompt_text
             yield _sse(first)
+        deltas = chat_output.StreamDeltas(p.tool_choice)
         try:
             is_first = True
             async for chunk in gen.chunks():
@@ -383,8 +399,14 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
                     continue
                 use = gen.usage() if continuous else None
                 if chat:
-                    event = oai.chat_chunk(rid, model, {"content": chunk.text}, None, use,
-                                           logprobs=fmt.chat(chunk.logprobs) if fmt else None)
+                    for i, delta in enumerate(deltas.step(chunk.text) or ([{}] if chunk.logprobs else [])):
+                        event = oai.chat_chunk(
+                            rid, model, delta, None, use,
+                            logprobs=fmt.chat(chunk.logprobs) if fmt and i == 0 else None)
+                        if p.output.return_token_ids:
+                            event["choices"][0]["token_ids"] = chunk.token_ids if i == 0 else []
+                        yield _sse(event)
+                    continue
                 else:
                     event = oai.completion_body(
                         rid, model, chunk.text, None, use,
@@ -402,7 +424,10 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
             return
         use = gen.usage() if continuous else None
         if chat:
-            yield _sse(oai.chat_chunk(rid, model, {}, gen.finish_reason, use))
+            for delta in deltas.end():
+                yield _sse(oai.chat_chunk(rid, model, delta, None, use))
+            reason = chat_output.finish_reason(p.tool_choice, gen.finish_reason, deltas.calls)
+            yield _sse(oai.chat_chunk(rid, model, {}, reason, use))
         else:
             yield _sse(oai.completion_body(rid, model, "", gen.finish_reason, use))
         if body.include_usage:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.wire import StructuredSpec, TokenLogprob
-from router import api_fields
+from router import api_fields, tool_calls
 
 
 class OpenAIError(Exception):
@@ -257,6 +257,29 @@ class ChatMessage(BaseModel):
         return message
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     _endpoint: ClassVar[api_fields.Endpoint] = "chat"
 
@@ -271,9 +294,29 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     return_prompt_text: bool | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
     @model_validator(mode="after")
     def _chat_checks(self):
+        if self.tools is not None and not self.tools:
+            raise OpenAIError(400, "`tools` must not be an empty array. Either provide at least "
+                              "one tool or omit the field entirely.", param="tools")
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
+        if self.tool_choice != "none" and not self.tools:
+            raise OpenAIError(400, "When using `tool_choice`, `tools` must be set.",
+                              param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools or ()}:
+                raise OpenAIError(400, "The tool specified in `tool_choice` does not match any "
+                                  "of the specified `tools`", param="tool_choice")
+        if self.tool_choice not in ("none", "auto") and (
+                self.structured_outputs is not None or (
+                    self.response_format is not None and self.response_format.type != "text")):
+            raise OpenAIError(400, "You can only either use constraints for structured outputs "
+                              "or a required/named tool choice, not both.", param="tool_choice")
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError(400, "when using `top_logprobs`, `logprobs` must be set to true.",
                               param="top_logprobs")
@@ -290,9 +333,26 @@ class ChatCompletionRequest(_SamplingFields):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
+
+    def structured_spec(self) -> StructuredSpec | None:
+        """`required` and named tool choices are guaranteed by a JSON schema (vLLM's)."""
+        choice = self.tool_choice
+        if choice == "required":
+            schema = tool_calls.required_schema(self.tool_dicts, self.parallel_tool_calls)
+        elif isinstance(choice, NamedToolChoice):
+            schema = tool_calls.named_schema(self.tool_dicts, choice.function.name)
+        else:
+            return super().structured_spec()
+        return StructuredSpec(json=json.dumps(schema))
+
     def template_kwargs(self) -> dict[str, Any]:
         """Variables for the chat template, as vLLM's `build_chat_params` sets them."""
         kwargs: dict[str, Any] = dict(self.chat_template_kwargs or {})
+        if self.tools:
+            kwargs["tools"] = self.tool_dicts
         kwargs.update(add_generation_prompt=self.add_generation_prompt,
                       continue_final_message=self.continue_final_message)
         if self.documents is not None:
@@ -323,11 +383,13 @@ def completion_body(rid: str, model: str, text: str, finish: str | None,
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict,
-              logprobs: dict | None = None) -> dict[str, Any]:
+def chat_body(rid: str, model: str, message: str | dict[str, Any], finish: str | None,
+              use: dict, logprobs: dict | None = None) -> dict[str, Any]:
+    if isinstance(message, str):
+        message = {"role": "assistant", "content": message}
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": logprobs, "finish_reason": finish}],
         "usage": use,
     }

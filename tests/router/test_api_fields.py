@@ -231,8 +231,8 @@ async def test_router_side_fields():
 def test_a_rule_refuses_only_non_off_values():
     rule = api_fields.FIELDS["n"]
     assert not rule.rejects(1) and not rule.rejects(None) and rule.rejects(2) and rule.rejects(True)
-    assert not api_fields.FIELDS["tool_choice"].rejects("none")
-    assert api_fields.FIELDS["tool_choice"].rejects("auto")
+    assert not api_fields.FIELDS["length_penalty"].rejects(1.0)
+    assert api_fields.FIELDS["length_penalty"].rejects(0.5)
 
 
 async def test_structured_output_reaches_both_engines_and_bad_ones_are_400():
