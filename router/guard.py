@@ -16,6 +16,8 @@
   With no key configured nothing is checked (a local deployment on 127.0.0.1).
 - **Body size**: a body over ``router.max_request_body_bytes`` gets 413 without being read
   (from Content-Length) or as soon as the streamed bytes pass the limit (chunked bodies).
+- **Errors in one format**: the framework's own errors (unparseable or non-UTF-8 body,
+  unknown path, wrong method) are answered in OpenAI's format like every other error.
 - **Overload**: `admit` runs `router.admission` for a tokenized request and raises
   `Overloaded`, answered as 429 with ``Retry-After``.
 
@@ -67,6 +69,7 @@ def admit(deps: RouterDeps, num_prompt_tokens: int) -> Ticket:
 def install(app: FastAPI, deps: RouterDeps) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = deps.config
     key = config.api_key.get_secret_value().encode() if config.api_key is not None else None
@@ -78,6 +81,14 @@ def install(app: FastAPI, deps: RouterDeps) -> None:
     async def _overloaded(_req: Request, exc: Overloaded):
         return JSONResponse(exc.body(), status_code=429,
                             headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(_req: Request, exc: StarletteHTTPException):
+        """The framework's own errors (a body that is not JSON or not UTF-8, an unknown path,
+        a wrong method) in OpenAI's format too, not as {"detail": ...}."""
+        err = oai.OpenAIError(exc.status_code, str(exc.detail),
+                              "NotFoundError" if exc.status_code == 404 else "invalid_request_error")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 
