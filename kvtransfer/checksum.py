@@ -19,7 +19,7 @@ import msgspec
 import torch
 
 from cluster.wire import KVTransferError
-from kvtransfer.staging import StagingSegment
+from kvtransfer.segment import StagingSegment
 
 ChecksumAlgorithm = Literal["crc32", "xxh3_64"]
 

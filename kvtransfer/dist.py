@@ -1,5 +1,9 @@
 """torch.distributed point-to-point transport for staged KV segments, over a pool of pair groups.
 
+(Over 350 lines for one concept: the communicator pool, its generation handshake and the
+framing on top of it are the one transport; split, each half would need the other's
+invariants.)
+
 An alternative to the TCP transport for a decode on another host: a staged segment's bytes
 move as one uint8 tensor over a two-rank process group per (prefill, decode) pair. The
 backend is gloo on CPU and NCCL on GPU; the code path is the same, only the group class
@@ -62,7 +66,8 @@ from torch.distributed import PrefixStore, Store
 
 from cluster.wire import KVTransferError
 from kvtransfer import auth as kv_auth
-from kvtransfer.staging import StagingSegment, create_mapped_file, recycle
+from kvtransfer.recycle import recycle
+from kvtransfer.segment import StagingSegment, create_mapped_file
 
 Role = Literal["prefill", "decode"]
 Backend = Literal["gloo", "nccl"]
@@ -323,7 +328,7 @@ class DistTransport:
         path = Path(path)
         refusal: str | None = None
         nbytes = 0
-        pool_dir = ""
+        pool_dir: str | None = None
         with self.pool.lease(peer_id, transfer_id) as comm:
             self._authenticate(comm, peer_id)  # before a byte of the segment moves
             try:

@@ -12,7 +12,8 @@ Wire protocol (no pickle; msgpack headers, raw payload)::
                            send, SENT_STALE if it was taken back meanwhile (lease, release)
     client → server   1 byte: ACK_CONSUMED once the copy is complete and the client's own
 
-Transfer states, per fetch::
+Transfer states, per fetch (`kvtransfer.lifecycle.FETCH_TRANSITIONS`, checked by
+`fetch_segment`)::
 
     REQUESTED ──reply ok──▶ STREAMING ──all bytes, intact──▶ RECEIVED ──ack──▶ CONSUMED
         │                      │                                │       (server recycles its file)
@@ -67,17 +68,11 @@ import msgspec
 
 from cluster.wire import KVTransferError
 from kvtransfer import auth as kv_auth
-from kvtransfer.staging import (
-    SEGMENT_PREFIX,
-    SegmentHeader,
-    SegmentPool,
-    StagingSegment,
-    create_mapped_file,
-    is_segment_name,
-    process_alive,
-    recycle,
-    size_class,
-)
+from kvtransfer.lifecycle import FETCH_TRANSITIONS, FetchState, Lifecycle
+from kvtransfer.names import is_segment_name, process_alive, SEGMENT_PREFIX
+from kvtransfer.pool import SegmentPool
+from kvtransfer.recycle import recycle, size_class
+from kvtransfer.segment import create_mapped_file, SegmentHeader, StagingSegment
 
 _LEN = struct.Struct("<I")
 SENT_INTACT = b"\x01"
@@ -263,6 +258,7 @@ def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
     (default: `kv_auth.kv_secret()`), proven before the request is sent.
     """
     dest = fetched_path(dest_dir, segment_name)
+    state = Lifecycle(FETCH_TRANSITIONS, FetchState.REQUESTED, segment_name)  # checked moves
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             kv_auth.connect(sock, secret if secret is not None else kv_auth.kv_secret())
@@ -271,17 +267,24 @@ def fetch_segment(host: str, port: int, segment_name: str, producer_epoch: str,
             assert isinstance(reply, FetchReply)
             if not reply.ok:
                 raise KVTransferError(f"producer refused {segment_name}: {reply.error}")
+            state.move_to(FetchState.STREAMING)
             _receive(sock, dest, reply.nbytes, pool, pool_lock)
             if _recv_exact(sock, 1) != SENT_INTACT:
                 raise KVTransferError(f"producer took {segment_name} back during the transfer")
+            state.move_to(FetchState.RECEIVED)  # the copy is ours from here on
             try:
                 sock.sendall(ACK_CONSUMED)
+                state.move_to(FetchState.CONSUMED)
             except OSError:
                 pass  # lost ack: the copy stands, the producer's lease reclaims its own
     except OSError as e:
+        if state.state is FetchState.RECEIVED:
+            return dest, reply.nbytes  # closing after a lost ack: the copy is complete
+        state.move_to(FetchState.FAILED)
         dest.unlink(missing_ok=True)
         raise KVTransferError(f"fetching {segment_name} from {host}:{port} failed: {e}") from e
     except KVTransferError:
+        state.move_to(FetchState.FAILED)
         dest.unlink(missing_ok=True)
         raise
     return dest, reply.nbytes
