@@ -182,6 +182,18 @@ def _tool_choice(body: oai.ChatCompletionRequest) -> chat_output.ToolChoice:
     return chat_output.NO_TOOLS
 
 
+def _check_vocabulary(deps: RouterDeps, ids: list[int], body: oai._SamplingFields) -> None:
+    """Token ids outside the vocabulary get 400 here: an engine would fail the request
+    (a 500), and an id past 64 bits does not even fit the worker wire."""
+    vocab = deps.tokenizer.vocab_size
+    for name, values in (("prompt", ids), ("stop_token_ids", body.stop_token_ids or ()),
+                         ("allowed_token_ids", body.allowed_token_ids or ()),
+                         ("logit_bias", [i for i, _ in body.logit_bias_ids])):
+        if any(not 0 <= i < vocab for i in values):
+            raise oai.OpenAIError(400, f"`{name}` holds token ids outside the vocabulary "
+                                  f"(0 to {vocab - 1})", param=name)
+
+
 def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
              max_tokens: int | None, prefix: str) -> _Prepared:
     if body.model != deps.model_name:
@@ -189,6 +201,7 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
                               "NotFoundError", param="model", code="model_not_found")
     if not ids:
         raise oai.OpenAIError(400, "the prompt is empty", param="prompt")
+    _check_vocabulary(deps, ids, body)
     limit = deps.tokenizer.max_model_len
     if len(ids) >= limit:
         raise oai.OpenAIError(

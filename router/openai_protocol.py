@@ -37,6 +37,8 @@ class OpenAIError(Exception):
 
 
 MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+MAX_STOP_STRINGS = 1024  # stop strings per request
+MAX_STOP_STRING_CHARS = 4096
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
@@ -80,7 +82,8 @@ class _SamplingFields(BaseModel):
     """Fields both endpoints honour. Every other field vLLM accepts is listed in
     `router.api_fields` and refused (400 naming it) when set to anything but a no-op."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (JSON's NaN/Infinity, 1e999) pass range checks like `ge=0`: refuse them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     _endpoint: ClassVar[api_fields.Endpoint]
 
     model: str
@@ -182,6 +185,10 @@ class _SamplingFields(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if any(not s for s in stops):
             raise OpenAIError(400, "stop strings must not be empty", param="stop")
+        # The front end matches every stop string after every token, on the event loop.
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise OpenAIError(400, f"at most {MAX_STOP_STRINGS} stop strings of at most "
+                              f"{MAX_STOP_STRING_CHARS} characters each", param="stop")
         return stops
 
     @property

@@ -31,6 +31,7 @@ class ModelTokenizer:
         if not tokenizer_file.exists():
             raise TokenizerError(f"{self.model_path} has no tokenizer.json (a fast tokenizer is required)")
         self._tok = Tokenizer.from_file(str(tokenizer_file))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)  # valid ids: below it
         tok_config = _read_json(self.model_path / "tokenizer_config.json")
         self._bos_token = _token_text(tok_config.get("bos_token"))
         self._eos_token = _token_text(tok_config.get("eos_token"))
