@@ -21,6 +21,11 @@
 - **Overload**: `admit` runs `router.admission` for a tokenized request and raises
   `Overloaded`, answered as 429 with ``Retry-After``.
 
+- **Slow clients**: `read_timeout_protocol` is uvicorn's HTTP/1.1 protocol with a deadline
+  for reading each request (headers and body). uvicorn alone waits forever for a client
+  that trickles its headers a byte at a time (slowloris); the launcher passes it as
+  uvicorn's ``http=``.
+
 Every rejection is counted by reason (``pdserve_requests_rejected_total{reason}``).
 A pure ASGI middleware, not Starlette's BaseHTTPMiddleware: streaming responses pass
 through untouched.
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from router import openai_protocol as oai
 from router.admission import Admission, Rejection, Ticket
+from router.tokenizer import TokenizerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -81,6 +87,12 @@ def install(app: FastAPI, deps: RouterDeps) -> None:
     async def _overloaded(_req: Request, exc: Overloaded):
         return JSONResponse(exc.body(), status_code=429,
                             headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(TokenizerError)
+    async def _untokenizable(_req: Request, exc: TokenizerError):
+        """Text the tokenizer refuses (not valid Unicode, a broken chat template) is the
+        request's fault: 400, wherever in a handler it surfaced."""
+        return JSONResponse(oai.OpenAIError(400, str(exc)).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(_req: Request, exc: StarletteHTTPException):
@@ -198,3 +210,52 @@ async def _send_error(send: Any, err: oai.OpenAIError, headers: dict[str, str] |
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": err.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+REQUEST_READ_TIMEOUT_S = 30.0
+
+
+def read_timeout_protocol(timeout_s: float = REQUEST_READ_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol class, closing a connection whose request (headers and body)
+    is not read in full within `timeout_s` of the connection opening or of the previous
+    response ending. Pass as ``uvicorn.Config(..., http=read_timeout_protocol())``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        _deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on a kept-alive connection
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete \
+                    and not self.cycle.more_body:
+                self._disarm()  # the whole request is in
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self._deadline = self.loop.call_later(timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            reading = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
+            if reading and not self.transport.is_closing():
+                self.transport.close()
+
+    return ReadTimeoutH11Protocol

@@ -90,7 +90,8 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1,  # the engines keep it in int32
+                              description="vLLM extension; -1 or 0 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -116,7 +117,7 @@ class _SamplingFields(BaseModel):
     request_id: str | None = Field(None, min_length=1, max_length=256)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    stream_interval: int | None = Field(None, ge=1)
+    stream_interval: int | None = Field(None, ge=1, le=2**31 - 1)
 
     @model_validator(mode="before")
     @classmethod

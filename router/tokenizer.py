@@ -56,6 +56,11 @@ class ModelTokenizer:
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape lone surrogates ("\ud800")
+            raise TokenizerError(f"the text is not valid Unicode: {e.reason} at character "
+                                 f"{e.start}") from e
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(self, messages: list[dict], **template_kwargs) -> list[int]:
