@@ -2,9 +2,8 @@
 
 Status: written against torch 2.13's CUDA IPC (the calls `torch.multiprocessing` makes to
 pass CUDA tensors between processes), but **not yet run on a GPU**: its GPU tests skip
-without CUDA. It is a building block, not a selectable transport: pdserve's connector
-stages KV in host memory (`staging.py`), so there is no GPU staging buffer to lend yet, and
-`transport: cuda_ipc` fails at start-up saying so (`make_transport`).
+without CUDA. The device path lends arena slabs with it (`device_transfer.py`); on the
+host staging path `transport: cuda_ipc` fails at start-up saying why (`make_transport`).
 
 One lent buffer (a 1-d uint8 CUDA tensor), one borrower::
 
@@ -39,9 +38,10 @@ CUDA_VISIBLE_DEVICES), and the consumer copies into a tensor on that device.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import NoReturn
 
@@ -146,12 +146,31 @@ def copy_from(desc: CudaIpcDescriptor, out: torch.Tensor) -> None:
             del shared  # the only reference: unmaps and gives the borrower count back
 
 
+@contextlib.contextmanager
+def open_lent(desc: CudaIpcDescriptor) -> Iterator[torch.Tensor]:
+    """Map the lent buffer for the duration of the block ([nbytes] uint8 on its device), for
+    a consumer that reads it in place (e.g. scatters heads out of it) instead of copying it
+    whole. On exit the current stream is synchronized and the mapping released; then the
+    consumer may ack. Opens the descriptor, so it may be used once (see the module doc)."""
+    with torch.cuda.device(desc.device_index):
+        shared = _open(desc)  # the current stream now waits for the producer's writes
+        try:
+            yield shared
+        finally:
+            torch.cuda.current_stream().synchronize()
+            del shared
+
+
 def make_transport(settings: KVTransferSettings, consumer_id: str) -> NoReturn:
-    """The registry's factory for `cuda_ipc`: not selectable until KV is staged on the GPU."""
+    """The registry's factory for `cuda_ipc` on the host path: refused, because host staging
+    has no device buffer to lend. The device path lends arena slabs directly
+    (`device_transfer.lend_over_ipc` / `load_from_ipc`), which the vLLM connector does not
+    drive yet (docs/kvtransfer.md, "GPU data path")."""
     raise KVTransferError(
-        "transport 'cuda_ipc' is not selectable yet: the connector stages KV in host memory "
-        "(/dev/shm segments), so there is no GPU buffer to lend; kvtransfer/cuda_ipc.py has "
-        "the GPU-to-GPU primitive (not yet run on a GPU). Use shm, tcp or dist.")
+        "transport 'cuda_ipc' is not selectable yet (host staging path): the connector "
+        "stages KV in /dev/shm segments, so there is no GPU buffer to lend. The device path "
+        "(kvtransfer/device_staging.py, device_transfer.py) lends device arena slabs; the vLLM "
+        "connector does not drive it yet. Use shm, tcp or dist.")
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -306,12 +306,14 @@ class DistTransport:
             self._authenticate(comm, peer_id)
             self._send_frame(comm, _Status.OK, payload)
 
-    def recv(self, peer_id: str, transfer_id: str) -> torch.Tensor:
-        """Receive the payload `peer_id` sends under `transfer_id` (a CPU uint8 tensor)."""
+    def recv(self, peer_id: str, transfer_id: str,
+             device: torch.device | str | None = None) -> torch.Tensor:
+        """Receive the payload `peer_id` sends under `transfer_id`: a uint8 tensor on `device`
+        (default: CPU). With NCCL and a CUDA `device` it lands device to device."""
         with self.pool.lease(peer_id, transfer_id) as comm:
             self._authenticate(comm, peer_id)
             status, nbytes = self._recv_header(comm, transfer_id)
-            out = torch.empty(nbytes, dtype=torch.uint8)
+            out = torch.empty(nbytes, dtype=torch.uint8, device=device or "cpu")
             if status == _Status.OK:
                 self._recv_payload(comm, out)
         _raise_if_refused(status, peer_id, transfer_id)
@@ -411,7 +413,8 @@ class DistTransport:
         return _Status(status), nbytes
 
     def _recv_payload(self, comm: Communicator, out: torch.Tensor) -> None:
-        """Receive into `out` (CPU uint8); through a device buffer when the backend needs one."""
+        """Receive into `out` (uint8); through a buffer on the backend's device when `out`
+        is elsewhere."""
         if out.numel() == 0:
             return
         wire = out if out.device == self.device else torch.empty_like(out, device=self.device)
