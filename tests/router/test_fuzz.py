@@ -104,5 +104,5 @@ def test_the_router_is_healthy_and_idle_afterwards():
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert deps.num_in_flight == 0 and deps.admission.num_queued == 0
     assert all(p.staged == {} for p in prefills) and all(not d.active for d in decodes)
-    print("fuzz statuses:", dict(sorted(STATUSES.items())))
+    print("fuzz cases:", sum(STATUSES.values()), "statuses:", dict(sorted(STATUSES.items())))
     print("schema-valid but rejected (400):", dict(POSITIVE_REJECTED.most_common()))
