@@ -67,9 +67,14 @@ def check_secret(value: str) -> str:
 
 
 def generated_secret_path(cache_dir: Path | None = None) -> Path:
-    from cluster.tiny_model import default_cache_dir
-
-    return Path(cache_dir or default_cache_dir()) / SECRET_FILE
+    """`<cache dir>/secret`: the cache dir is pdserve's (`PDSERVE_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/pdserve`, else `~/.cache/pdserve`), as `cluster.tiny_model` has it;
+    not imported from there, which would pull torch into the router."""
+    if cache_dir is None:
+        env = os.environ.get("PDSERVE_CACHE_DIR")
+        cache_dir = Path(env) if env else Path(
+            os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
+    return Path(cache_dir) / SECRET_FILE
 
 
 def _generated_secret(path: Path) -> bytes:
