@@ -2,6 +2,10 @@
 
     python -m bench.transfer_bench [--json PATH]            bandwidth table
     python -m bench.transfer_bench --ttft [--json PATH]      TTFT cost of staging on a prefill
+    python -m bench.transfer_bench --device-path [--json P]  GPU data path (CPU: host tensors)
+
+(Over 350 lines: one benchmark command per mode of the same data path, each small; they
+share the table, reps and machine helpers.)
 
 Bandwidth mode measures, in one run and for messages of 64 KiB .. 256 MiB (powers of 4):
 
@@ -520,6 +524,242 @@ def run_ttft(args: argparse.Namespace) -> dict[str, object]:
             "staging_alone_fraction": staging_s / base_s, "leftover_segments": len(leftover)}
 
 
+# ------------------------------------------------------------------------- device path
+# Llama-3-8B's KV: 32 layers, 8 KV heads (GQA), head_dim 128, bf16; vLLM block size 16.
+LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_size": 128, "dtype": "bfloat16",
+             "block_size": 16}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_s(fn, device: str, reps: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_bandwidth(sizes: list[int], device: str) -> list[dict[str, float]]:
+    """Per size, in one run: d2d (a plain device-to-device copy of the same bytes, the
+    reference), stage (LayerwiseStager's gather of that many bytes of paged blocks into an
+    arena slab) and, on CUDA, cuda_ipc (a copy from another process's lent buffer,
+    `cuda_ipc.bench_cuda_ipc`, which measures its own d2d reference side by side)."""
+    import torch
+
+    from kvtransfer.device_staging import DeviceArena, LayerwiseStager
+
+    rows = []
+    for size in sizes:
+        src = torch.empty(size, dtype=torch.uint8, device=device).fill_(3)
+        dst = torch.empty_like(src)
+        d2d_s = _median_s(lambda: dst.copy_(src), device, _reps_for(size))
+        num_blocks = max(1, size // BLOCK_NBYTES)
+        cache = torch.zeros(2 * num_blocks, *BLOCK_SHAPE, dtype=torch.float16, device=device)
+        arena = DeviceArena(num_blocks * BLOCK_NBYTES + 4096, device=device)
+        stager = LayerwiseStager(arena, {"l0": cache})
+        ids = list(range(1, 2 * num_blocks, 2))
+
+        def stage() -> None:
+            slab = stager.begin("bench", ids)
+            stager.save_layer(slab, "l0", cache)
+            stager.finish(slab)
+            if slab.done_event is not None:
+                slab.done_event.synchronize()
+            arena.free(slab)
+
+        stage_s = _median_s(stage, device, _reps_for(size))
+        rows.append({"size_bytes": size, "d2d_gbps": size / d2d_s / 1e9,
+                     "stage_gbps": num_blocks * BLOCK_NBYTES / stage_s / 1e9,
+                     "stage_x_d2d": (num_blocks * BLOCK_NBYTES / stage_s) / (size / d2d_s)})
+        del src, dst, cache, arena, stager
+    if device == "cuda":
+        from kvtransfer.cuda_ipc import bench_cuda_ipc
+
+        for row, ipc in zip(rows, bench_cuda_ipc(sizes)):
+            row.update(ipc_gbps=ipc["ipc_gbps"], ipc_d2d_gbps=ipc["d2d_gbps"],
+                       ipc_x_d2d=ipc["ipc_x_d2d"], ipc_open_ms=ipc["ipc_open_ms"])
+    return rows
+
+
+def simulate_layerwise_prefill(device: str, prompt_tokens: int = 2048, layer_ms: float = 4.0,
+                               reps: int = 5, shape: dict = LLAMA3_8B) -> dict[str, object]:
+    """A prefill of `prompt_tokens` with Llama-3-8B-shaped KV: per layer a compute kernel of
+    known duration (`layer_ms`; CUDA: torch.cuda._sleep calibrated to it; CPU: a sleep that
+    releases the GIL), after which LayerwiseStager gathers that layer on its own stream (CPU:
+    a staging thread) and the slab's layer region is copied to a decode buffer (the transfer
+    leg: a device-to-device copy on a transfer stream, the in-process stand-in for the IPC
+    copy whose bandwidth `device_bandwidth` reports against d2d).
+
+    Reports compute alone, compute with staging + transfer streaming behind it, the
+    transfer alone, the share of transfer time hidden behind compute, and the TTFT added
+    (time from the end of the last layer's compute to the last byte at the decode, plus any
+    slowdown of the compute itself)."""
+    import threading
+
+    import torch
+
+    from kvtransfer.device_staging import DeviceArena, LayerwiseStager, region_view
+    from kvtransfer.harness import ModelShape, vllm_cuda_kv_caches
+
+    num_blocks = -(-prompt_tokens // shape["block_size"])
+    model = ModelShape(num_layers=shape["num_layers"], num_kv_heads=shape["num_kv_heads"],
+                       head_size=shape["head_size"], block_size=shape["block_size"],
+                       num_blocks=num_blocks + 8, num_request_blocks=num_blocks,
+                       dtype=shape["dtype"])
+    caches = vllm_cuda_kv_caches(model, model.num_kv_heads, device)
+    for kv in caches.values():
+        kv.normal_()
+    ids = list(range(3, 3 + num_blocks))[::-1]  # paged, reversed: a real gather
+    layer_bytes = num_blocks * caches[next(iter(caches))][0].numel() * 2
+    arena = DeviceArena(layer_bytes * model.num_layers + (1 << 20), device=device)
+    stager = LayerwiseStager(arena, caches)
+    decode_buf = torch.empty(layer_bytes * model.num_layers + (1 << 20), dtype=torch.uint8,
+                             device=device)
+    names = list(caches)
+    is_cuda = device == "cuda"
+    if is_cuda:
+        cycles_per_ms = _calibrate_sleep()
+        xfer_stream = torch.cuda.Stream()
+
+    def compute_layer() -> None:
+        if is_cuda:
+            torch.cuda._sleep(int(cycles_per_ms * layer_ms))
+        else:
+            time.sleep(layer_ms / 1e3)
+
+    def transfer_layer(slab, name) -> None:
+        region = stager._regions[name]
+        src = slab.view[region.offset : region.offset + region.nbytes]
+        decode_buf[region.offset : region.offset + region.nbytes].copy_(src, non_blocking=True)
+
+    def run(stage: bool, compute: bool) -> tuple[float, float]:
+        """(seconds to the end of the last layer's compute, seconds to the last byte)."""
+        slab = stager.begin("sim", ids) if stage else None
+        start = time.perf_counter()
+        compute_end = start
+        if is_cuda:
+            done_compute = torch.cuda.Event(enable_timing=True)
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for name in names:
+                if compute:
+                    compute_layer()
+                if stage:
+                    stager.save_layer(slab, name, caches[name])
+                    ev = torch.cuda.Event()
+                    ev.record(stager.stream)
+                    xfer_stream.wait_event(ev)
+                    with torch.cuda.stream(xfer_stream):
+                        transfer_layer(slab, name)
+            done_compute.record()
+            t_end = torch.cuda.Event(enable_timing=True)
+            if stage:
+                torch.cuda.current_stream().wait_stream(xfer_stream)
+            t_end.record()
+            t_end.synchronize()
+            compute_s = t0.elapsed_time(done_compute) / 1e3
+            total_s = t0.elapsed_time(t_end) / 1e3
+        else:
+            jobs: list = []
+            worker = None
+            if stage:
+                import queue
+                q: queue.Queue = queue.Queue()
+
+                def staging_thread() -> None:
+                    while (name := q.get()) is not None:
+                        stager.save_layer(slab, name, caches[name])
+                        transfer_layer(slab, name)
+
+                worker = threading.Thread(target=staging_thread)
+                worker.start()
+            for name in names:
+                if compute:
+                    compute_layer()
+                if stage:
+                    q.put(name)
+            compute_end = time.perf_counter()
+            if worker is not None:
+                q.put(None)
+                worker.join()
+            compute_s = compute_end - start
+            total_s = time.perf_counter() - start
+            del jobs
+        if slab is not None:
+            stager.finish(slab)
+            arena.free(slab)
+        return compute_s, total_s
+
+    run(True, True)  # warm-up, then check what arrived (not timed)
+    for name in (names[0], names[-1]):
+        region = stager._regions[name]
+        got = region_view(decode_buf, region)
+        if not torch.equal(got.cpu(), caches[name][ids].cpu()):
+            raise RuntimeError(f"simulated transfer delivered wrong blocks for {name}")
+    base = [run(False, True)[0] for _ in range(reps)]
+    both = [run(True, True) for _ in range(reps)]
+    alone = [run(True, False)[1] for _ in range(reps)]
+    base_s = statistics.median(base)
+    compute_with_s = statistics.median(c for c, _ in both)
+    total_with_s = statistics.median(t for _, t in both)
+    transfer_s = statistics.median(alone)
+    exposed_s = max(0.0, total_with_s - compute_with_s)
+    added_s = total_with_s - base_s
+    return {"device": device, "prompt_tokens": prompt_tokens, "layer_ms": layer_ms,
+            "model": shape, "kv_bytes": layer_bytes * model.num_layers,
+            "compute_alone_s": base_s, "compute_with_streaming_s": compute_with_s,
+            "last_byte_s": total_with_s, "transfer_alone_s": transfer_s,
+            "transfer_hidden_share": 1 - exposed_s / transfer_s if transfer_s > 0 else 1.0,
+            "ttft_added_s": added_s, "ttft_added_share": added_s / base_s}
+
+
+def _calibrate_sleep() -> float:
+    """GPU clock cycles per millisecond of torch.cuda._sleep, measured here."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles // 10)  # warm-up
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
+def run_device_path(args: argparse.Namespace) -> dict[str, object]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    sizes = [s for s in SIZES if s <= args.max_size_mib * MIB]
+    rows = device_bandwidth(sizes, device)
+    print(f"device-path bandwidth on {device} (median of reps; stage = gather of paged blocks "
+          f"into an arena slab)")
+    cols = ["d2d_gbps", "stage_gbps", "stage_x_d2d"] + (
+        ["ipc_gbps", "ipc_d2d_gbps", "ipc_x_d2d"] if device == "cuda" else [])
+    print(f"{'size':>9} | " + " | ".join(f"{c:>12}" for c in cols))
+    for row in rows:
+        print(f"{_fmt_size(row['size_bytes']):>9} | " + " | ".join(f"{row[c]:>12.3f}" for c in cols))
+    overlap = simulate_layerwise_prefill(device, args.prompt_tokens, args.layer_ms)
+    print(f"simulated layer-wise prefill ({overlap['prompt_tokens']} tokens, Llama-3-8B KV "
+          f"{overlap['kv_bytes'] / MIB:.0f} MiB, {args.layer_ms} ms per layer): compute "
+          f"{overlap['compute_alone_s'] * 1e3:.1f} ms alone, transfer alone "
+          f"{overlap['transfer_alone_s'] * 1e3:.1f} ms, hidden {overlap['transfer_hidden_share']:.1%}, "
+          f"TTFT added {overlap['ttft_added_s'] * 1e3:.2f} ms ({overlap['ttft_added_share']:.1%})")
+    return {"mode": "device-path", "device": device, "machine": _machine(),
+            "bandwidth": rows, "overlap": overlap}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer_bench",
                                      description=__doc__.split("\n\n")[0])
@@ -535,8 +775,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="cores both TTFT engines are bound to, e.g. '1' or '2-3' "
                         "(VLLM_CPU_OMP_THREADS_BIND; default: the last core)")
     parser.add_argument("--staging-dir", help="where segments go (default /dev/shm)")
+    parser.add_argument("--device-path", action="store_true",
+                        help="the GPU data path: arena staging and cuda_ipc bandwidth next to a "
+                        "device-to-device copy, and a simulated layer-wise prefill "
+                        "(Llama-3-8B KV) with the transfer streaming behind it")
+    parser.add_argument("--layer-ms", type=float, default=4.0,
+                        help="--device-path: simulated compute per layer (ms)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="--device-path on host tensors even where CUDA is present")
     args = parser.parse_args(argv)
-    result = run_ttft(args) if args.ttft else run_bandwidth(args)
+    if args.device_path:
+        result = run_device_path(args)
+    else:
+        result = run_ttft(args) if args.ttft else run_bandwidth(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

@@ -96,6 +96,15 @@ def request_blocks(shape: ModelShape, seed: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ processes
+def _gpu_for(role: str, rank: int, case: Case) -> int:
+    """Every rank on GPU 0 (CUDA IPC is within one device here), except over NCCL, which
+    refuses two ranks on one device: there, prefill ranks first, then decode ranks, one
+    GPU each."""
+    if case.backend != "nccl" or case.transport != "dist":
+        return 0
+    return rank if role == "prefill" else case.prefill_tp + rank
+
+
 def _connect(local_id: str, role: str, store_port: int, case: Case, secret: bytes):
     """This rank's client of the parent's store, and its DistTransport for dist cases."""
     from torch.distributed import TCPStore
@@ -119,7 +128,7 @@ def _prefill(rank: int, case: Case, shape: ModelShape, seed: int, store_port: in
     result: dict[str, object] = {"role": "prefill", "rank": rank}
     try:
         if device == "cuda":
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(_gpu_for("prefill", rank, case))
         heads = kv_heads_of_rank(shape.num_kv_heads, case.prefill_tp, rank)
         caches = vllm_cuda_kv_caches(shape, heads.count, device)
         for kv, full in zip(caches.values(), global_kv(shape, seed)):
@@ -169,7 +178,7 @@ def _decode(rank: int, case: Case, shape: ModelShape, seed: int, store_port: int
     result: dict[str, object] = {"role": "decode", "rank": rank}
     try:
         if device == "cuda":
-            torch.cuda.set_device(0)
+            torch.cuda.set_device(_gpu_for("decode", rank, case))
         heads = kv_heads_of_rank(shape.num_kv_heads, case.decode_tp, rank)
         caches = vllm_cuda_kv_caches(shape, heads.count, device)
         prefill_rank = rank // (case.decode_tp // case.prefill_tp)

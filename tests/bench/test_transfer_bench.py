@@ -37,3 +37,16 @@ def test_bandwidth_cells_and_table(tmp_path):
     cells.append(bench_fresh_pages(size, tmp_path))
     table = bandwidth_table(cells)
     assert "256 KiB" in table and "stage+shm" in table
+
+
+def test_device_path_bench_runs_on_host_tensors():
+    from bench.transfer_bench import device_bandwidth, simulate_layerwise_prefill
+
+    (row,) = device_bandwidth([256 * KIB], "cpu")
+    assert row["size_bytes"] == 256 * KIB and row["d2d_gbps"] > 0 and row["stage_gbps"] > 0
+    small = {"num_layers": 4, "num_kv_heads": 2, "head_size": 16, "dtype": "bfloat16",
+             "block_size": 16}
+    sim = simulate_layerwise_prefill("cpu", prompt_tokens=128, layer_ms=2.0, reps=1, shape=small)
+    assert sim["kv_bytes"] == 4 * 8 * 2 * 16 * 32 * 2  # layers x blocks x heads x tokens x 2D x 2 B
+    assert sim["compute_alone_s"] >= 4 * 2e-3  # four layers of at least 2 ms each
+    assert 0 <= sim["transfer_hidden_share"] <= 1

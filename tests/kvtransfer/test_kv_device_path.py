@@ -179,3 +179,15 @@ def test_layerwise_staging_on_cuda_runs_on_its_own_stream():
     scatter_slab(slab.view, desc, dst, list(range(len(ids))))
     for name in caches:
         assert torch.equal(dst[name][: len(ids)], caches[name][ids])
+
+
+# -- memory accounting ---------------------------------------------------------------------
+def test_engine_share_plus_arena_fit_the_configured_utilization():
+    from kvtransfer.memory import GIB, engine_memory_utilization, kv_capacity_bytes
+
+    total = 80 * GIB
+    util = engine_memory_utilization(0.9, 4 * GIB, total)
+    assert util * total + 4 * GIB == pytest.approx(0.9 * total)
+    assert kv_capacity_bytes(40 * GIB, 4 * GIB) == 36 * GIB
+    with pytest.raises(ValueError, match="takes the whole"):
+        engine_memory_utilization(0.05, 8 * GIB, total)
