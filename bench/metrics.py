@@ -26,14 +26,14 @@ from typing import Any, Iterable
 import numpy as np
 
 from bench.records import RequestOutcome, RequestRecord, RunRecords
+from cluster import slo as slo_math
 from cluster.config import SLOConfig
 
 
 def tpot_s(e2e_s: float, ttft_s: float, num_output_tokens: int) -> float | None:
-    """Mean inter-token time after the first token; None with fewer than two tokens."""
-    if num_output_tokens < 2:
-        return None
-    return (e2e_s - ttft_s) / (num_output_tokens - 1)
+    """Mean inter-token time after the first token; None with fewer than two tokens
+    (`cluster.slo.tpot_s` with times relative to the send)."""
+    return slo_math.tpot_s(ttft_s, e2e_s, num_output_tokens)
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def request_metrics(record: RequestRecord, slo: SLOConfig) -> RequestMetrics:
         tpot_s=tpot,
         e2e_s=record.e2e_s,
         num_output_tokens=record.num_output_tokens,
-        meets_ttft=record.ttft_s <= slo.ttft_s,
-        meets_tpot=tpot is None or tpot <= slo.tpot_s,
+        meets_ttft=slo_math.meets_ttft(record.ttft_s, slo),
+        meets_tpot=slo_math.meets_tpot(tpot, slo),
     )
 
 

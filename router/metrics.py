@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cluster import slo as slo_math
 from cluster.config import SLOConfig
 from cluster.wire import LifecycleEvent, TransferStat, WorkerStats
 from router.handoff import RequestTrace
@@ -52,8 +53,8 @@ def request_latencies(trace: RequestTrace) -> tuple[float | None, float | None, 
     ttft = first - trace.arrival_s if first is not None else None
     e2e = finish - trace.arrival_s if finish is not None else None
     tpot = None
-    if first is not None and finish is not None and trace.num_output_tokens > 1:
-        tpot = (finish - first) / (trace.num_output_tokens - 1)
+    if first is not None and finish is not None:
+        tpot = slo_math.tpot_s(first, finish, trace.num_output_tokens)
     return ttft, tpot, e2e
 
 
@@ -61,8 +62,8 @@ def evaluate_slo(trace: RequestTrace, slo: SLOConfig) -> RequestSLO:
     ttft, tpot, _ = request_latencies(trace)
     return RequestSLO(
         ttft_s=ttft, tpot_s=tpot,
-        is_ttft_met=ttft is not None and ttft <= slo.ttft_s,
-        is_tpot_met=ttft is not None and (tpot is None or tpot <= slo.tpot_s),
+        is_ttft_met=slo_math.meets_ttft(ttft, slo),
+        is_tpot_met=ttft is not None and slo_math.meets_tpot(tpot, slo),
     )
 
 

@@ -25,14 +25,15 @@ from pydantic import ValidationError
 
 from cluster.config import ConfigError, dump_config
 
+from .goodput import MAX_RATE
 from .deployment import load_base_config, plan_to_serve_config
 from .inputs import PlanRequest
 from .problem import build_problem
 from .report import render_report
 from .search import search
 
-_PLACEMENTS = {"low-affinity": ("low_affinity",), "high-affinity": ("high_affinity",),
-               "both": ("low_affinity", "high_affinity")}
+_PLACEMENTS = {"high-node-affinity": ("high_node_affinity",), "low-node-affinity": ("low_node_affinity",),
+               "both": ("high_node_affinity", "low_node_affinity")}
 
 
 _HINTS = {"model": "--model", "profile": "--profile",
@@ -229,8 +230,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outcome = search(problem)
     elapsed = time.perf_counter() - start
-    print(render_report(outcome, problem, elapsed))
     best = outcome.best
+    if best is not None and best.is_capped:
+        return _fail(f"the SLO does not bind: {best.plan.label} meets TTFT {request.slo.ttft_s:g} s "
+                     f"and TPOT {request.slo.tpot_s:g} s at every rate up to the search ceiling "
+                     f"({MAX_RATE:g} req/s), so it cannot size a deployment; tighten --ttft-s/--tpot-s")
+    print(render_report(outcome, problem, elapsed))
     if best is None or best.goodput_rps <= 0:
         return 1
     text = dump_config(plan_to_serve_config(best.plan, request, base))

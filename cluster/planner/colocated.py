@@ -161,6 +161,7 @@ def simulate_colocated_pool(
                 st.ctx -= ins[r] + outs[r] - 1
                 st.reserved -= ins[r] + outs[r]
                 st.admitted -= 1
+                # cluster.slo.tpot_s, inlined: this is the simulator's hot loop
                 if (now - first[r]) / (outs[r] - 1) > tpot_limit_s:
                     violate(r)
         for r, take, prefix in chunks:

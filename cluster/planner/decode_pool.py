@@ -297,6 +297,7 @@ def simulate_decode_pool(
                     freed = True
                     if not flagged[r]:
                         t0 = base[r] if base is not None else kv_ready[r]
+                        # cluster.slo.tpot_s, inlined: this is the simulator's hot loop
                         if (now - t0) / (outs[r] - 1) > tpot_limit_s:
                             violations += 1
                             flagged[r] = True

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from cluster import slo as slo_math
 from cluster.config import SLOConfig
 
 from .simulator import SimResult
@@ -66,7 +67,7 @@ class RateJudge:
         ttft = np.concatenate([r.ttft_s for r in results])
         tpot = np.concatenate([r.tpot_s for r in results])
         xfer = np.concatenate([r.transfer_s for r in results])
-        meets = (ttft <= self.slo.ttft_s) & (tpot <= self.slo.tpot_s)
+        meets = slo_math.meets_slo_array(ttft, tpot, self.slo)
         finite = np.isfinite(ttft) & np.isfinite(tpot)
         return Measurement(
             rate=rate,
@@ -80,16 +81,20 @@ class RateJudge:
         )
 
 
+MAX_RATE = 1e5  # req/s: the bisection's ceiling; a goodput at the ceiling means "unbounded"
+
+
 def max_feasible_rate(
     feasible: Callable[[float], bool],
     guess: float,
     rel_tol: float = 0.03,
     min_rate: float = 1e-3,
-    max_rate: float = 1e5,
+    max_rate: float = MAX_RATE,
 ) -> float:
     """Largest rate (within `rel_tol`) for which `feasible` holds; 0 if not even `min_rate`.
 
-    Assumes feasibility is monotone in rate (true up to simulation noise).
+    Assumes feasibility is monotone in rate (true up to simulation noise). Returns a value
+    >= max_rate / 2 when even the ceiling is feasible: the SLO does not bind.
     """
     guess = min(max(guess, min_rate), max_rate)
     if feasible(guess):

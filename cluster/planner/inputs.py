@@ -141,7 +141,7 @@ class EngineSpec(_Strict):
 
 class SearchSpec(_Strict):
     placements: tuple[Placement, ...] = Field(
-        ("low_affinity", "high_affinity"), min_length=1, description="Placement algorithms to try."
+        ("high_node_affinity", "low_node_affinity"), min_length=1, description="Placement algorithms to try."
     )
     max_pipeline_parallel: int = Field(8, ge=1, description="Largest pipeline degree per phase.")
     num_requests: int = Field(
@@ -153,6 +153,10 @@ class SearchSpec(_Strict):
     seed: int = Field(0, ge=0, description="Base seed; the same seed gives the same plan.")
     num_verify: int = Field(
         4, ge=1, description="Configurations co-simulated in full after the per-phase pruning."
+    )
+    exhaustive: bool = Field(
+        False, description="Check every instance count of every configuration pair by "
+        "co-simulation (slow; the reference the default search is tested against)."
     )
     rel_tol: float = Field(0.03, gt=0, lt=0.5, description="Relative precision of goodput bisection.")
     compare_colocated: bool = Field(

@@ -127,9 +127,11 @@ def enumerate_configs(
         for pp in pps:
             config = ParallelConfig(tp, pp)
             if config.num_gpus > c.gpu_budget:
+                excluded.append((config, f"needs {config.num_gpus} {c.unit_name}s, over the budget "
+                                         f"of {c.gpu_budget}"))
                 continue
-            hostable = (("low_affinity" in placements and config.num_gpus <= c.gpus_per_node)
-                        or ("high_affinity" in placements and pp <= c.num_nodes
+            hostable = (("high_node_affinity" in placements and config.num_gpus <= c.gpus_per_node)
+                        or ("low_node_affinity" in placements and pp <= c.num_nodes
                             and tp < c.gpus_per_node))
             reason = problem.exclusion(config) or (
                 None if hostable else "no enabled placement can host an instance this large")

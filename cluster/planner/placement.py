@@ -21,7 +21,7 @@ from .plans import Plan
 class Layout:
     prefill_nodes: tuple[tuple[int, ...], ...]  # [num_prefill] -> node of each stage
     decode_nodes: tuple[tuple[int, ...], ...]  # [num_decode] -> node of each stage
-    prefill_units: tuple[int, ...]  # [num_prefill] routing unit (high affinity), else 0
+    prefill_units: tuple[int, ...]  # [num_prefill] routing unit (low node affinity), else 0
     decode_units: tuple[int, ...]
 
 
@@ -47,7 +47,7 @@ def _pack_first_fit_decreasing(plan: Plan, num_nodes: int, gpus_per_node: int) -
     )
 
 
-def _high_affinity(plan: Plan, num_nodes: int, gpus_per_node: int) -> Layout | None:
+def _low_node_affinity(plan: Plan, num_nodes: int, gpus_per_node: int) -> Layout | None:
     pp, units = plan.prefill.pp, plan.num_units
     if plan.decode.pp != pp or units < 1 or units * pp > num_nodes:
         return None
@@ -71,8 +71,8 @@ def _high_affinity(plan: Plan, num_nodes: int, gpus_per_node: int) -> Layout | N
 def layout_plan(plan: Plan, num_nodes: int, gpus_per_node: int) -> Layout | None:
     if plan.num_prefill < 1 or plan.num_decode < 1:
         return None
-    if plan.placement == "high_affinity":
-        return _high_affinity(plan, num_nodes, gpus_per_node)
+    if plan.placement == "low_node_affinity":
+        return _low_node_affinity(plan, num_nodes, gpus_per_node)
     return _pack_first_fit_decreasing(plan, num_nodes, gpus_per_node)
 
 
@@ -92,7 +92,7 @@ def transfer_topology(
     for p in range(num_p):
         row_link, row_spt = [], []
         for d in range(num_d):
-            # Stage-aligned on the same nodes (high affinity), or both on one node (low).
+            # Stage-aligned on the same nodes (low node affinity), or both on one node (low).
             if set(layout.prefill_nodes[p]) == set(layout.decode_nodes[d]):
                 row_link.append(p)  # this prefill instance's NVLink
                 row_spt.append(intra_spt)

@@ -1,15 +1,17 @@
 """Value types of the search: a parallel configuration and a disaggregated plan.
 
-Placements (DistServe's two algorithms, generalised to instance counts):
+Placements (DistServe's two algorithms, by DistServe's names, generalised to instance counts):
 
-- `low_affinity`: every instance lives inside one node; prefill and decode instances are
-  packed onto nodes independently (first-fit decreasing). A KV transfer between instances
-  on the same node uses NVLink, otherwise the source node's NIC. The router picks any
-  decode instance.
-- `high_affinity`: the cluster is cut into units of `pp` nodes (prefill and decode share
-  the pipeline degree); on every node of a unit sit `k_p` prefill and `k_d` decode stage
-  segments, so stage i of a prefill hands its layers to stage i of a decode over NVLink.
-  The router pairs a prefill only with decode instances of its own unit.
+- `high_node_affinity` (DistServe's Algorithm 1, for nodes linked fast enough that where a
+  KV transfer goes does not matter): every instance lives inside one node; prefill and
+  decode instances are packed onto nodes independently (first-fit decreasing). A KV
+  transfer between instances on the same node uses NVLink, otherwise the source node's NIC.
+  The router picks any decode instance.
+- `low_node_affinity` (DistServe's Algorithm 2, for limited cross-node bandwidth): the
+  cluster is cut into units of `pp` nodes (prefill and decode share the pipeline degree);
+  on every node of a unit sit `k_p` prefill and `k_d` decode stage segments, so stage i of
+  a prefill hands its layers to stage i of a decode over NVLink. The router pairs a
+  prefill only with decode instances of its own unit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Placement = Literal["low_affinity", "high_affinity"]
+Placement = Literal["high_node_affinity", "low_node_affinity"]
 
 
 @dataclass(frozen=True, order=True)
@@ -41,7 +43,7 @@ class Plan:
     num_prefill: int
     decode: ParallelConfig
     num_decode: int
-    num_units: int = 1  # high affinity: units of `pp` nodes; low affinity: always 1
+    num_units: int = 1  # low node affinity: units of `pp` nodes; high node affinity: always 1
 
     @property
     def num_gpus(self) -> int:

@@ -110,7 +110,10 @@ def build_problem(request: PlanRequest) -> PlanningProblem:
             key = table.models()[0]
         else:
             raise ProfileError(
-                f"profile {request.profile} has models {table.models()}; choose one with profile_model"
+                f"profile {request.profile} has no entry for {request.model} (it has "
+                f"{table.models()}); measure this model with `pdserve profile` (another model's "
+                f"profile would plan with the wrong latencies), or set profile_model only if one "
+                f"of these entries is this same model under another name"
             )
     scale = request.engine.iteration_time_scale
     profiles = {tp: scale_profile(table.get(key, tp), scale) for tp in table.tensor_parallel_sizes(key)}

@@ -71,20 +71,37 @@ def _plan_block(e: EvaluatedPlan, problem: PlanningProblem, outcome: PlanOutcome
     if e.at_target is not None and outcome.target_rate is not None:
         lines.append(f"  at {outcome.target_rate:g} req/s  {_measurement(e.at_target)}")
     lines.append(f"  layout       {_layout(e.plan, problem)}")
-    if e.plan.placement == "high_affinity":
+    if e.plan.placement == "low_node_affinity":
         lines.append("  routing      pair each prefill only with decode instances on its own node(s)")
     return lines
 
 
-def _compare(e: EvaluatedPlan, best: EvaluatedPlan, unit: str) -> str:
+def _compare(e: EvaluatedPlan, best: EvaluatedPlan, unit: str, problem: PlanningProblem) -> str:
     if best.goodput_per_gpu <= 0:
         return ""
     delta = e.goodput_per_gpu / best.goodput_per_gpu - 1
     text = f"{delta:+.0%} per {unit} vs chosen; limited by {e.limited_by}"
     m = e.beyond or e.at_goodput
     if m.mean_transfer_s > 2 * max(best.at_goodput.mean_transfer_s, 1e-3):
-        text += f"; KV transfer {1000 * m.mean_transfer_s:.0f} ms on average (inter-node link)"
+        text += f"; KV transfer {1000 * m.mean_transfer_s:.0f} ms on average ({_links(e.plan, problem)})"
     return text
+
+
+def _links(plan: Plan, problem: PlanningProblem) -> str:
+    """Which links a plan's KV transfers can take: NVLink, the NIC, or both."""
+    c = problem.request.cluster
+    layout = layout_plan(plan, c.num_nodes, c.gpus_per_node)
+    if layout is None:
+        return "no layout"
+    kinds = set()
+    for p, p_nodes in enumerate(layout.prefill_nodes):
+        for d, d_nodes in enumerate(layout.decode_nodes):
+            if layout.prefill_units[p] == layout.decode_units[d]:
+                kinds.add("intra" if set(p_nodes) == set(d_nodes) else "inter")
+    intra = "NVLink" if c.device == "gpu" else "shared memory"
+    if kinds == {"intra"}:
+        return f"{intra}, same node"
+    return "inter-node link" if kinds == {"inter"} else f"{intra} or inter-node link, by pairing"
 
 
 def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: float | None = None) -> str:
@@ -133,7 +150,7 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
             out += ["", "Runner-up plans:"]
             for i, e in enumerate(outcome.runners_up, start=2):
                 out.append(f"  #{i} {e.plan.label}: {e.goodput_rps:.2f} req/s on {e.plan.num_gpus} {unit}s "
-                           f"({e.goodput_per_gpu:.3f}/{unit}; {_compare(e, best, unit)})")
+                           f"({e.goodput_per_gpu:.3f}/{unit}; {_compare(e, best, unit, problem)})")
     out += ["", f"Per-phase goodput of one instance (req/s; per {unit}):",
             f"  {'config':<10} {'prefill (TTFT)':>18} {'decode (TPOT)':>18} {'KV tokens':>10}"]
     configs = sorted({g.config for g in outcome.phases})

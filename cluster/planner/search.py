@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
-from .goodput import Measurement, RateJudge, max_feasible_rate
+from .goodput import MAX_RATE, Measurement, RateJudge, max_feasible_rate
 from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
                             enumerate_configs, phase_goodput)
 from .placement import layout_plan, transfer_topology
@@ -31,6 +31,10 @@ from .workload import Trace, make_trace
 Objective = Literal["max_goodput", "min_gpus"]
 MAX_TRACE_SCALE = 8  # co-simulation traces grow with instance count, up to this factor
 MAX_LOCAL_STEPS = 8
+# Default search: candidates whose per-phase estimate is below this share of the best
+# estimate are not co-simulated (pooling and the joint SLO move goodput by tens of
+# percent, not by 2x). The exhaustive search checks every candidate.
+PRUNE_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,19 @@ class EvaluatedPlan:
     plan: Plan
     estimate_rps: float  # from per-phase goodputs
     goodput_rps: float  # co-simulated
-    at_goodput: Measurement  # full runs at the goodput
-    beyond: Measurement | None  # full runs just above it: what breaks first
-    at_target: Measurement | None = None  # full runs at the target rate (min_gpus)
+    # Full runs (set by `_Search.measured` on the plans a report shows, else None):
+    at_goodput: Measurement | None  # at the goodput
+    beyond: Measurement | None  # just above it: what breaks first
+    at_target: Measurement | None = None  # at the target rate (min_gpus)
 
     @property
     def goodput_per_gpu(self) -> float:
         return self.goodput_rps / self.plan.num_gpus
+
+    @property
+    def is_capped(self) -> bool:
+        """The SLO held at the search ceiling: the goodput is unbounded, not a number."""
+        return self.goodput_rps >= MAX_RATE / 2
 
     @property
     def limited_by(self) -> str:
@@ -117,19 +127,32 @@ class _Search:
                    plan.num_decode * self.goodput[("decode", plan.decode)])
 
     def evaluate(self, plan: Plan) -> EvaluatedPlan:
-        """Co-simulated goodput of a plan (bisection), with measurements around it."""
+        """Co-simulated goodput of a plan (bisection). Measurements around it are taken
+        only for the plans a report shows (`measured`): full, never-stopped runs in
+        overload are the slowest simulations of a search."""
         if plan not in self._evaluated:
             judge, tol = self.judge(plan), self.req.search.rel_tol
             before = judge.num_runs
             rate = max_feasible_rate(judge.feasible, max(self.estimate(plan), 1e-3), tol)
-            # A plan with no goodput is shown at its estimated rate: what fails there.
-            at = judge.measure(rate if rate > 0 else max(self.estimate(plan), 1e-2))
-            beyond = judge.measure(rate * (1 + 2 * tol)) if rate > 0 else None
-            target = self.req.workload.rate
-            at_target = judge.measure(target) if target is not None else None
             self.num_runs += judge.num_runs - before
-            self._evaluated[plan] = EvaluatedPlan(plan, self.estimate(plan), rate, at, beyond, at_target)
+            self._evaluated[plan] = EvaluatedPlan(plan, self.estimate(plan), rate, None, None, None)
         return self._evaluated[plan]
+
+    def measured(self, e: EvaluatedPlan) -> EvaluatedPlan:
+        """`e` with full runs at its goodput, just above it, and at the target rate."""
+        if e.at_goodput is not None:
+            return e
+        judge, tol, rate = self.judge(e.plan), self.req.search.rel_tol, e.goodput_rps
+        before = judge.num_runs
+        # A plan with no goodput is shown at its estimated rate: what fails there.
+        at = judge.measure(rate if rate > 0 else max(e.estimate_rps, 1e-2))
+        beyond = judge.measure(rate * (1 + 2 * tol)) if rate > 0 else None
+        target = self.req.workload.rate
+        at_target = judge.measure(target) if target is not None else None
+        self.num_runs += judge.num_runs - before
+        out = replace(e, at_goodput=at, beyond=beyond, at_target=at_target)
+        self._evaluated[e.plan] = out
+        return out
 
     def passes(self, plan: Plan, rate: float) -> bool:
         judge = self.judge(plan)
@@ -141,27 +164,27 @@ class _Search:
     # -- candidate instance counts -------------------------------------------------------
     def pairs(self, configs: list[ParallelConfig]) -> Iterator[tuple[str, ParallelConfig, ParallelConfig]]:
         for placement in self.req.search.placements:
-            if (placement == "high_affinity" and self.cluster.num_nodes == 1
-                    and "low_affinity" in self.req.search.placements):
-                continue  # one node: low affinity already keeps every transfer on NVLink
+            if (placement == "low_node_affinity" and self.cluster.num_nodes == 1
+                    and "high_node_affinity" in self.req.search.placements):
+                continue  # one node: high node affinity already keeps every transfer on NVLink
             for cp in configs:
                 if self.goodput[("prefill", cp)] <= 0:
                     continue
                 for cd in configs:
                     if self.goodput[("decode", cd)] <= 0:
                         continue
-                    if placement == "high_affinity" and cp.pp != cd.pp:
+                    if placement == "low_node_affinity" and cp.pp != cd.pp:
                         continue
                     yield placement, cp, cd
 
     def count_options(self, placement: str, cp: ParallelConfig, cd: ParallelConfig) -> Iterator[Plan]:
         """Every sensible (n_p, n_d) of a pair that fits the budget and the nodes."""
         budget, m = self.cluster.gpu_budget, self.cluster.gpus_per_node
-        if placement == "high_affinity":
+        if placement == "low_node_affinity":
             for units in range(1, self.cluster.num_nodes // cp.pp + 1):
                 for k_p in range(1, m // cp.tp + 1):
                     for k_d in range(1, (m - k_p * cp.tp) // cd.tp + 1):
-                        plan = Plan("high_affinity", cp, units * k_p, cd, units * k_d, units)
+                        plan = Plan("low_node_affinity", cp, units * k_p, cd, units * k_d, units)
                         if plan.num_gpus <= budget:
                             yield plan
             return
@@ -172,18 +195,18 @@ class _Search:
             # More decode than balance adds nothing to the estimate, so offer the largest
             # layout-feasible count up to balance, and balance + 1 as a hedge.
             for n_d in range(min(room, balance), 0, -1):
-                plan = Plan("low_affinity", cp, n_p, cd, n_d)
+                plan = Plan("high_node_affinity", cp, n_p, cd, n_d)
                 if self.feasible_layout(plan):
                     yield plan
                     break
-            hedge = Plan("low_affinity", cp, n_p, cd, balance + 1)
+            hedge = Plan("high_node_affinity", cp, n_p, cd, balance + 1)
             if balance + 1 <= room and self.feasible_layout(hedge):
                 yield hedge
 
     def neighbours(self, plan: Plan) -> list[Plan]:
         """Plans one instance away (shift one between phases, add one, remove one)."""
         out = []
-        if plan.placement == "high_affinity":
+        if plan.placement == "low_node_affinity":
             u = plan.num_units
             k_p, k_d = plan.num_prefill // u, plan.num_decode // u
             moves = [(k_p + 1, k_d - 1, u), (k_p - 1, k_d + 1, u), (k_p + 1, k_d, u),
@@ -219,18 +242,66 @@ class _Search:
                 chosen.append(best)
         return chosen
 
-    def max_goodput(self, configs: list[ParallelConfig]) -> list[EvaluatedPlan]:
-        scored = []
+    def candidates(self, configs: list[ParallelConfig], exhaustive: bool) -> list[Plan]:
+        """Plans worth a co-simulation, best estimate first.
+
+        Default: every pair's sensible instance counts (`count_options`). Exhaustive: every
+        instance count of every pair that fits the budget and the nodes.
+        """
+        plans: dict[Plan, None] = {}
         for pair in self.pairs(configs):
-            options = list(self.count_options(*pair))
-            if options:
-                best = max(options, key=lambda p: (self.estimate(p), -p.num_gpus))
-                scored.append(((self.estimate(best), -best.num_gpus), best))
-        results = [self.evaluate(plan) for plan in self.shortlist(scored)]
-        if not results:
+            for plan in (self.all_counts(*pair) if exhaustive else self.count_options(*pair)):
+                plans[plan] = None
+        return sorted(plans, key=lambda p: (-self.estimate(p), p.num_gpus, p))
+
+    def all_counts(self, placement: str, cp: ParallelConfig, cd: ParallelConfig) -> Iterator[Plan]:
+        if placement == "low_node_affinity":
+            yield from self.count_options(placement, cp, cd)  # already every (units, k_p, k_d)
+            return
+        budget = self.cluster.gpu_budget
+        for n_p in range(1, budget // cp.num_gpus + 1):
+            for n_d in range(1, (budget - n_p * cp.num_gpus) // cd.num_gpus + 1):
+                plan = Plan("high_node_affinity", cp, n_p, cd, n_d)
+                if self.feasible_layout(plan):
+                    yield plan
+
+    def max_goodput(self, configs: list[ParallelConfig]) -> list[EvaluatedPlan]:
+        """Branch and bound on co-simulated goodput.
+
+        1. Co-simulate the `num_verify` plans with the best per-phase estimates, plus the
+           best of each placement: the incumbent is the best of them.
+        2. Every other candidate must pass a co-simulation at just above the incumbent's
+           goodput (`bar`) to be evaluated in full. Feasibility is monotone in the rate, so
+           a candidate failing the bar cannot beat the incumbent by more than the bisection
+           tolerance; and failing runs are cheap (a run stops at the first seed that loses
+           the SLO, as soon as too many requests missed it). A candidate that passes is
+           bisected and may become the incumbent, raising the bar.
+        3. Local moves (shift, add or remove one instance) refine the winner.
+
+        Candidates are ranked by estimate only to order the checks; the ranking that decides
+        is always the co-simulated one, so pooling (n instances sharing queues sustain more
+        than n times one under a tight TTFT) and the joint SLO are accounted for.
+        Default candidates: `count_options` of every pair whose estimate is within
+        `PRUNE_RATIO` of the best; exhaustive: every instance count of every pair.
+        """
+        exhaustive = self.req.search.exhaustive
+        plans = self.candidates(configs, exhaustive)
+        if not plans:
             return []
-        ranked = self.rank(results)
-        current = ranked[0]
+        scored = [((self.estimate(p), -p.num_gpus), p) for p in plans]
+        results = [self.evaluate(plan) for plan in self.shortlist(scored)]
+        incumbent = self.rank(results)[0]
+        tol = self.req.search.rel_tol
+        floor = 0.0 if exhaustive else PRUNE_RATIO * self.estimate(plans[0])
+        for plan in plans:
+            if plan in self._evaluated or self.estimate(plan) < floor:
+                continue
+            bar = max(incumbent.goodput_rps, 1e-3) * (1 + tol)
+            if self.passes(plan, bar):
+                e = self.evaluate(plan)
+                if self.better(e, incumbent):
+                    incumbent = e
+        current = incumbent
         for _ in range(MAX_LOCAL_STEPS):
             challengers = [self.evaluate(p) for p in self.neighbours(current.plan)]
             best = current
@@ -276,7 +347,7 @@ class _Search:
             m = self.judge(plan).measure(rate)
             self.num_runs += len(self.judge(plan).traces)
             grow_prefill = m.ttft_miss >= m.tpot_miss
-            if plan.placement == "high_affinity":
+            if plan.placement == "low_node_affinity":
                 k_p = plan.num_prefill // plan.num_units + (1 if grow_prefill else 0)
                 k_d = plan.num_decode // plan.num_units + (0 if grow_prefill else 1)
                 nxt = replace(plan, num_prefill=k_p * plan.num_units, num_decode=k_d * plan.num_units)
@@ -334,8 +405,10 @@ def search(problem: PlanningProblem) -> PlanOutcome:
         if not ranked:
             alternatives = s.max_goodput(configs)
             fallback = alternatives[0] if alternatives else None
-    best = ranked[0] if ranked else None
-    runners = tuple(e for e in ranked[1:] if e.goodput_rps > 0)[:3]
+    best = s.measured(ranked[0]) if ranked else None
+    runners = tuple(s.measured(e) for e in [e for e in ranked[1:] if e.goodput_rps > 0][:3])
+    if fallback is not None:
+        fallback = s.measured(fallback)
     return PlanOutcome(
         objective="max_goodput" if rate is None else "min_gpus", target_rate=rate, best=best,
         runners_up=runners, phases=tuple(phases), excluded=tuple(excluded),

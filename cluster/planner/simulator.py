@@ -9,8 +9,9 @@ A disaggregated run is two passes: prefill never waits on decode (see `prefill_p
 its completion times are computed first and become the decode side's arrivals, which then
 model routing, KV-capacity admission, link queueing, transfer and continuous batching.
 
-Definitions: TTFT = first token time - arrival; TPOT = (last token - first token) /
-(output_len - 1), 0 for one-token outputs; a request meets the SLO when both hold.
+Definitions (`cluster.slo`, shared with the router and the benchmark): TTFT = first token
+time - arrival; TPOT = (last token - first token) / (output_len - 1), 0 for one-token
+outputs; a request meets the SLO when both hold.
 With `slo` given and `stop_when_lost`, a run stops once too many requests have missed it
 for the attainment target to be reachable (unfinished requests then read as inf): the
 goodput search only needs the verdict, and overloaded runs are the slowest ones.
@@ -24,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 
+from cluster import slo as slo_math
 from cluster.config import SLOConfig
 
 from .colocated import ColocatedPool, simulate_colocated_pool
@@ -40,11 +42,11 @@ class SimResult:
     stopped_early: bool
 
     def meets(self, slo: SLOConfig) -> np.ndarray:
-        return (self.ttft_s <= slo.ttft_s) & (self.tpot_s <= slo.tpot_s)
+        return slo_math.meets_slo_array(self.ttft_s, self.tpot_s, slo)
 
     def attainment(self, slo: SLOConfig) -> float:
-        """Share of requests meeting both TTFT and TPOT."""
-        return float(self.meets(slo).mean()) if len(self.ttft_s) else 1.0
+        """Share of requests meeting both TTFT and TPOT (`cluster.slo`)."""
+        return slo_math.attainment(self.meets(slo))
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,7 @@ def simulate_disaggregated(
     multi = output_lens >= 2
     first_token = np.where(multi & from_decode, dec.kv_ready_s, pre.done_s)
     last_token = np.where(multi, dec.finish_s, pre.done_s)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(multi, (last_token - first_token) / np.maximum(output_lens - 1, 1), 0.0)
-    tpot = np.nan_to_num(tpot, nan=np.inf)
+    tpot = slo_math.tpot_s_array(first_token, last_token, output_lens)
     return SimResult(first_token - arrival_s, tpot, last_token - arrival_s, dec.transfer_s,
                      dec.stopped_early)
 
@@ -142,8 +142,7 @@ def simulate_decode_only(
     dec = simulate_decode_pool(arrival_s, input_lens, output_lens, pool, tpot_base_s=arrival_s,
                                tpot_limit_s=tpot_limit, max_violations=budget)
     multi = output_lens >= 2
-    with np.errstate(invalid="ignore"):
-        tpot = np.where(multi, (dec.finish_s - arrival_s) / np.maximum(output_lens - 1, 1), 0.0)
+    tpot = slo_math.tpot_s_array(arrival_s, dec.finish_s, output_lens)
     e2e = np.where(multi, dec.finish_s - arrival_s, 0.0)
     return SimResult(np.zeros(n), tpot, e2e, np.zeros(n), dec.stopped_early)
 
@@ -161,9 +160,6 @@ def simulate_colocated(
     ttft_limit, tpot_limit, budget = _limits(slo, n, stop_when_lost)
     out = simulate_colocated_pool(arrival_s, input_lens, output_lens, pool, ttft_limit,
                                   tpot_limit, budget)
-    multi = output_lens >= 2
-    with np.errstate(invalid="ignore"):
-        tpot = np.where(multi, (out.finish_s - out.first_token_s) / np.maximum(output_lens - 1, 1), 0.0)
-    tpot = np.nan_to_num(tpot, nan=np.inf)
+    tpot = slo_math.tpot_s_array(out.first_token_s, out.finish_s, output_lens)
     return SimResult(out.first_token_s - arrival_s, tpot, out.finish_s - arrival_s,
                      np.zeros(n), out.stopped_early)

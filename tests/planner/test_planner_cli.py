@@ -133,3 +133,44 @@ def test_module_entry_point(synthetic_profile_path, tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "cluster.planner.cli", "--model", "nope"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_slo_that_never_binds_is_an_error_not_a_goodput(synthetic_profile_path, tiny_model_dir, capsys):
+    args = _synthetic_args(synthetic_profile_path, tiny_model_dir)
+    args[args.index("--ttft-s") + 1] = "1e9"
+    args[args.index("--tpot-s") + 1] = "1e9"
+    assert _run(args) == 2
+    captured = capsys.readouterr()
+    assert "does not bind" in captured.err and "req/s" not in captured.out
+
+
+def test_over_budget_configurations_are_listed_as_excluded(synthetic_profile_path, tiny_model_dir, capsys):
+    code = _run(_synthetic_args(synthetic_profile_path, tiny_model_dir) + ["--max-gpus", "1",
+                                                                          "--max-pipeline-parallel", "1"])
+    report = capsys.readouterr().out
+    assert code == 1  # one GPU cannot hold a prefill and a decode instance
+    assert "TP2: needs 2 GPUs, over the budget of 1" in report
+
+
+def test_unprofiled_model_says_to_profile_it(shared_data, capsys):
+    code = _run(["--model", "facebook/opt-175b",
+                 "--profile", str(shared_data / "profiler-a100-80g.distserve.json"),
+                 "--input-len", "512", "--output-len", "64", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "no entry for facebook/opt-175b" in err and "pdserve profile" in err
+
+
+def test_transfer_links_are_named_by_where_instances_sit(synthetic_profile_path, tiny_model_dir):
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.plans import ParallelConfig, Plan
+    from cluster.planner.problem import build_problem
+    from cluster.planner.report import _links
+    problem = build_problem(PlanRequest.model_validate({
+        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
+        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
+        "cluster": {"num_nodes": 2, "gpus_per_node": 2, "gpu_memory_gib": 16}}))
+    tp1, tp2 = ParallelConfig(1, 1), ParallelConfig(2, 1)
+    assert _links(Plan("high_node_affinity", tp1, 1, tp1, 1), problem) == "NVLink, same node"
+    assert _links(Plan("high_node_affinity", tp2, 1, tp2, 1), problem) == "inter-node link"
+    assert _links(Plan("high_node_affinity", tp2, 1, tp1, 2), problem) == "inter-node link"
+    assert _links(Plan("high_node_affinity", tp1, 1, tp1, 3), problem).startswith("NVLink or inter-node")

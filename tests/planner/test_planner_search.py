@@ -20,7 +20,7 @@ def _request(profile, model, **overrides) -> PlanRequest:
                                  "output_len_min": 16, "output_len_max": 112}},
         "cluster": {"num_nodes": 1, "gpus_per_node": 4, "gpu_memory_gib": 16},
         "search": {"num_requests": 300, "num_seeds": 1, "max_pipeline_parallel": 2,
-                   "placements": ["low_affinity"]},
+                   "placements": ["high_node_affinity"]},
     }
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split("__")
@@ -35,7 +35,7 @@ def _all_plans(s: _Search, configs, budget):
     for cp, cd in itertools.product(configs, repeat=2):
         for n_p in range(1, budget // cp.num_gpus + 1):
             for n_d in range(1, (budget - n_p * cp.num_gpus) // cd.num_gpus + 1):
-                plan = Plan("low_affinity", cp, n_p, cd, n_d)
+                plan = Plan("high_node_affinity", cp, n_p, cd, n_d)
                 if s.feasible_layout(plan):
                     yield plan
 
@@ -102,18 +102,18 @@ def test_search_is_deterministic(synthetic_profile_path, tiny_model_dir):
 
 def test_layouts_and_links():
     tp2 = ParallelConfig(2, 1)
-    # Low affinity, first-fit decreasing: 3 x 2-GPU instances + 2 x 1-GPU on 2 nodes of 4.
-    plan = Plan("low_affinity", tp2, 3, ParallelConfig(1, 1), 2)
+    # High node affinity, first-fit decreasing: 3 x 2-GPU instances + 2 x 1-GPU on 2 nodes of 4.
+    plan = Plan("high_node_affinity", tp2, 3, ParallelConfig(1, 1), 2)
     layout = layout_plan(plan, 2, 4)
     assert layout.prefill_nodes == ((0,), (0,), (1,)) and layout.decode_nodes == ((1,), (1,))
     topo = transfer_topology(plan, layout, 1000.0, intra_node_bytes_per_s=1e6, inter_node_bytes_per_s=1e3)
     assert topo.seconds_per_token[0][0] == pytest.approx(1.0)  # P0 (node 0) -> D0 (node 1): NIC
     assert topo.seconds_per_token[2][0] == pytest.approx(1000.0 / (1e6 * 1))  # same node: NVLink
     assert topo.link_ids[0][0] == topo.link_ids[1][1] == 3 + 0  # both leave node 0's NIC
-    assert layout_plan(Plan("low_affinity", tp2, 3, tp2, 2), 2, 4) is None  # 10 GPUs > 8
-    # High affinity: each node holds one prefill and one decode segment, pipelined over 2 nodes.
+    assert layout_plan(Plan("high_node_affinity", tp2, 3, tp2, 2), 2, 4) is None  # 10 GPUs > 8
+    # Low node affinity: each node holds one prefill and one decode segment, pipelined over 2 nodes.
     pp2 = ParallelConfig(2, 2)
-    plan = Plan("high_affinity", pp2, 2, ParallelConfig(1, 2), 2, num_units=2)
+    plan = Plan("low_node_affinity", pp2, 2, ParallelConfig(1, 2), 2, num_units=2)
     assert layout_plan(plan, 4, 4).prefill_nodes == ((0, 1), (2, 3))
     topo = transfer_topology(plan, layout_plan(plan, 4, 4), 1000.0, 1e6, 1e3)
     assert topo.decode_candidates == ((0,), (1,))  # routed within the unit, over NVLink
@@ -121,8 +121,8 @@ def test_layouts_and_links():
     assert layout_plan(plan, 3, 4) is None  # two units of two nodes need four nodes
 
 
-def test_high_affinity_alone_works_on_one_node(synthetic_profile_path, tiny_model_dir):
-    request = _request(synthetic_profile_path, tiny_model_dir, search__placements=["high_affinity"])
+def test_low_node_affinity_alone_works_on_one_node(synthetic_profile_path, tiny_model_dir):
+    request = _request(synthetic_profile_path, tiny_model_dir, search__placements=["low_node_affinity"])
     best = search(build_problem(request)).best
-    assert best.plan.placement == "high_affinity" and best.goodput_rps > 0
+    assert best.plan.placement == "low_node_affinity" and best.goodput_rps > 0
     assert best.plan.prefill.pp == best.plan.decode.pp == 1  # one node: no cross-node pipeline
