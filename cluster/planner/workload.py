@@ -63,8 +63,26 @@ class CsvLengths(_Strict):
     path: Path = Field(description="CSV with header input_len,output_len; rows are resampled.")
 
 
+class SampleLengths(_Strict):
+    """Observed (prompt, output) lengths, resampled like a CSV's rows (the online planner's
+    live sample)."""
+
+    kind: Literal["samples"] = "samples"
+    input_lens: tuple[int, ...] = Field(min_length=1, description="Prompt tokens per request.")
+    output_lens: tuple[int, ...] = Field(min_length=1, description="Output tokens per request.")
+
+    @model_validator(mode="after")
+    def _paired(self) -> "SampleLengths":
+        if len(self.input_lens) != len(self.output_lens):
+            raise ValueError("input_lens and output_lens must have the same length")
+        if min(self.input_lens) < 1 or min(self.output_lens) < 1:
+            raise ValueError("lengths must be >= 1")
+        return self
+
+
 LengthDistribution = Annotated[
-    Union[FixedLengths, UniformLengths, LognormalLengths, CsvLengths], Field(discriminator="kind")
+    Union[FixedLengths, UniformLengths, LognormalLengths, CsvLengths, SampleLengths],
+    Field(discriminator="kind"),
 ]
 
 
@@ -144,7 +162,10 @@ def sample_lengths(dist: LengthDistribution, n: int, rng: np.random.Generator) -
         o = rng.lognormal(np.log(dist.output_len_median), dist.output_len_sigma, n)
         return (np.clip(np.rint(i), 1, dist.max_input_len).astype(np.int64),
                 np.clip(np.rint(o), 1, dist.max_output_len).astype(np.int64))
-    inputs, outputs = read_lengths_csv(dist.path)
+    if isinstance(dist, SampleLengths):
+        inputs, outputs = np.array(dist.input_lens, np.int64), np.array(dist.output_lens, np.int64)
+    else:
+        inputs, outputs = read_lengths_csv(dist.path)
     idx = rng.integers(0, len(inputs), n)
     return inputs[idx], outputs[idx]
 
@@ -173,6 +194,8 @@ def length_summary(lengths: LengthDistribution, seed: int = 0, n: int = 20000) -
     """Means and maxima of a distribution (exact for CSVs), for reports and feasibility."""
     if isinstance(lengths, CsvLengths):
         i, o = read_lengths_csv(lengths.path)
+    elif isinstance(lengths, SampleLengths):
+        i, o = np.array(lengths.input_lens), np.array(lengths.output_lens)
     else:
         i, o = sample_lengths(lengths, n, np.random.default_rng(seed))
     return {"input_mean": float(i.mean()), "output_mean": float(o.mean()),

@@ -1,0 +1,310 @@
+"""Online re-planning: a pure core that turns live-traffic snapshots into scaling decisions.
+
+    replanner = Replanner(settings, sizer)
+    effects = replanner.observe(snapshot)     # pure given its own state; no I/O
+
+Each `TrafficSnapshot` carries what the running deployment measured over the last window:
+arrival rate, a sample of (prompt, output) lengths from the request traces, attainment,
+measured mean TTFT/TPOT, and every instance with its state and in-flight requests.
+
+Per tick, at most every `interval_s`:
+
+1. `sizer(snapshot, correction)` returns the pool sizes (prefill, decode) the live traffic
+   needs: by default `PoolSizer`, the planner's co-simulation at the observed rate
+   (times `headroom`) over the observed lengths, with the deployment's own parallel
+   configurations; only instance counts change online.
+2. The sizes are clamped to each pool's [min, max] and to the unit budget (prefill and
+   decode compete for it: a change of the prefill:decode ratio is ONE decision with both
+   targets, never two autoscalers pulling against each other).
+3. A `ScalingDecision` records the targets and the reason. In observe-only mode nothing
+   else happens; otherwise it yields effects: `AddInstances` for growth, and for shrinkage
+   `DrainInstance` first (the instances with the fewest requests in flight); a drained
+   instance is removed (`RemoveInstance`) only once a later snapshot shows it idle.
+
+Correction factors: the sizer also predicts the current deployment's mean TTFT/TPOT at the
+observed rate; measured / predicted (clamped) scales the latency profile of the next sizing,
+so a deployment slower than its profile (shared CPUs, a noisy neighbour) is sized for what
+it really does. The imperative shell that reads metrics and calls the deployment's scaling
+interface is `ReplanLoop` with a `ScalingActuator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["prefill", "decode"]
+
+
+class PoolBounds(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_instances: int = Field(1, ge=1, description="Fewest instances the loop keeps.")
+    max_instances: int = Field(8, ge=1, description="Most instances the loop creates.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PoolBounds":
+        if self.min_instances > self.max_instances:
+            raise ValueError("min_instances must be <= max_instances")
+        return self
+
+
+class ReplanSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    observe_only: bool = Field(True, description="Decide and report, never act.")
+    interval_s: float = Field(60.0, gt=0, description="Seconds between two sizing decisions.")
+    prefill: PoolBounds = Field(default_factory=PoolBounds)
+    decode: PoolBounds = Field(default_factory=PoolBounds)
+    max_units: int = Field(8, ge=2, description="Units (GPUs or cores) both pools may use.")
+    prefill_units_per_instance: int = Field(1, ge=1, description="tp x pp of a prefill instance.")
+    decode_units_per_instance: int = Field(1, ge=1, description="tp x pp of a decode instance.")
+    min_requests: int = Field(50, ge=1, description="Requests a window needs before it sizes.")
+    headroom: float = Field(1.1, ge=1.0, le=3.0, description="Size for this many times the rate.")
+    max_correction: float = Field(4.0, ge=1.0, description="Largest measured/predicted factor used.")
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    instance_id: str
+    role: Role
+    state: Literal["serving", "draining"]
+    num_in_flight: int
+
+
+@dataclass(frozen=True)
+class TrafficSnapshot:
+    time_s: float
+    arrival_rate_rps: float
+    input_lens: tuple[int, ...]  # sample of the window's requests
+    output_lens: tuple[int, ...]
+    attainment: float
+    mean_ttft_s: float
+    mean_tpot_s: float
+    instances: tuple[InstanceStatus, ...]
+
+    def serving(self, role: Role) -> list[InstanceStatus]:
+        return [i for i in self.instances if i.role == role and i.state == "serving"]
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What the sizer found: pool sizes for the traffic, and its prediction for the
+    deployment as it runs now (for the correction factors)."""
+
+    num_prefill: int
+    num_decode: int
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    note: str = ""
+
+
+# sizer(snapshot, latency correction factor) -> Sizing
+Sizer = Callable[[TrafficSnapshot, float], Sizing]
+
+
+@dataclass(frozen=True)
+class AddInstances:
+    role: Role
+    count: int
+
+
+@dataclass(frozen=True)
+class DrainInstance:
+    role: Role
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class RemoveInstance:
+    role: Role
+    instance_id: str
+
+
+Effect = Union[AddInstances, DrainInstance, RemoveInstance]
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    time_s: float
+    action: Literal["hold", "resize"]
+    num_prefill: tuple[int, int]  # (current, target)
+    num_decode: tuple[int, int]
+    reason: str
+    correction: float
+    applied: bool  # False in observe-only mode
+
+
+@dataclass
+class Replanner:
+    """The pure core. `observe` is deterministic given the snapshots it has seen."""
+
+    settings: ReplanSettings
+    sizer: Sizer
+    decisions: list[ScalingDecision] = field(default_factory=list)
+    _last_sizing_s: float | None = None
+    _correction: float = 1.0
+    _draining: dict[str, Role] = field(default_factory=dict)
+
+    def observe(self, snap: TrafficSnapshot) -> list[Effect]:
+        effects: list[Effect] = self._finish_drains(snap)
+        s = self.settings
+        if self._last_sizing_s is not None and snap.time_s - self._last_sizing_s < s.interval_s:
+            return effects
+        self._last_sizing_s = snap.time_s
+        cur_p, cur_d = len(snap.serving("prefill")), len(snap.serving("decode"))
+        if len(snap.input_lens) < s.min_requests:
+            self._decide(snap, "hold", (cur_p, cur_p), (cur_d, cur_d),
+                         f"{len(snap.input_lens)} requests in the window (< {s.min_requests}): "
+                         "too few to size on")
+            return effects
+        sizing = self.sizer(snap, self._correction)
+        self._correction = self._update_correction(snap, sizing)
+        target_p, target_d, why = self._clamp(sizing.num_prefill, sizing.num_decode)
+        reason = (f"{snap.arrival_rate_rps:.2f} req/s observed (sized for x{s.headroom:g}), "
+                  f"attainment {100 * snap.attainment:.1f}%, needs {sizing.num_prefill} prefill + "
+                  f"{sizing.num_decode} decode{why}; measured/predicted latency x{self._correction:.2f}"
+                  + (f"; {sizing.note}" if sizing.note else ""))
+        if (target_p, target_d) == (cur_p, cur_d):
+            self._decide(snap, "hold", (cur_p, target_p), (cur_d, target_d), reason)
+            return effects
+        self._decide(snap, "resize", (cur_p, target_p), (cur_d, target_d), reason)
+        if s.observe_only:
+            return effects
+        for role, cur, target in (("prefill", cur_p, target_p), ("decode", cur_d, target_d)):
+            if target > cur:
+                effects.append(AddInstances(role, target - cur))
+            elif target < cur:
+                idle_first = sorted(snap.serving(role), key=lambda i: (i.num_in_flight, i.instance_id))
+                for inst in idle_first[: cur - target]:
+                    self._draining[inst.instance_id] = role
+                    effects.append(DrainInstance(role, inst.instance_id))
+        return effects
+
+    def _finish_drains(self, snap: TrafficSnapshot) -> list[Effect]:
+        """Remove draining instances once they are idle (drain before remove)."""
+        out: list[Effect] = []
+        for inst in snap.instances:
+            if inst.instance_id in self._draining and inst.state == "draining" and inst.num_in_flight == 0:
+                out.append(RemoveInstance(self._draining.pop(inst.instance_id), inst.instance_id))
+        return out
+
+    def _clamp(self, n_p: int, n_d: int) -> tuple[int, int, str]:
+        s = self.settings
+        p = min(max(n_p, s.prefill.min_instances), s.prefill.max_instances)
+        d = min(max(n_d, s.decode.min_instances), s.decode.max_instances)
+        notes = []
+        if (p, d) != (n_p, n_d):
+            notes.append("clamped to the pool bounds")
+        cut = False
+        # Over the unit budget: shrink the pool with more units than its share of the need.
+        while p * s.prefill_units_per_instance + d * s.decode_units_per_instance > s.max_units:
+            share_p = n_p * s.prefill_units_per_instance
+            share_d = n_d * s.decode_units_per_instance
+            if (p > s.prefill.min_instances
+                    and (p * s.prefill_units_per_instance / max(share_p, 1)
+                         >= d * s.decode_units_per_instance / max(share_d, 1)
+                         or d <= s.decode.min_instances)):
+                p -= 1
+            elif d > s.decode.min_instances:
+                d -= 1
+            else:
+                break
+            cut = True
+        if cut:
+            notes.append(f"cut to the unit budget of {s.max_units}")
+        return p, d, (" (" + ", ".join(notes) + ")") if notes else ""
+
+    def _update_correction(self, snap: TrafficSnapshot, sizing: Sizing) -> float:
+        """measured / predicted mean latency of the current deployment, clamped."""
+        ratios = [m / p for m, p in ((snap.mean_ttft_s, sizing.predicted_ttft_s),
+                                     (snap.mean_tpot_s, sizing.predicted_tpot_s))
+                  if p > 0 and m > 0 and p != float("inf")]
+        if not ratios:
+            return self._correction
+        ratio = max(ratios) * self._correction  # predictions were made with the old factor
+        return min(max(ratio, 1.0 / self.settings.max_correction), self.settings.max_correction)
+
+    def _decide(self, snap, action, p, d, reason) -> None:
+        self.decisions.append(ScalingDecision(snap.time_s, action, p, d, reason, self._correction,
+                                              applied=action == "resize" and not self.settings.observe_only))
+
+
+class ScalingActuator(Protocol):
+    """The deployment's scaling interface (the Serve deployment's elastic pools implement it).
+
+    `add` starts instances of a pool; `drain` stops routing new requests to one instance and
+    lets its in-flight requests finish; `remove` stops an idle drained instance."""
+
+    def add(self, role: Role, count: int) -> None: ...
+
+    def drain(self, role: Role, instance_id: str) -> None: ...
+
+    def remove(self, role: Role, instance_id: str) -> None: ...
+
+
+@dataclass
+class ReplanLoop:
+    """The imperative shell: read a snapshot, run the core, apply its effects."""
+
+    replanner: Replanner
+    read_snapshot: Callable[[], TrafficSnapshot]
+    actuator: ScalingActuator
+
+    def tick(self) -> list[Effect]:
+        effects = self.replanner.observe(self.read_snapshot())
+        for e in effects:
+            if isinstance(e, AddInstances):
+                self.actuator.add(e.role, e.count)
+            elif isinstance(e, DrainInstance):
+                self.actuator.drain(e.role, e.instance_id)
+            else:
+                self.actuator.remove(e.role, e.instance_id)
+        return effects
+
+
+class PoolSizer:
+    """The default sizer: the planner's co-simulation with the deployment's parallel
+    configurations fixed, at the observed rate x headroom over the observed lengths.
+
+    Fewest units first: for every (n_p, n_d) within the bounds, cheapest first (ties:
+    the most balanced), the first whose co-simulated attainment meets the SLO wins."""
+
+    def __init__(self, problem, prefill_config, decode_config, settings: ReplanSettings,
+                 num_requests: int = 600):
+        self.problem = problem
+        self.prefill_config, self.decode_config = prefill_config, decode_config
+        self.settings = settings
+        self.num_requests = num_requests
+
+    def __call__(self, snap: TrafficSnapshot, correction: float) -> Sizing:
+        from .plans import Plan
+        from .problem import scale_profile
+        from .search import _Search
+        from .workload import SampleLengths
+
+        req = self.problem.request
+        workload = req.workload.model_copy(update={"lengths": SampleLengths(
+            input_lens=snap.input_lens, output_lens=snap.output_lens)})
+        search = req.search.model_copy(update={"num_requests": self.num_requests, "num_seeds": 1})
+        request = req.model_copy(update={"workload": workload, "search": search})
+        profiles = {tp: scale_profile(p, max(correction, 1e-3)) for tp, p in self.problem.profiles.items()}
+        problem = replace(self.problem, request=request, profiles=profiles)
+        s = _Search(problem)
+        rate = max(snap.arrival_rate_rps, 1e-3)
+        cur = Plan("high_node_affinity", self.prefill_config, max(len(snap.serving("prefill")), 1),
+                   self.decode_config, max(len(snap.serving("decode")), 1))
+        now = s.judge(cur).measure(rate)
+        st = self.settings
+        options = sorted(
+            ((n_p, n_d) for n_p in range(st.prefill.min_instances, st.prefill.max_instances + 1)
+             for n_d in range(st.decode.min_instances, st.decode.max_instances + 1)),
+            key=lambda c: (c[0] * self.prefill_config.num_gpus + c[1] * self.decode_config.num_gpus,
+                           abs(c[0] - c[1]), c))
+        for n_p, n_d in options:
+            plan = replace(cur, num_prefill=n_p, num_decode=n_d)
+            if s.feasible_layout(plan) and s.passes(plan, rate * st.headroom):
+                return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s)
+        n_p, n_d = st.prefill.max_instances, st.decode.max_instances
+        return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s,
+                      note="no size within the bounds meets the SLO: the largest is asked for")
