@@ -3,6 +3,7 @@
     pdserve bench run      (--url URL | --config FILE) --rate R   [workload, arrival, SLO flags]
     pdserve bench goodput  (--url URL | --config FILE)            [... search flags]
     pdserve bench compare  (--config-a FILE | --url-a URL) (--config-b FILE | --url-b URL)
+                           [--target [LABEL=]FILE.yaml|URL|vllm[:cores=0-1] ...]
 
 `add_arguments(parser)` installs the sub-commands on a parser and `run(args)` executes the
 parsed namespace; `python -m bench.cli ...` does both. Exit status: 0 done, 2 a problem
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import shlex
 import sys
 import tempfile
 import time
@@ -21,7 +24,7 @@ from typing import Any
 
 from bench import options
 from bench.compare import (Target, TargetResult, benchmark_target, comparison_table,
-                           open_target, pick_cdf_rate, write_outputs)
+                           open_target, pick_cdf_rate, rate_table, write_outputs)
 from bench.errors import BenchError
 from bench.experiment import Measurement, measure, warm_up
 from bench.loadgen import check_server
@@ -32,8 +35,9 @@ from bench.report import (format_goodput, format_probe_line, format_summary, goo
 
 # ----------------------------------------------------------------------------- arguments
 
-def _add_target_args(parser: argparse.ArgumentParser, suffix: str = "") -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
+def _add_target_args(parser: argparse.ArgumentParser, suffix: str = "",
+                     required: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
     name = f" {suffix.upper()}" if suffix else ""
     flag = f"-{suffix}" if suffix else ""
     group.add_argument(f"--url{flag}", help=f"base URL of an already-running server{name}")
@@ -114,6 +118,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="ask for per-chunk usage (vLLM continuous_usage_stats) to split "
                        "multi-token chunks exactly")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--client", choices=["pdserve", "vllm"], default="pdserve",
+                       help="load generator: pdserve's own (default), or vLLM's `vllm bench "
+                       "serve` (random dataset of the same lengths, seed and arrivals; one "
+                       "run per rate, its per-request results judged here)")
+    group.add_argument("--vllm-backend", choices=["openai", "openai-chat"], default="openai",
+                       help="with --client vllm: completions or chat completions")
 
 
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +162,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare_parser = commands.add_parser(
         "compare", help="goodput of two deployments side by side, same workload and seed")
     for suffix in ("a", "b"):
-        _add_target_args(compare_parser, suffix)
+        _add_target_args(compare_parser, suffix, required=False)
         compare_parser.add_argument(f"--label-{suffix}", default=None,
                                     help="name in the table and plots")
+    peers = compare_parser.add_argument_group(
+        "more targets, and the plain-vLLM peer (see bench/peer_vllm.py)")
+    peers.add_argument("--target", action="append", default=[], metavar="[LABEL=]SPEC",
+                       help="a deployment to compare, after -a and -b (repeatable): a "
+                       "deployment config FILE.yaml, a running server's URL, or `vllm` "
+                       "(plain vLLM's OpenAI server on the same model: vLLM's default core "
+                       "binding), `vllm:cores=0-1` (engine threads bound to cores 0-1), "
+                       "optionally `:cpus=LIST` (the server's affinity; default: all of ours)")
+    peers.add_argument("--peer-config", type=Path, default=None,
+                       help="deployment config whose model and engine settings the vLLM "
+                       "peer mirrors (default: the first config compared)")
+    peers.add_argument("--peer-args", default="",
+                       help="extra flags for the vLLM server, e.g. '--max-num-batched-tokens 4096'")
     _add_serve_args(compare_parser)
     compare_parser.add_argument("--cdf-rate", type=float, default=None,
                                 help="rate of the TTFT/TPOT CDF plots (default: the highest "
@@ -231,28 +254,49 @@ def _goodput_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_targets(args: argparse.Namespace) -> list[tuple[Target, Any]]:
+    pairs: list[tuple[Target, Any]] = []
+    for suffix in ("a", "b"):
+        if getattr(args, f"url_{suffix}") is not None or getattr(args, f"config_{suffix}") is not None:
+            pairs.append(options.target_from_args(args, suffix))
+    peer_config = options.load_serve_config(args.peer_config)
+    mirrored = peer_config or next((c for _, c in pairs if c is not None), None)
+    pairs += options.targets_from_specs(args.target, mirrored, tuple(shlex.split(args.peer_args)))
+    if len(pairs) < 2:
+        raise BenchError("compare needs at least two targets (--config-a/--url-a, "
+                         "--config-b/--url-b, --target)")
+    seen: set[str] = set()
+    unique = []
+    for target, config in pairs:
+        label, n = target.label, 1
+        while label in seen:
+            n += 1
+            label = f"{target.label} ({n})"
+        seen.add(label)
+        unique.append((dataclasses.replace(target, label=label), config))
+    return unique
+
+
 def _compare_command(args: argparse.Namespace) -> int:
-    target_a, config_a = options.target_from_args(args, "a")
-    target_b, config_b = options.target_from_args(args, "b")
-    if target_a.label == target_b.label:
-        target_b = Target(f"{target_b.label} (b)", target_b.config_path, target_b.url,
-                          target_b.units, target_b.model)
-    if (config_a and config_b and args.tokenizer is None
-            and (config_a.model.path, config_a.model.embedded) != (config_b.model.path, config_b.model.embedded)):
-        print("warning: the two configs serve different models; prompts are built with the "
+    pairs = _compare_targets(args)
+    targets = [t for t, _ in pairs]
+    configs = [c for _, c in pairs if c is not None]
+    if (len(configs) > 1 and args.tokenizer is None
+            and len({(c.model.path, c.model.embedded) for c in configs}) > 1):
+        print("warning: the configs serve different models; prompts are built with the "
               "first one's tokenizer (pass --tokenizer to choose)", file=sys.stderr)
-    # The SLO and tokenizer come from the first config: both deployments must be judged
+    # The SLO and tokenizer come from the first config: every deployment must be judged
     # by the same SLO for the comparison to mean anything.
-    experiment = options.experiment_from_args(args, config_a or config_b,
-                                              check_first=(target_a, target_b))
+    first_config = configs[0] if configs else options.load_serve_config(args.peer_config)
+    experiment = options.experiment_from_args(args, first_config, check_first=tuple(targets))
     search = options.search_from_args(args, experiment.slo)
     output_dir = args.output_dir or (
         Path("bench/results/tmp") / time.strftime("compare-%Y%m%d-%H%M%S"))
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[TargetResult] = []
     serve = options.serve_options_from_args(args)
-    for target in (target_a, target_b):
-        print(f"== {target.label} ({target.url or target.config_path})", flush=True)
+    for target in targets:
+        print(f"== {target.label} ({target.source})", flush=True)
         results.append(benchmark_target(target, experiment, search, output_dir, serve,
                                         extra_rate_rps=args.cdf_rate,
                                         on_measurement=_print_measurement))
@@ -261,6 +305,9 @@ def _compare_command(args: argparse.Namespace) -> int:
         results, experiment.slo.attainment)
     print()
     print(comparison_table(results, cdf_rate))
+    if len(results) > 1 and all(r.measurements for r in results):
+        print()
+        print(rate_table(results))
     paths = write_outputs(results, experiment, cdf_rate, output_dir, _settings_json(args))
     print(f"\nwrote {', '.join(p.name for p in paths)} to {output_dir}")
     return 0

@@ -1,7 +1,8 @@
 """Side-by-side goodput comparison of deployments, in one invocation.
 
 For each target in turn: start it (`pdserve serve --config X --port P`, see
-`bench.deployment`) or use an already-running URL; warm it up; run the same goodput
+`bench.deployment`, or plain vLLM's OpenAI server, see `bench.peer_vllm`) or use an
+already-running URL; warm it up; run the same goodput
 search with the same `Experiment` (same prompts, lengths, arrival seed); measure the CDF
 rate if the search did not; stop it. Then print one table, and write to the output dir:
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bench.deployment import ServerProcess, free_port
+from bench.peer_vllm import VllmPeer
 from bench.experiment import Experiment, Measurement, find_goodput, measure, warm_up
 from bench.goodput import GoodputResult, SearchSettings, Units
 from bench.loadgen import check_server
@@ -33,17 +35,25 @@ from bench.report import (format_rate, format_table, goodput_json, measurement_j
 
 @dataclass(frozen=True)
 class Target:
-    """A deployment to benchmark: a config to start, or the URL of a running server."""
+    """A deployment to benchmark: a pdserve config to start, a plain-vLLM peer to start,
+    or the URL of a running server."""
 
     label: str
     config_path: Path | None = None
     url: str | None = None
     units: Units | None = None
     model: str | None = None  # None: the first id of GET /v1/models
+    peer: VllmPeer | None = None
 
     def __post_init__(self) -> None:
-        if (self.config_path is None) == (self.url is None):
-            raise ValueError("a target needs exactly one of config_path and url")
+        if sum(x is not None for x in (self.config_path, self.url, self.peer)) != 1:
+            raise ValueError("a target needs exactly one of config_path, url and peer")
+
+    @property
+    def source(self) -> str:
+        if self.peer is not None:
+            return self.peer.describe()
+        return str(self.url or self.config_path)
 
 
 @dataclass(frozen=True)
@@ -75,14 +85,20 @@ def open_target(target: Target, output_dir: Path, serve: ServeOptions) -> Iterat
     if target.url is not None:
         yield target.url.rstrip("/")
         return
-    assert target.config_path is not None
-    server = ServerProcess(
-        config_path=target.config_path,
-        port=serve.port if serve.port is not None else free_port(),
-        log_path=output_dir / f"{_file_label(target.label)}-server.log",
-        serve_command=serve.serve_command,
-        health_timeout_s=serve.health_timeout_s,
-    )
+    port = serve.port if serve.port is not None else free_port()
+    log_path = output_dir / f"{_file_label(target.label)}-server.log"
+    if target.peer is not None:
+        server = ServerProcess(
+            config_path=None, port=port, log_path=log_path,
+            health_timeout_s=serve.health_timeout_s, argv=target.peer.argv(port),
+            env=target.peer.env(), cpus=target.peer.affinity,
+        )
+    else:
+        assert target.config_path is not None
+        server = ServerProcess(
+            config_path=target.config_path, port=port, log_path=log_path,
+            serve_command=serve.serve_command, health_timeout_s=serve.health_timeout_s,
+        )
     with server:
         yield server.base_url
 
@@ -161,6 +177,42 @@ def comparison_table(results: list[TargetResult], cdf_rate_rps: float | None) ->
     return format_table(headers, rows)
 
 
+def slo_goodput_rps(m: Measurement) -> float:
+    """Requests that met both SLOs per second of the run (vLLM's "request goodput")."""
+    s = m.summary
+    return s.attainment * s.num_sent / max(s.wall_time_s, 1e-9)
+
+
+def rate_table(results: list[TargetResult]) -> str:
+    """Every target at every rate all of them were measured at: throughput, SLO goodput
+    (met requests per second) and its ratio to the first target, latencies."""
+    common = sorted(set.intersection(*({m.summary.rate_rps for m in r.measurements
+                                        if m.summary.rate_rps is not None} for r in results)))
+    headers = ["rate", "deployment", "req/s", "goodput req/s", "vs first", "attain",
+               "p50 TTFT ms", "p90 TTFT ms", "p50 TPOT ms", "p90 TPOT ms", "out tok/s"]
+    rows = []
+    for rate in common:
+        base = None
+        for r in results:
+            m = r.at_rate(rate)
+            assert m is not None
+            s = m.summary
+            good = slo_goodput_rps(m)
+            if base is None:
+                base = good
+            rows.append([
+                format_rate(rate), r.target.label, f"{s.request_throughput_rps:.3g}",
+                f"{good:.3g}", f"{good / base:.2f}x" if base else "-",
+                f"{s.attainment * 100:.1f}%",
+                f"{s.ttft_s.p50 * 1e3:.1f}" if s.ttft_s else "-",
+                f"{s.ttft_s.p90 * 1e3:.1f}" if s.ttft_s else "-",
+                f"{s.tpot_s.p50 * 1e3:.2f}" if s.tpot_s else "-",
+                f"{s.tpot_s.p90 * 1e3:.2f}" if s.tpot_s else "-",
+                f"{s.output_throughput_tps:.4g}",
+            ])
+    return format_table(headers, rows)
+
+
 def write_outputs(
     results: list[TargetResult],
     experiment: Experiment,
@@ -179,6 +231,11 @@ def write_outputs(
             {
                 "label": r.target.label,
                 "config": str(r.target.config_path) if r.target.config_path else None,
+                "peer": ({"kind": "vllm", "description": r.target.peer.describe(),
+                          "argv": r.target.peer.argv(0)[1:], "binding": r.target.peer.binding,
+                          "cores": r.target.peer.affinity,
+                          "kv_cache_gib": r.target.peer.kv_cache_gib}
+                         if r.target.peer else None),
                 "url": r.base_url,
                 "model": r.model,
                 "goodput": goodput_json(r.goodput, r.target.units),

@@ -1,4 +1,5 @@
-"""Start a deployment (`pdserve serve --config FILE --port P`) for a benchmark, and stop it.
+"""Start a deployment (`pdserve serve --config FILE --port P`, or any server command such
+as plain vLLM's, see `bench.peer_vllm`) for a benchmark, and stop it.
 
 Lifecycle of a `ServerProcess`:
 
@@ -50,7 +51,7 @@ def default_serve_command() -> list[str]:
     found = shutil.which("pdserve")
     if found:
         return [found]
-    return [sys.executable, "-m", "cluster.cli"]
+    return [sys.executable, "-m", "pdserve.cli"]
 
 
 def parse_serve_command(text: str | None) -> list[str]:
@@ -80,18 +81,30 @@ def _log_tail(path: Path) -> str:
 class ServerProcess:
     def __init__(
         self,
-        config_path: Path,
+        config_path: Path | None,
         port: int,
         log_path: Path,
         serve_command: list[str] | None = None,
         host: str = "127.0.0.1",
         health_timeout_s: float = 600.0,
         stop_grace_s: float = 15.0,
+        *,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cpus: list[int] | None = None,
     ) -> None:
-        if not Path(config_path).is_file():
-            raise BenchError(f"deployment config not found: {config_path}")
-        self.argv = [*(serve_command or default_serve_command()), "serve",
-                     "--config", str(config_path), "--port", str(port)]
+        """`pdserve serve --config config_path --port port`, or with `argv` that exact
+        command (which must listen on `port`); `env` replaces the environment and `cpus`
+        limits the whole process tree to those cores."""
+        if argv is not None:
+            self.argv = list(argv)
+        else:
+            if config_path is None or not Path(config_path).is_file():
+                raise BenchError(f"deployment config not found: {config_path}")
+            self.argv = [*(serve_command or default_serve_command()), "serve",
+                         "--config", str(config_path), "--port", str(port)]
+        self.env = env
+        self.cpus = list(cpus) if cpus else None
         self.base_url = f"http://{host}:{port}"
         self.log_path = log_path
         self.health_timeout_s = health_timeout_s
@@ -116,9 +129,11 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         try:
+            cpus = self.cpus
             self._process = subprocess.Popen(
                 self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, env=self.env,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         except OSError as e:
             self.state = ServerState.FAILED

@@ -8,8 +8,10 @@ offsets.
 
 from __future__ import annotations
 
+import asyncio
+import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bench.arrivals import ArrivalProcess
 from bench.errors import BenchError
@@ -19,6 +21,9 @@ from bench.metrics import RunSummary, summarize
 from bench.records import RunRecords
 from bench.workload import RequestSpec, Workload
 from cluster.config import SLOConfig
+
+if TYPE_CHECKING:
+    from bench.vllm_client import VllmBenchClient
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Experiment:
     # Sent one by one before measuring (not measured): pays one-off start-up costs and
     # checks that the server accepts our requests at all.
     warmup_requests: tuple[RequestSpec, ...] = ()
+    # None: pdserve's own load generator sends `workload`. Else vLLM's `vllm bench serve`
+    # sends its random dataset (same lengths, seed and arrival process; see
+    # bench.vllm_client) and only the workload's size is used.
+    client: "VllmBenchClient | None" = None
 
     def load_options(self, base_url: str, model: str, desc: str) -> LoadOptions:
         return LoadOptions(
@@ -72,6 +81,12 @@ async def measure(
 ) -> Measurement:
     """Run the whole workload against `base_url` at `rate_rps` and summarise it."""
     requests = experiment.workload.requests
+    if experiment.client is not None:
+        num = len(requests)
+        if experiment.duration_s is not None and rate_rps is not None:
+            num = max(1, min(num, math.ceil(experiment.duration_s * rate_rps)))
+        run = await asyncio.to_thread(experiment.client.run, base_url, model, rate_rps, num)
+        return Measurement(summarize(run, experiment.slo), run)
     offsets_s = experiment.arrivals.offsets_s(len(requests), rate_rps)
     desc = f"{rate_rps:.3g} req/s" if rate_rps is not None else "trace replay"
     run = await run_load(requests, offsets_s.tolist(),

@@ -112,6 +112,7 @@ def experiment_from_args(
         raise BenchError("--num-requests must be at least 1")
     arrivals, trace = arrivals_from_args(args)
     lengths = lengths_from_args(args, trace)
+    client_from_args(args, "")  # flags --client vllm cannot express fail before any work
     for target in check_first:
         if target.url is not None:
             check_server(target.url, target.model)
@@ -138,6 +139,7 @@ def experiment_from_args(
         for i in range(max(args.num_warmup, 0))
     )
     return Experiment(
+        client=client_from_args(args, source),
         workload=workload,
         arrivals=arrivals,
         slo=slo_from_args(args, config),
@@ -148,6 +150,39 @@ def experiment_from_args(
         show_progress=not args.no_progress,
         warmup_requests=warmup,
     )
+
+
+def client_from_args(args: argparse.Namespace, tokenizer_source: str):
+    """`--client vllm`: the `vllm bench serve` equivalent of the workload flags, else None."""
+    if getattr(args, "client", "pdserve") != "vllm":
+        return None
+    from bench.vllm_client import VllmBenchClient
+
+    if args.dataset is not None or args.arrival == "trace" or args.max_context is not None:
+        raise BenchError("--client vllm drives vLLM's random dataset: no --dataset, "
+                         "--arrival trace or --max-context")
+
+    def length(side: str) -> tuple[int, float]:
+        dist = getattr(args, f"{side}_dist")
+        if dist == "fixed":
+            return getattr(args, f"{side}_len"), 0.0
+        lo, hi = getattr(args, f"{side}_min"), getattr(args, f"{side}_max")
+        if dist == "uniform" and hi is not None and hi >= lo >= 1 and (lo + hi) % 2 == 0:
+            mean = (lo + hi) // 2
+            return mean, (hi - lo) / (hi + lo)
+        raise BenchError(f"--client vllm needs --{side}-dist fixed, or uniform with an even "
+                         f"--{side}-min + --{side}-max (vLLM samples len * (1 +- ratio))")
+
+    input_len, input_ratio = length("input")
+    output_len, output_ratio = length("output")
+    burstiness = 1.0 if args.arrival == "poisson" else 1.0 / (args.cv ** 2)
+    result_dir = getattr(args, "output_dir", None) or (
+        args.output_json.parent if getattr(args, "output_json", None) else None)
+    return VllmBenchClient(
+        tokenizer=tokenizer_source, input_len=input_len, output_len=output_len,
+        input_range_ratio=input_ratio, output_range_ratio=output_ratio, burstiness=burstiness,
+        seed=args.seed, backend=args.vllm_backend,
+        result_dir=Path(result_dir) / "vllm-bench" if result_dir else None)
 
 
 def search_from_args(args: argparse.Namespace, slo: SLOConfig) -> SearchSettings:
@@ -175,6 +210,55 @@ def units_from_args(num_units: float | None, config: ServeConfig | None) -> Unit
 def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(serve_command=parse_serve_command(args.serve_command), port=args.port,
                         health_timeout_s=args.health_timeout_s)
+
+
+def peer_target(label: str, spec: str, config: ServeConfig | None,
+                extra_args: tuple[str, ...] = ()) -> Target:
+    """A plain-vLLM target mirroring `config`'s model (else the embedded tiny model)."""
+    from bench.goodput import Units
+    from bench.peer_vllm import parse_peer_spec, peer_from_config
+
+    binding, cpus = parse_peer_spec(spec)
+    peer = peer_from_config(config if config is not None else ServeConfig(), binding, cpus,
+                            extra_args)
+    return Target(label=label, peer=peer, units=Units(float(peer.num_cores), "core"))
+
+
+def parse_target_spec(text: str) -> tuple[str | None, str]:
+    """`[LABEL=]SPEC` -> (label or None, spec). A label has no ':' or '/', so
+    `vllm:cores=0-1` and URLs with queries are specs, not labels."""
+    label, eq, spec = text.partition("=")
+    if eq and label and not any(c in label for c in ":/"):
+        return label, spec
+    return None, text
+
+
+def targets_from_specs(
+    specs: list[str], peer_config: ServeConfig | None, extra_args: tuple[str, ...] = ()
+) -> list[tuple[Target, ServeConfig | None]]:
+    """`--target [LABEL=]SPEC` values: a URL, `vllm[:options]` or a deployment config."""
+    out: list[tuple[Target, ServeConfig | None]] = []
+    configs = []
+    parsed = []
+    for text in specs:
+        label, spec = parse_target_spec(text)
+        if not spec:
+            raise BenchError(f"--target {text!r}: empty spec")
+        parsed.append((label, spec))
+        if not spec.startswith(("http://", "https://", "vllm")):
+            configs.append(load_serve_config(Path(spec)))
+    mirrored = peer_config or (configs[0] if configs else None)
+    for label, spec in parsed:
+        if spec.startswith(("http://", "https://")):
+            out.append((Target(label=label or spec, url=spec), None))
+        elif spec == "vllm" or spec.startswith("vllm:"):
+            out.append((peer_target(label or spec, spec, mirrored, extra_args), None))
+        else:
+            path = Path(spec)
+            config = load_serve_config(path)
+            out.append((Target(label=label or path.stem, config_path=path,
+                               units=units_from_args(None, config)), config))
+    return out
 
 
 def target_from_args(

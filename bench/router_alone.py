@@ -1,0 +1,141 @@
+"""The router alone: pdserve's real router over zero-latency in-process workers.
+
+Isolates the router's own CPU cost (HTTP, tokenization, routing, the handoff state
+machine, detokenization, SSE) from the engines and from Ray: a prefill returns its first
+token at once, a decode yields one `TokenDelta` per token with only an event-loop turn
+between tokens (one "engine step"). Pin it to one core and drive it from another:
+
+    taskset -c 0 python -m bench.router_alone --port 8300 --mode colocated &
+    taskset -c 1 python -m bench.vllm_client bench serve --base-url http://127.0.0.1:8300 \\
+        --model pdserve-tiny --tokenizer "$(python -c 'from cluster.tiny_model import \\
+        ensure_tiny_model as e; print(e("tiny"))')" --dataset-name random \\
+        --random-input-len 512 --random-output-len 64 --ignore-eos --num-prompts 2000 \\
+        --request-rate inf --max-concurrency 64 --seed 0
+
+Requests/s and streamed tokens/s at saturation are then the router's ceiling on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+
+_FIRST_TOKEN_ID = 10  # any id of the tiny vocabulary that is not special
+# Older wire versions have no block_size in WorkerStats (the profile compares versions).
+_BLOCK = {"block_size": 16} if "block_size" in WorkerStats.__struct_fields__ else {}
+
+
+def _token(i: int) -> int:
+    return _FIRST_TOKEN_ID + (i * 7919) % 1000
+
+
+class ZeroLatencyPrefill:
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:
+        now = time.time()
+        return PrefillResult(
+            request_id=req.request_id, first_token_id=_token(0), finish_reason=None,
+            kv_handle=KVHandle(producer_id=self.instance_id, data=req.request_id.encode()),
+            num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=0,
+            prefill_start_s=now, prefill_end_s=now)
+
+    async def release_kv(self, handle: KVHandle) -> bool:
+        return True
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def stats(self) -> WorkerStats:
+        return WorkerStats(instance_id=self.instance_id, role="prefill", is_ready=True,
+                           num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.0,
+                           num_kv_blocks=100_000, **_BLOCK)
+
+
+class ZeroLatencyGenerate:
+    """Decode (continues after prefill's first token) or colocated (emits all tokens)."""
+
+    def __init__(self, instance_id: str, role: str) -> None:
+        self.instance_id = instance_id
+        self.role = role
+        self.running = 0
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
+        transferred = req.kv_handle is not None
+        served_by = "transferred" if transferred else "colocated"
+        self.running += 1
+        try:
+            n_out = req.sampling.max_tokens
+            for n in range(n_out):
+                await asyncio.sleep(0)  # one engine step: every running request advances
+                last = n + 1 == n_out
+                yield TokenDelta(token_ids=(_token(n + 1 if transferred else n),),
+                                 finish_reason="length" if last else None,
+                                 served_by=served_by if n == 0 else None,
+                                 num_prompt_tokens_computed=(
+                                     (1 if transferred else len(req.prompt_token_ids))
+                                     if n == 0 else None))
+        finally:
+            self.running -= 1
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def stats(self) -> WorkerStats:
+        return WorkerStats(instance_id=self.instance_id, role=self.role, is_ready=True,  # type: ignore[arg-type]
+                           num_running_reqs=self.running, num_waiting_reqs=0,
+                           kv_cache_usage=0.0, num_kv_blocks=100_000, **_BLOCK)
+
+
+def build_app(mode: str, num_instances: int, model: str = "tiny"):
+    from cluster.config import RouterConfig, SLOConfig
+    from cluster.tiny_model import ensure_tiny_model
+    from router.app import RouterDeps, create_app
+    from router.metrics import Metrics
+    from router.pool import WorkerPool
+    from router.tokenizer import ModelTokenizer
+
+    router_config = RouterConfig()
+    slo = SLOConfig()
+    if mode == "disaggregated":
+        prefill = [ZeroLatencyPrefill(f"prefill-{i}") for i in range(num_instances)]
+        decode = [ZeroLatencyGenerate(f"decode-{i}", "decode") for i in range(num_instances)]
+        pool = WorkerPool.build(router_config, prefill=prefill, decode=decode)
+        units = 2 * num_instances
+    else:
+        colocated = [ZeroLatencyGenerate(f"colocated-{i}", "colocated")
+                     for i in range(num_instances)]
+        pool = WorkerPool.build(router_config, colocated=colocated)
+        units = num_instances
+    deps = RouterDeps(config=router_config, slo=slo, model_name=f"pdserve-{model}",
+                      tokenizer=ModelTokenizer(ensure_tiny_model(model)), pool=pool,
+                      metrics=Metrics(slo, num_units=units))
+    return create_app(deps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.router_alone", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8300)
+    parser.add_argument("--mode", choices=["colocated", "disaggregated"], default="colocated")
+    parser.add_argument("--num-instances", type=int, default=1,
+                        help="fake instances per pool (default 1)")
+    parser.add_argument("--embedded-model", default="tiny", help="tokenizer and model name")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    # The uvicorn settings of `pdserve serve` (cluster/launcher.py), access log included.
+    uvicorn.run(build_app(args.mode, args.num_instances, args.embedded_model),
+                host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
