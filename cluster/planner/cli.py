@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from cluster.config import ConfigError, dump_config
 
 from .goodput import MAX_RATE
+from .live import describe, fetch_metrics, live_figures, parse_prometheus_text, whatif_overrides
 from .deployment import load_base_config, plan_to_serve_config
 from .inputs import PlanRequest
 from .problem import build_problem
@@ -100,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also report the best colocated deployment")
     g.add_argument("--colocated-profile", type=Path,
                    help="profile of the colocated baseline's engine (default: --profile)")
+    g.add_argument("--from-metrics", metavar="URL",
+                   help="what-if from a live deployment: read its router's /metrics (rate, mean "
+                   "lengths, SLO) and plan the fewest GPUs for that traffic; flags still win")
     g = parser.add_argument_group("output")
     g.add_argument("--output", "-o", type=Path, help="write the deployment YAML here (default: print it)")
     g.add_argument("--base-config", type=Path, help="serve config YAML whose other settings the plan keeps")
@@ -206,6 +210,9 @@ def build_request(args: argparse.Namespace) -> PlanRequest:
         if loaded is not None and not isinstance(loaded, dict):
             raise InputError(f"planner config {args.config} must hold a mapping")
         data = loaded or {}
+    live = getattr(args, "live_overrides", None)
+    if live:
+        data = _merge(data, live)
     data = _merge(data, _flag_overrides(args))
     try:
         return PlanRequest.model_validate(data)
@@ -218,8 +225,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _read_live(args: argparse.Namespace) -> None:
+    """--from-metrics: fetch, parse, and keep the overrides and a description on `args`."""
+    url = getattr(args, "from_metrics", None)
+    if not url:
+        return
+    figures = live_figures(parse_prometheus_text(fetch_metrics(url)))
+    have_lengths = any(getattr(args, k, None) is not None for k in
+                       ("workload_csv", "input_len", "input_len_range")) or bool(getattr(args, "config", None))
+    args.live_overrides = whatif_overrides(figures, have_lengths)
+    args.live_description = describe(figures, url, have_lengths)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        _read_live(args)
         request = build_request(args)
         problem = build_problem(request)
         base = load_base_config(getattr(args, "base_config", None))
@@ -235,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"the SLO does not bind: {best.plan.label} meets TTFT {request.slo.ttft_s:g} s "
                      f"and TPOT {request.slo.tpot_s:g} s at every rate up to the search ceiling "
                      f"({MAX_RATE:g} req/s), so it cannot size a deployment; tighten --ttft-s/--tpot-s")
+    if getattr(args, "live_description", None):
+        print(args.live_description + "\n")
     print(render_report(outcome, problem, elapsed))
     if best is None or best.goodput_rps <= 0:
         return 1
