@@ -9,8 +9,9 @@ it with vLLM's client (`bench.vllm_client bench serve`, random 512/64 prompts, P
 arrivals at `--rate`), and while the load runs records every Python process of the
 deployment with py-spy (`--rate 100 --nonblocking --format raw`) for `--duration-s`,
 together with each process's CPU time from /proc. `router-alone` does the same for the
-router over zero-latency workers (`bench.router_alone`) pinned to `--router-core`, the
-client and py-spy on the other core, at `--request-rate inf` with `--max-concurrency`.
+router over zero-latency workers (`bench.router_alone`; `--channel`: in another process
+behind worker channels) pinned to `--router-core`, the client, py-spy (and the fake
+workers) on `--client-core`, at `--request-rate inf` with `--max-concurrency`.
 
 Writes: `<process>.txt` (py-spy raw stacks), `cpu.json` (CPU seconds per process over
 the window), `client.json` (vLLM's result with per-request details), `summary.txt`
@@ -104,6 +105,8 @@ def _short_name(pid: int, cmdline: str) -> str:
     m = re.match(r"(ray::\S+|VLLM::\S+)", cmdline)
     if m:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", m.group(1))
+    if "--host-workers" in cmdline:
+        return "fake-workers"
     if "bench.router_alone" in cmdline or " serve" in cmdline:
         return "router"
     base = Path(cmdline.split(" ")[0]).name if cmdline else "proc"
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                         "interpreter's pdserve CLI module)")
     parser.add_argument("--mode", choices=["colocated", "disaggregated"], default="colocated",
                         help="router-alone: fake deployment mode")
+    parser.add_argument("--channel", action="store_true",
+                        help="router-alone: fake workers in a process behind worker channels "
+                        "(on the client core)")
     parser.add_argument("--router-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--port", type=int, default=8310)
@@ -275,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tokenizer = str(ensure_tiny_model("tiny"))
         model = "pdserve-tiny"
+        channel = (["--channel", "--workers-core", str(args.client_core)]
+                   if args.channel else [])
         proc = subprocess.Popen(["taskset", "-c", str(args.router_core), _python(), "-m",
                                  "bench.router_alone", "--port", str(args.port), "--mode",
-                                 args.mode], stdout=log, stderr=subprocess.STDOUT,
+                                 args.mode, *channel], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         client_prefix = ["taskset", "-c", str(args.client_core)]
         rate, max_concurrency = "inf", args.max_concurrency

@@ -13,6 +13,8 @@ between tokens (one "engine step"). Pin it to one core and drive it from another
         --request-rate inf --max-concurrency 64 --seed 0
 
 Requests/s and streamed tokens/s at saturation are then the router's ceiling on one core.
+`--channel` puts the fake workers in a child process behind worker channels
+(cluster/channel.py), so the router pays the channel's cost as with real workers.
 """
 
 from __future__ import annotations
@@ -93,7 +95,61 @@ class ZeroLatencyGenerate:
                            kv_cache_usage=0.0, num_kv_blocks=100_000, **_BLOCK)
 
 
-def build_app(mode: str, num_instances: int, model: str = "tiny"):
+def fake_workers(mode: str, num_instances: int) -> tuple[list, list, list]:
+    """(prefill, decode, colocated) zero-latency workers of a deployment."""
+    if mode == "disaggregated":
+        return ([ZeroLatencyPrefill(f"prefill-{i}") for i in range(num_instances)],
+                [ZeroLatencyGenerate(f"decode-{i}", "decode") for i in range(num_instances)], [])
+    return [], [], [ZeroLatencyGenerate(f"colocated-{i}", "colocated")
+                    for i in range(num_instances)]
+
+
+async def host_workers(mode: str, num_instances: int) -> None:
+    """Serve the fake workers over worker channels (cluster/channel.py) and print one JSON
+    line [{instance_id, role, address}, ...]; run until killed."""
+    import json
+
+    from cluster.channel import ChannelServer
+
+    prefill, decode, colocated = fake_workers(mode, num_instances)
+    listed = []
+    servers = []
+    for role, workers in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
+        for worker in workers:
+            server = ChannelServer(worker, "127.0.0.1", 0)
+            servers.append(server)
+            listed.append({"instance_id": worker.instance_id, "role": role,
+                           "address": await server.start()})
+    print(json.dumps(listed), flush=True)
+    await asyncio.Event().wait()
+
+
+def _channel_workers(mode: str, num_instances: int, core: int | None):
+    """Start `host_workers` in a child process (on `core`); channel clients to its workers."""
+    import atexit
+    import json
+    import os
+    import subprocess
+
+    from cluster.channel import WorkerChannelClient
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.router_alone", "--host-workers", "--mode", mode,
+         "--num-instances", str(num_instances)], stdout=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
+    atexit.register(child.kill)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        raise SystemExit("router_alone: the worker host did not start")
+    clients: dict[str, list] = {"prefill": [], "decode": [], "colocated": []}
+    for entry in json.loads(line):
+        clients[entry["role"]].append(
+            WorkerChannelClient(entry["address"], entry["instance_id"], entry["role"]))
+    return clients["prefill"], clients["decode"], clients["colocated"]
+
+
+def build_app(mode: str, num_instances: int, model: str = "tiny", workers=None):
     from cluster.config import RouterConfig, SLOConfig
     from cluster.tiny_model import ensure_tiny_model
     from router.app import RouterDeps, create_app
@@ -103,14 +159,11 @@ def build_app(mode: str, num_instances: int, model: str = "tiny"):
 
     router_config = RouterConfig()
     slo = SLOConfig()
+    prefill, decode, colocated = workers or fake_workers(mode, num_instances)
     if mode == "disaggregated":
-        prefill = [ZeroLatencyPrefill(f"prefill-{i}") for i in range(num_instances)]
-        decode = [ZeroLatencyGenerate(f"decode-{i}", "decode") for i in range(num_instances)]
         pool = WorkerPool.build(router_config, prefill=prefill, decode=decode)
         units = 2 * num_instances
     else:
-        colocated = [ZeroLatencyGenerate(f"colocated-{i}", "colocated")
-                     for i in range(num_instances)]
         pool = WorkerPool.build(router_config, colocated=colocated)
         units = num_instances
     deps = RouterDeps(config=router_config, slo=slo, model_name=f"pdserve-{model}",
@@ -128,11 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-instances", type=int, default=1,
                         help="fake instances per pool (default 1)")
     parser.add_argument("--embedded-model", default="tiny", help="tokenizer and model name")
+    parser.add_argument("--channel", action="store_true",
+                        help="host the workers in another process and reach them over worker "
+                        "channels (cluster/channel.py), as `pdserve serve` does")
+    parser.add_argument("--workers-core", type=int, default=None,
+                        help="with --channel: the core of the worker process")
+    parser.add_argument("--host-workers", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.host_workers:
+        asyncio.run(host_workers(args.mode, args.num_instances))
+        return 0
     import uvicorn
 
-    # The uvicorn settings of `pdserve serve` (cluster/launcher.py), access log included.
-    uvicorn.run(build_app(args.mode, args.num_instances, args.embedded_model),
+    workers = (_channel_workers(args.mode, args.num_instances, args.workers_core)
+               if args.channel else None)
+    # The uvicorn settings of `pdserve serve` (its launcher), access log included.
+    uvicorn.run(build_app(args.mode, args.num_instances, args.embedded_model, workers),
                 host=args.host, port=args.port, log_level="info")
     return 0
 
