@@ -27,7 +27,7 @@ from cluster.config import ConfigError, dump_config
 
 from .goodput import MAX_RATE
 from .live import describe, fetch_metrics, live_figures, parse_prometheus_text, whatif_overrides
-from .deployment import load_base_config, plan_to_serve_config
+from .deployment import colocated_to_serve_config, load_base_config, plan_to_serve_config
 from .inputs import PlanRequest
 from .problem import build_problem
 from .report import render_report
@@ -260,7 +260,11 @@ def run(args: argparse.Namespace) -> int:
     print(render_report(outcome, problem, elapsed))
     if best is None or best.goodput_rps <= 0:
         return 1
-    text = dump_config(plan_to_serve_config(best.plan, request, base))
+    if outcome.serve_colocated:
+        top = outcome.best_colocated
+        text = dump_config(colocated_to_serve_config(top.config, top.num_instances, request, base))
+    else:
+        text = dump_config(plan_to_serve_config(best.plan, request, base))
     output = getattr(args, "output", None)
     if output is None:
         print("\n# deployment (pdserve serve --config FILE)\n" + text, end="")

@@ -13,7 +13,12 @@ Two schedulers, one iteration at a time per instance:
   otherwise it is one decode step of all running requests.
 - `chunked_prefill` (Sarathi / vLLM chunked prefill): every iteration carries one token of
   each running request, and the rest of the token budget is filled with prompt chunks FCFS.
-Pipeline parallelism is not modelled here (one stage).
+Pipeline parallelism (`pipeline_parallel_size` p > 1): an instance runs p interleaved
+micro-batch lanes (vLLM's virtual engines), each with its own scheduler and 1/p of the
+instance's KV cache; a lane's iteration visits every stage, so it takes the unpipelined time
+of its own batch (`timing` is then the lane timing: pipeline degree 1, with the fixed cost of
+all p stages, see `EngineTiming.stage_fixed_cost`). Requests are routed to the lane with the
+fewest outstanding prompt tokens.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ class ColocatedPool:
     scheduler: ColocatedScheduler = "prefill_priority"
     token_budget: int = 4096
     max_num_seqs: int = 128
+    pipeline_parallel_size: int = 1  # lanes per instance; `timing` is one lane's
 
     def __post_init__(self) -> None:
-        if self.timing.pipeline_parallel_size != 1:
-            raise ValueError("the colocated simulator models pipeline degree 1 only")
+        if self.timing.pipeline_parallel_size != 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("colocated timing is per lane (pipeline degree 1); set pipeline_parallel_size")
         if self.num_instances < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
             raise ValueError("a colocated pool needs >= 1 instance, token_budget >= 1, max_num_seqs >= 1")
 
@@ -81,9 +87,10 @@ def simulate_colocated_pool(
     first = [float("inf")] * n
     finish = [float("inf")] * n
     flagged = [False] * n
-    cap, budget, max_seqs = pool.kv_capacity_tokens, pool.token_budget, pool.max_num_seqs
+    lanes = pool.pipeline_parallel_size
+    cap, budget, max_seqs = pool.kv_capacity_tokens // lanes, pool.token_budget, pool.max_num_seqs
     timing, chunked = pool.timing, pool.scheduler == "chunked_prefill"
-    insts = [_Instance() for _ in range(pool.num_instances)]
+    insts = [_Instance() for _ in range(pool.num_instances * lanes)]  # lanes of every instance
     events: list[tuple[float, int, int, tuple]] = []
     seq = 0
     violations = 0

@@ -78,5 +78,28 @@ def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | N
     return ServeConfig.model_validate(data)
 
 
+def colocated_to_serve_config(config: ParallelConfig, num_instances: int, request: PlanRequest,
+                              base: ServeConfig | None = None) -> ServeConfig:
+    """A validated colocated `ServeConfig`: `num_instances` instances of `config`."""
+    data = (base or ServeConfig()).model_dump(mode="python")
+    data["mode"] = "colocated"
+    pool = dict(data["colocated"])
+    pool.update(_pool(config, num_instances, request, prefill=True))
+    if request.cluster.device == "cpu":
+        pool.update(num_gpus=0.0, num_cpus=1.0, kv_cache_gib=int(request.cluster.gpu_memory_gib),
+                    cpu_cores=[[i % request.cluster.gpus_per_node] for i in range(num_instances)])
+    else:
+        pool["cpu_cores"] = None
+    data["colocated"] = pool
+    model = dict(data["model"])
+    model_path = Path(request.model)
+    model["path"] = model_path.resolve() if model_path.is_dir() else model_path
+    if model.get("served_model_name") is None and not model_path.is_dir():
+        model["served_model_name"] = request.model
+    data["model"] = model
+    data["slo"] = request.slo.model_dump()
+    return ServeConfig.model_validate(data)
+
+
 def load_base_config(path: Path | None) -> ServeConfig | None:
     return load_config(path) if path is not None else None

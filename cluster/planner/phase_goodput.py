@@ -42,10 +42,21 @@ class ColocatedGoodput:
     tp: int
     scheduler: ColocatedScheduler
     goodput_rps: float  # one instance
+    pp: int = 1
+    num_instances: int = 1  # the whole-budget deployment `deployment_goodput_rps` is for
+    deployment_goodput_rps: float = 0.0  # all instances co-simulated (pooled routing)
+
+    @property
+    def config(self) -> ParallelConfig:
+        return ParallelConfig(self.tp, self.pp)
 
     @property
     def goodput_per_gpu(self) -> float:
-        return self.goodput_rps / self.tp
+        return self.goodput_rps / (self.tp * self.pp)
+
+    @property
+    def label(self) -> str:
+        return f"{self.num_instances}x colocated {self.config.label} ({self.scheduler.replace('_', ' ')})"
 
 
 def prefill_rate_guess(problem: PlanningProblem, config: ParallelConfig) -> float:
@@ -93,19 +104,21 @@ def phase_goodput(
 
 
 def colocated_goodput(
-    problem: PlanningProblem, tp: int, scheduler: ColocatedScheduler, traces: list[Trace]
-) -> tuple[ColocatedGoodput, int]:
+    problem: PlanningProblem, config: ParallelConfig, scheduler: ColocatedScheduler,
+    traces: list[Trace], num_instances: int = 1, guess: float | None = None,
+) -> tuple[float, int]:
+    """(goodput of `num_instances` colocated instances of `config` routed together, runs)."""
     slo = problem.request.slo
-    pool = problem.colocated_pool(tp, 1, scheduler)
-    config = ParallelConfig(tp, 1)
-    guess = min(prefill_rate_guess(problem, config), decode_rate_guess(problem, config))
+    pool = problem.colocated_pool(config.tp, num_instances, scheduler, config.pp)
+    if guess is None:
+        guess = num_instances * min(prefill_rate_guess(problem, config), decode_rate_guess(problem, config))
 
     def simulate(arrival_s, trace, stop):
         return simulate_colocated(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
 
     judge = RateJudge(simulate, traces, slo)
     rate = max_feasible_rate(judge.feasible, guess, problem.request.search.rel_tol)
-    return ColocatedGoodput(tp, scheduler, rate), judge.num_runs
+    return rate, judge.num_runs
 
 
 def enumerate_configs(

@@ -80,13 +80,21 @@ class PlanningProblem:
     def colocated_tps(self) -> list[int]:
         return sorted(self.colocated_profiles if self.colocated_profiles is not None else self.profiles)
 
-    def colocated_pool(self, tp: int, num_instances: int, scheduler: ColocatedScheduler) -> ColocatedPool:
-        config = ParallelConfig(tp, 1)
+    def colocated_pool(self, tp: int, num_instances: int, scheduler: ColocatedScheduler,
+                       pp: int = 1) -> ColocatedPool:
+        """Colocated instances of TP `tp` x PP `pp` (pp lanes per instance)."""
+        config = ParallelConfig(tp, pp)
         e = self.request.engine
         profiles = self.colocated_profiles if self.colocated_profiles is not None else self.profiles
-        timing = EngineTiming(profiles[tp], 1, e.framework_overhead)
+        # A lane's iteration crosses every stage: unpipelined time, with every stage's fixed
+        # cost when stages pay it each (EngineTiming.stage_fixed_cost).
+        stages = pp if e.pipeline_stage_fixed_cost == "per_stage" else 1
+        lane = profiles[tp].model_copy(update={
+            name: (stages * getattr(profiles[tp], name)[0],) + tuple(getattr(profiles[tp], name)[1:])
+            for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+        timing = EngineTiming(lane, 1, e.framework_overhead)
         return ColocatedPool(num_instances, timing, self.kv_capacity(config), scheduler,
-                             e.prefill_token_budget, e.max_num_seqs)
+                             e.prefill_token_budget, e.max_num_seqs, pp)
 
 
 def scale_profile(profile: LatencyProfile, scale: float) -> LatencyProfile:

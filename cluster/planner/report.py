@@ -162,13 +162,22 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
         out += ["", "Excluded configurations:"]
         out += [f"  {config.label}: {reason}" for config, reason in outcome.excluded]
     if outcome.colocated:
-        top = max(outcome.colocated, key=lambda g: g.goodput_per_gpu)
-        out += ["", "Colocated baseline (one instance, both SLOs):"]
-        out += [f"  TP{g.tp} {g.scheduler.replace('_', ' ')}: {g.goodput_rps:.2f} req/s "
-                f"({g.goodput_per_gpu:.3f}/{unit})" for g in outcome.colocated]
-        if best is not None and best.goodput_rps > 0 and top.goodput_per_gpu > 0:
-            out.append(f"  chosen disaggregated plan: {best.goodput_per_gpu / top.goodput_per_gpu:.2f}x "
-                       f"the best colocated goodput per {unit}")
+        out += ["", f"Colocated baseline (both SLOs; one instance, then the whole budget of such "
+                    f"instances routed together):"]
+        out += [f"  {g.config.label:<9} {g.scheduler.replace('_', ' '):<16} one {g.goodput_rps:7.2f} req/s; "
+                f"{g.num_instances} instances {g.deployment_goodput_rps:7.2f} req/s "
+                f"({g.deployment_goodput_rps / max(g.num_instances * g.tp * g.pp, 1):.3f}/{unit})"
+                for g in outcome.colocated]
+        top = outcome.best_colocated
+        if top is not None:
+            if outcome.serve_colocated:
+                out.append(f"  VERDICT: serve colocated. {top.label} sustains "
+                           f"{top.deployment_goodput_rps:.2f} req/s, more than the best disaggregated "
+                           f"plan ({best.goodput_rps if best else 0:.2f} req/s); the config written "
+                           "is colocated")
+            elif best is not None and best.goodput_rps > 0:
+                out.append(f"  verdict: serve disaggregated ({best.goodput_rps:.2f} req/s vs "
+                           f"{top.deployment_goodput_rps:.2f} for {top.label})")
     s = req.search
     timing = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
     out += ["", f"Search: {len(configs)} configurations per phase, {outcome.num_simulations} "

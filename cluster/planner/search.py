@@ -74,6 +74,21 @@ class PlanOutcome:
     fallback: EvaluatedPlan | None  # min_gpus infeasible: the max-goodput plan instead
     num_simulations: int
 
+    @property
+    def best_colocated(self) -> ColocatedGoodput | None:
+        """The colocated deployment with the highest whole-budget goodput (if compared)."""
+        top = max(self.colocated, key=lambda g: g.deployment_goodput_rps, default=None)
+        return top if top is not None and top.deployment_goodput_rps > 0 else None
+
+    @property
+    def serve_colocated(self) -> bool:
+        """Colocated wins: its whole-budget goodput beats the disaggregated plan's (max_goodput)."""
+        top = self.best_colocated
+        if top is None or self.objective != "max_goodput":
+            return False
+        best = self.best.goodput_rps if self.best is not None else 0.0
+        return top.deployment_goodput_rps > best
+
 
 class _Search:
     def __init__(self, problem: PlanningProblem):
@@ -221,6 +236,28 @@ class _Search:
                 if a >= 1 and b >= 1:
                     out.append(replace(plan, num_prefill=a, num_decode=b))
         return [p for p in out if self.feasible_layout(p)]
+
+    # -- colocated baseline --------------------------------------------------------------
+    def colocated_baselines(self, configs: list[ParallelConfig]) -> list[ColocatedGoodput]:
+        """Every colocated TP x PP (inside one node) and scheduler: one instance's goodput,
+        then the whole budget of such instances co-simulated (pooled routing), so the
+        verdict compares deployments of equal cost."""
+        c, out = self.cluster, []
+        tps = set(self.problem.colocated_tps())
+        for config in (cfg for cfg in configs if cfg.tp in tps and cfg.num_gpus <= c.gpus_per_node):
+            count = (c.gpus_per_node // config.num_gpus) * c.num_nodes
+            count = min(count, c.gpu_budget // config.num_gpus)
+            for scheduler in ("prefill_priority", "chunked_prefill"):
+                one, runs = colocated_goodput(self.problem, config, scheduler, self.traces(self.req.search.num_requests))
+                self.num_runs += runs
+                total = 0.0
+                if one > 0 and count >= 1:
+                    scale = min(MAX_TRACE_SCALE, max(1.0, count / 2))
+                    traces = self.traces(int(self.req.search.num_requests * scale))
+                    total, runs = colocated_goodput(self.problem, config, scheduler, traces, count, one * count)
+                    self.num_runs += runs
+                out.append(ColocatedGoodput(config.tp, scheduler, one, config.pp, count, total))
+        return out
 
     # -- objectives ----------------------------------------------------------------------
     def better(self, a: EvaluatedPlan, b: EvaluatedPlan) -> bool:
@@ -389,12 +426,7 @@ def search(problem: PlanningProblem) -> PlanOutcome:
 
     colocated = []
     if req.search.compare_colocated:
-        usable = {c.tp for c in configs if c.pp == 1}
-        for tp in (tp for tp in problem.colocated_tps() if tp in usable):
-            for scheduler in ("prefill_priority", "chunked_prefill"):
-                g, runs = colocated_goodput(problem, tp, scheduler, phase_traces)
-                s.num_runs += runs
-                colocated.append(g)
+        colocated = s.colocated_baselines(configs)
 
     rate = req.workload.rate
     fallback = None

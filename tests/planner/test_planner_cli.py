@@ -174,3 +174,37 @@ def test_transfer_links_are_named_by_where_instances_sit(synthetic_profile_path,
     assert _links(Plan("high_node_affinity", tp2, 1, tp2, 1), problem) == "inter-node link"
     assert _links(Plan("high_node_affinity", tp2, 1, tp1, 2), problem) == "inter-node link"
     assert _links(Plan("high_node_affinity", tp1, 1, tp1, 3), problem).startswith("NVLink or inter-node")
+
+
+def test_serve_colocated_when_it_wins(synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
+    # Two cores, prompts of 256-768 tokens and 2-4 output tokens: a decode-only core would
+    # idle, two colocated cores both prefill. The verdict and the written config say so.
+    out = tmp_path / "plan.yaml"
+    code = _run(["--model", str(tiny_model_dir), "--profile", str(synthetic_profile_path),
+                 "--input-len-range", "256", "768", "--output-len-range", "2", "4",
+                 "--ttft-s", "0.5", "--tpot-s", "0.2", "--device", "cpu", "--nodes", "1",
+                 "--gpus-per-node", "2", "--gpu-memory-gib", "4", "--compare-colocated",
+                 "--output", str(out), *FAST])
+    report = capsys.readouterr().out
+    assert code == 0, report
+    assert "VERDICT: serve colocated" in report
+    config = load_config(out)
+    assert config.mode == "colocated" and config.colocated.num_instances == 2
+
+
+def test_colocated_baseline_includes_pipeline_parallel(synthetic_profile_path, tiny_model_dir):
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.problem import build_problem
+    from cluster.planner.search import search
+    outcome = search(build_problem(PlanRequest.model_validate({
+        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
+        "slo": {"ttft_s": 0.3, "tpot_s": 0.05},
+        "workload": {"lengths": {"kind": "uniform", "input_len_min": 256, "input_len_max": 768,
+                                 "output_len_min": 16, "output_len_max": 112}},
+        "cluster": {"num_nodes": 1, "gpus_per_node": 4, "gpu_memory_gib": 16},
+        "search": {"num_requests": 200, "num_seeds": 1, "max_pipeline_parallel": 2,
+                   "compare_colocated": True, "placements": ["high_node_affinity"]}})))
+    shapes = {(g.tp, g.pp) for g in outcome.colocated}
+    assert {(1, 1), (1, 2), (2, 1), (2, 2)} <= shapes
+    assert all(g.num_instances * g.tp * g.pp == 4 for g in outcome.colocated)
+    assert all(g.deployment_goodput_rps >= g.goodput_rps for g in outcome.colocated)

@@ -236,3 +236,19 @@ def test_pipeline_stages_pay_the_fixed_cost_each():
     assert split.decode_step_s(4, 400) == pytest.approx(EngineTiming(PROFILE).decode_step_s(4, 400))
     first, later = per_stage.prefill_stage_s(300, 300**2)
     assert later == pytest.approx((PROFILE.prefill[0] + (PROFILE.prefill_ms([300]) - PROFILE.prefill[0]) / 2) / 1000)
+
+
+def test_colocated_pipeline_lanes_run_side_by_side():
+    # Two prompts at once: on one PP2 instance they take a lane each (parallel, each at the
+    # lane's unpipelined time); on a PP1 instance with the same timing they share a batch.
+    arrival, ins, outs = _arrays((0.0, 400, 1), (0.0, 400, 1))
+    lane = EngineTiming(PROFILE)
+    pp2 = simulate_colocated(ColocatedPool(1, lane, 100_000, pipeline_parallel_size=2), arrival, ins, outs)
+    pp1 = simulate_colocated(ColocatedPool(1, lane, 100_000), arrival, ins, outs)
+    assert pp2.ttft_s.tolist() == pytest.approx([PROFILE.prefill_ms([400]) / 1000] * 2)
+    assert pp1.ttft_s.tolist() == pytest.approx([PROFILE.prefill_ms([400, 400]) / 1000] * 2)
+    # Each lane holds half the KV: a request needing more than half fails on PP2 only.
+    arrival, ins, outs = _arrays((0.0, 600, 2))
+    assert np.isinf(simulate_colocated(ColocatedPool(1, lane, 1000, pipeline_parallel_size=2),
+                                       arrival, ins, outs).tpot_s).all()
+    assert np.isfinite(simulate_colocated(ColocatedPool(1, lane, 1000), arrival, ins, outs).tpot_s).all()
