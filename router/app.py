@@ -30,7 +30,7 @@ from cluster.config import RouterConfig, SLOConfig
 from cluster.wire import SamplingSpec, TokenDelta, TokenLogprob, WorkerUnavailable
 from router import chat_output
 from router import openai_protocol as oai
-from router import api_schema, guard
+from router import guard
 from router.admission import Admission
 from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
@@ -116,32 +116,32 @@ def create_app(deps: RouterDeps) -> FastAPI:
     async def _openai_error(_req: Request, exc: oai.OpenAIError):
         return _error(exc)
 
-    @app.get("/health", responses=api_schema.HEALTH)
+    @app.get("/health")
     async def health():
         if deps.pool.is_ready():
             return {"status": "ok"}
         return _error(oai.OpenAIError(503, "workers are not ready", "service_unavailable"))
 
-    @app.get("/v1/models", responses=api_schema.GUARDED)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
             "id": deps.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": deps.tokenizer.max_model_len}]}
 
-    @app.get("/metrics", responses=api_schema.METRICS)
+    @app.get("/metrics")
     async def metrics():
         deps.metrics.record_pool(deps.pool.all())
         deps.metrics.requests_in_flight.set(deps.num_in_flight)
         return Response(deps.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/requests/{request_id}/trace", responses=api_schema.TRACE)
+    @app.get("/v1/requests/{request_id}/trace")
     async def trace(request_id: str):
         found = deps.traces.get(request_id)
         if found is None:
             raise oai.OpenAIError(404, f"no trace for request {request_id!r}", code="not_found")
         return found.to_dict()
 
-    @app.post("/v1/completions", responses=api_schema.GENERATION)
+    @app.post("/v1/completions")
     async def completions(body: oai.CompletionRequest):
         prompt = body.single_prompt()
         if isinstance(prompt, str):
@@ -154,7 +154,7 @@ def create_app(deps: RouterDeps) -> FastAPI:
         prepared = _prepare(deps, body, body.truncate(ids), body.max_tokens, "cmpl")
         return await _serve(deps, prepared, body, chat=False)
 
-    @app.post("/v1/chat/completions", responses=api_schema.GENERATION)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: oai.ChatCompletionRequest):
         messages = [m.for_template() for m in body.messages]
         try:
@@ -351,6 +351,17 @@ class _Generation:
     def usage(self) -> dict:
         return oai.usage(len(self.p.prompt_token_ids), self.text.num_tokens)
 
+    @property
+    def stop_reason(self) -> str | int | None:
+        """vLLM's `stop_reason`: the stop string or stop token id that ended the answer
+        (None for EOS, a length limit or an abort)."""
+        if self.text.matched_stop is not None:
+            return self.text.matched_stop
+        ids = self.text.token_ids
+        if self.finish_reason == "stop" and ids and ids[-1] in self.p.sampling.stop_token_ids:
+            return ids[-1]
+        return None
+
 
 async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat: bool):
     gen = _Generation(deps, p)
@@ -385,6 +396,7 @@ async def _whole_body(gen: _Generation, chat: bool) -> dict:
     else:
         result = oai.completion_body(p.request_id, model, text, gen.finish_reason, gen.usage(),
                                      fmt.completion(logprobs) if fmt else None)
+    result["choices"][0]["stop_reason"] = gen.stop_reason
     if p.output.return_token_ids:
         result["choices"][0]["token_ids"] = list(gen.text.token_ids)
         result["prompt_token_ids"] = list(p.prompt_token_ids)
@@ -440,9 +452,11 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
             for delta in deltas.end():
                 yield _sse(oai.chat_chunk(rid, model, delta, None, use))
             reason = chat_output.finish_reason(p.tool_choice, gen.finish_reason, deltas.calls)
-            yield _sse(oai.chat_chunk(rid, model, {}, reason, use))
+            last = oai.chat_chunk(rid, model, {}, reason, use)
         else:
-            yield _sse(oai.completion_body(rid, model, "", gen.finish_reason, use))
+            last = oai.completion_body(rid, model, "", gen.finish_reason, use)
+        last["choices"][0]["stop_reason"] = gen.stop_reason
+        yield _sse(last)
         if body.include_usage:
             if chat:
                 yield _sse(oai.chat_chunk(rid, model, {}, None, gen.usage(), with_choice=False))

@@ -241,7 +241,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    # Parts are checked in text(), one error for the first bad part: pydantic would build
+    # one error per item of a huge invalid list.
+    content: str | list[Any] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -250,6 +252,9 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for part in self.content:
+            if not isinstance(part, dict):
+                raise OpenAIError(400, "message content parts must be objects "
+                                  '({"type": "text", "text": ...})', param="messages")
             if part.get("type") != "text":
                 raise OpenAIError(400, f"content part type {part.get('type')!r} is not supported",
                                   param="messages")

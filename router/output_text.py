@@ -30,6 +30,7 @@ class OutputText:
         self._emitted = 0  # chars of _text already returned
         self.token_ids: list[int] = []  # output ids up to and including a stop match
         self.is_stopped = False
+        self.matched_stop: str | None = None  # the stop string that ended the text
 
     def add(self, token_ids: tuple[int, ...] | list[int]) -> TextDelta:
         if self.is_stopped:
@@ -43,6 +44,7 @@ class OutputText:
                 if idx != -1:
                     self._text = self._text[: idx + len(stop) if self._include_stop_str else idx]
                     self.is_stopped = True
+                    self.matched_stop = stop
                     break
             if self.is_stopped:
                 break

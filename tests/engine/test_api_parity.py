@@ -120,3 +120,33 @@ def test_structured_output_binds_from_the_first_token(live_engines, mode):
              response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
     value = json.loads(r["choices"][0]["message"]["content"])
     assert set(value) == {"n", "ok"} and isinstance(value["n"], int) and isinstance(value["ok"], bool)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("mode", ["disagg", "coloc"])
+def test_required_and_named_tool_calls_hold_with_random_weights(live_engines, mode):
+    url = getattr(live_engines, f"{mode}_url")
+    messages = [{"role": "user", "content": "what is the weather in Oslo?"}]
+    r = post(url, "/v1/chat/completions", messages=messages, max_tokens=80, temperature=1.0,
+             seed=5, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    calls = choice["message"]["tool_calls"]
+    assert len(calls) == 1 and calls[0]["function"]["name"] in ("get_weather", "get_time")
+    assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
+    r = post(url, "/v1/chat/completions", messages=messages, max_tokens=60, temperature=1.0,
+             seed=6, tools=[WEATHER, TIME],
+             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    args = json.loads(call["function"]["arguments"])
+    assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 12
