@@ -30,7 +30,7 @@ from cluster.config import RouterConfig, SLOConfig
 from cluster.wire import SamplingSpec, TokenDelta, TokenLogprob, WorkerUnavailable
 from router import chat_output
 from router import openai_protocol as oai
-from router import guard
+from router import api_schema, guard
 from router.admission import Admission
 from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
@@ -116,32 +116,32 @@ def create_app(deps: RouterDeps) -> FastAPI:
     async def _openai_error(_req: Request, exc: oai.OpenAIError):
         return _error(exc)
 
-    @app.get("/health")
+    @app.get("/health", responses=api_schema.HEALTH)
     async def health():
         if deps.pool.is_ready():
             return {"status": "ok"}
         return _error(oai.OpenAIError(503, "workers are not ready", "service_unavailable"))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=api_schema.GUARDED)
     async def models():
         return {"object": "list", "data": [{
             "id": deps.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": deps.tokenizer.max_model_len}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=api_schema.METRICS)
     async def metrics():
         deps.metrics.record_pool(deps.pool.all())
         deps.metrics.requests_in_flight.set(deps.num_in_flight)
         return Response(deps.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/requests/{request_id}/trace")
+    @app.get("/v1/requests/{request_id}/trace", responses=api_schema.TRACE)
     async def trace(request_id: str):
         found = deps.traces.get(request_id)
         if found is None:
             raise oai.OpenAIError(404, f"no trace for request {request_id!r}", code="not_found")
         return found.to_dict()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=api_schema.GENERATION)
     async def completions(body: oai.CompletionRequest):
         prompt = body.single_prompt()
         if isinstance(prompt, str):
@@ -154,7 +154,7 @@ def create_app(deps: RouterDeps) -> FastAPI:
         prepared = _prepare(deps, body, body.truncate(ids), body.max_tokens, "cmpl")
         return await _serve(deps, prepared, body, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=api_schema.GENERATION)
     async def chat_completions(body: oai.ChatCompletionRequest):
         messages = [m.for_template() for m in body.messages]
         try:
