@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
-from cluster.cli import main
+from pdserve.cli import main
 from cluster.config import ConfigError, ServeConfig, dump_config, load_config
-from cluster.launcher import with_default_cpu_cores
+from pdserve.launcher import with_default_cpu_cores
 
 
 def test_defaults_are_one_prefill_one_decode():

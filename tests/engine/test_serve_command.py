@@ -40,7 +40,7 @@ def served(tmp_path_factory):
                                       "router": {"port": port}}))
     log = open(tmp / "serve.log", "w")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

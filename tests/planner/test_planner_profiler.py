@@ -161,7 +161,7 @@ def test_bad_input_exits_2_with_one_line(argv, message, tiny_model_dir, capsys):
 
 
 def test_model_dir_without_config_exits_2_through_pdserve(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "profile", "--model", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--model", str(tmp_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"pdserve profile: error: --model {tmp_path} is not a Hugging "

@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, plan, profile, bench.
+"""The `pdserve` command: serve, scale, plan, profile, bench.
 
 Errors a user can fix (a bad flag, an invalid config, an unreachable server) print one
 readable line and exit with status 2; they never end in a traceback.
@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import cli as bench_cli
+from cluster import profiler
 from cluster.config import ConfigError, dump_config, load_config
+from cluster.planner import cli as planner_cli
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,6 +71,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds")
     p.add_argument("--kv-cache-gib", type=int, help="CPU KV-cache space per instance (GiB)")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
+    p.add_argument("--runtime", choices=["serve", "actors"], default="actors",
+                   help="serve (default): the Ray Serve application of pdserve.serve_app, as "
+                   "`serve run deploy/ray/serve.yaml` deploys it; actors: the previous launcher "
+                   "(one Ray actor per instance, no supervision or scaling), for comparison")
     p.add_argument("--print-config", action="store_true",
                    help="print the validated config as YAML and exit")
 
@@ -77,28 +84,61 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    from cluster.launcher import StartupError, serve
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.runtime == "actors":
+        from pdserve.launcher import StartupError, serve
+
+        try:
+            asyncio.run(serve(config))
+        except KeyboardInterrupt:
+            pass
+        except StartupError as e:
+            print(f"pdserve: {e}", file=sys.stderr)
+            return 1
+        return 0
+    from pdserve.serving import ServeStartError, serve_forever
+
     try:
-        asyncio.run(serve(config))
+        serve_forever(config)
     except KeyboardInterrupt:
         pass
-    except StartupError as e:
+    except ServeStartError as e:
         print(f"pdserve: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _optional_subcommand(sub, name: str, module: str, help_text: str) -> None:
-    """Subcommands whose modules may be absent from a minimal install."""
+def _add_scale(sub) -> None:
+    p = sub.add_parser("scale", help="resize a pool of a running deployment",
+                       description="Set the number of instances of one pool of a running "
+                       "pdserve Serve application. New instances join routing once their engine "
+                       "is ready; removed ones finish the requests they hold first.")
+    p.add_argument("pool", choices=["prefill", "decode", "colocated"])
+    p.add_argument("num_instances", type=int)
+    p.add_argument("--ray-address", default=None, help="the cluster (default: RAY_ADDRESS or auto)")
+    p.add_argument("--app-name", default="pdserve", help="Serve application name")
+    p.add_argument("--namespace", default="pdserve")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the new size")
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from pdserve.serving import ServeStartError, scale
+
     try:
-        mod = __import__(module, fromlist=["add_arguments", "run"])
-    except ImportError:
-        return
+        states = scale(args.app_name, args.pool, args.num_instances, args.ray_address,
+                       args.namespace, args.timeout)
+    except ServeStartError as e:
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.pool}: {states.get('RUNNING', 0)} running")
+    return 0
+
+
+def _subcommand(sub, name: str, module: Any, help_text: str) -> None:
+    """A subcommand implemented by a module with `add_arguments(parser)` and `run(args)`."""
     p = sub.add_parser(name, help=help_text)
-    mod.add_arguments(p)
-    p.set_defaults(_run=mod.run)
+    module.add_arguments(p)
+    p.set_defaults(_run=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "LLM serving on Ray and vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
-    _optional_subcommand(sub, "plan", "cluster.planner.cli", "plan pool sizes and parallelism for SLOs")
-    _optional_subcommand(sub, "profile", "cluster.profiler", "profile the engine and fit a latency model")
-    _optional_subcommand(sub, "bench", "bench.cli", "measure SLO attainment and goodput")
+    _add_scale(sub)
+    _subcommand(sub, "plan", planner_cli, "plan pool sizes and parallelism for SLOs")
+    _subcommand(sub, "profile", profiler, "profile the engine and fit a latency model")
+    _subcommand(sub, "bench", bench_cli, "measure SLO attainment and goodput")
     return parser
 
 
@@ -118,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "scale":
+            return _run_scale(args)
         return int(args._run(args) or 0)
     except ConfigError as e:
         print(f"pdserve: {e}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""Ray Serve deployment options for each pool: placement groups, node choice, health, drain.
+
+Pure functions of the config (no Ray import), so the YAMLs' meaning is testable without a
+cluster. One replica is one engine instance; its placement group has one bundle per
+tensor/pipeline-parallel worker, packed on one node (`placement.bundle_strategy`); the
+replica actor itself runs in the first bundle, which also carries the pool's node
+resources (that is how `placement.affinity` is enacted) and every bundle its node labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.config import PoolConfig, ServeConfig
+
+# Headroom Serve gives a replica's __del__ beyond our own drain bound (engine shutdown).
+_SHUTDOWN_MARGIN_S = 30.0
+
+
+def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
+    """One bundle per TP x PP worker; the instance's CPUs and GPUs split evenly among them."""
+    n = pool.tensor_parallel_size * pool.pipeline_parallel_size
+    bundles: list[dict[str, float]] = []
+    for i in range(n):
+        bundle: dict[str, float] = {"CPU": pool.num_cpus / n}
+        if pool.num_gpus:
+            bundle["GPU"] = pool.num_gpus / n
+        if i == 0:
+            bundle.update(pool.node_resources)
+        bundles.append(bundle)
+    return bundles
+
+
+def engine_deployment_options(config: ServeConfig, role: str) -> dict[str, Any]:
+    """`serve.deployment(...)` options of one pool's deployment."""
+    pool = config.pools()[role]
+    bundles = instance_bundles(pool)
+    first = bundles[0]
+    options: dict[str, Any] = dict(
+        name=role,
+        num_replicas=pool.num_instances,
+        # Requests travel over the worker channel, not through Serve: Serve only ever calls
+        # health checks, so its queue bound is irrelevant to serving.
+        max_ongoing_requests=16,
+        health_check_period_s=config.ray.health_check_period_s,
+        health_check_timeout_s=config.ray.health_check_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=config.ray.drain_timeout_s + _SHUTDOWN_MARGIN_S,
+        placement_group_bundles=bundles,
+        placement_group_strategy=config.placement.bundle_strategy,
+        ray_actor_options=dict(
+            num_cpus=first["CPU"],
+            num_gpus=first.get("GPU", 0.0),
+            resources=dict(pool.node_resources),
+        ),
+    )
+    if pool.node_labels:
+        options["placement_group_bundle_label_selector"] = [dict(pool.node_labels)] * len(bundles)
+    return options
+
+
+def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
+    return dict(
+        name="router",
+        num_replicas=config.ray.router_replicas,
+        max_ongoing_requests=config.router.max_pending_requests,
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=config.ray.drain_timeout_s,
+        health_check_period_s=config.ray.health_check_period_s,
+        ray_actor_options=dict(num_cpus=0),
+    )
+
+
+def registry_deployment_options() -> dict[str, Any]:
+    return dict(name="registry", num_replicas=1, max_ongoing_requests=1000,
+                ray_actor_options=dict(num_cpus=0))
+
+
+def replica_pool(pool: PoolConfig) -> dict[str, Any]:
+    """A pool's settings as one replica needs them: everything but the instance count, so
+    that a new count (scale up or down) leaves the replicas' arguments, and so the running
+    replicas, unchanged. Pinned cores stay, one list per replica rank."""
+    data = pool.model_dump(mode="python")
+    data["num_instances"] = len(pool.cpu_cores) if pool.cpu_cores is not None else 1
+    return data
+
+
+def count_free(config: ServeConfig) -> dict[str, Any]:
+    """The whole config without pool sizes (what the router ingress is built from). Python
+    mode keeps secrets as SecretStr (JSON mode would mask them)."""
+    data = config.model_dump(mode="python")
+    for role in ("prefill", "decode", "colocated"):
+        data[role]["num_instances"] = 1
+        data[role]["cpu_cores"] = None
+    return data

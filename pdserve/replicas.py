@@ -1,0 +1,325 @@
+"""The replica classes of the pdserve Serve application (plain classes; serve_app wraps them).
+
+- `EngineReplica`: one engine instance of one pool (prefill, decode or colocated). It owns a
+  plain worker (`PrefillWorker` / `DecodeWorker`), serves it over a worker channel on its
+  node's IP, and publishes itself to the registry once the engine is ready. Serve health
+  checks ask the engine itself; on removal the replica drains.
+- `RouterIngress`: the router's FastAPI app as the Serve ingress. It discovers engine
+  replicas from the registry and routes with pdserve's own policies over the channels.
+
+Engine replica lifecycle (what the registry and so the routers see)::
+
+    constructing (engine starting; invisible) ──ready──▶ LIVE (published, heartbeats)
+    LIVE ──Serve stops it (scale-down, redeploy)──▶ DRAINING: routers stop sending it
+        requests; it finishes those it holds (and, on prefill, until its staged KV is
+        claimed) up to ray.drain_timeout_s ──▶ withdrawn, engine shut down
+    LIVE ──process dies──▶ heartbeats stop: routers see the channel fail at once and the
+        entry expire; Serve's health check fails and Serve starts a replacement
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, KVTransferSettings, ModelConfig, PoolConfig, ServeConfig
+from cluster.tiny_model import ensure_tiny_model
+from pdserve.registry import HEARTBEAT_INTERVAL_S, ReplicaEntry
+
+log = logging.getLogger("pdserve")
+
+DISCOVERY_INTERVAL_S = 0.5
+# A draining replica waits this long before counting its requests, so that every router
+# has seen the draining flag (one discovery interval plus the registry's round trip).
+DRAIN_NOTICE_S = 4 * DISCOVERY_INTERVAL_S
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica cannot start on its node; the message names the node and the cause."""
+
+
+def node_identity() -> tuple[str, str]:
+    """(Ray node id, node IP) of the calling process."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+def resolve_model_on_node(model: ModelConfig, what: str) -> Path:
+    """The model directory as this node sees it: `model.path` must be readable here; the
+    embedded model is built here (deterministic, so the same on every node)."""
+    node_id, node_ip = node_identity()
+    if model.path is None:
+        return ensure_tiny_model(model.embedded)
+    path = Path(model.path).expanduser()
+    try:
+        ok = (path / "config.json").is_file() and any(path.iterdir())
+    except OSError as e:
+        ok, reason = False, str(e)
+    else:
+        reason = "no config.json there"
+    if not ok:
+        raise ReplicaStartError(f"{what} on node {node_ip} (Ray node {node_id[:12]}) cannot read "
+                                f"model.path {path}: {reason}; every node must have the model "
+                                "at that path")
+    return path
+
+
+def served_model_name(model: ModelConfig, model_path: Path) -> str:
+    if model.served_model_name:
+        return model.served_model_name
+    if model.path is None:
+        return f"pdserve-{model.embedded}"
+    return model_path.name
+
+
+class EngineReplica:
+    """One engine instance. `settings` are the replica's own config sub-trees (model, pool
+    without its size, KV transfer, drain bound): nothing that changes when the pool is
+    resized, so scaling leaves running replicas alone."""
+
+    def __init__(self, role: str, settings: dict[str, Any], registry: Any):
+        self.role = role
+        self._model = ModelConfig.model_validate(settings["model"])
+        self._pool = PoolConfig.model_validate(settings["pool"])
+        self._kv = KVTransferSettings.model_validate(settings["kv_transfer"])
+        self._drain_timeout_s = float(settings["drain_timeout_s"])
+        self._worker_factory: str | None = settings.get("worker_factory")
+        self._registry = registry
+        self._worker: Any = None
+        self._channel: Any = None
+        self._entry: ReplicaEntry | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        from ray import serve
+
+        from cluster.channel import ChannelServer
+        from cluster.engine_host import EngineSpec
+
+        ctx = serve.get_replica_context()
+        rank = ctx.rank.rank if ctx.rank is not None else 0
+        instance_id = f"{self.role}-{ctx.replica_id.unique_id}"
+        node_id, node_ip = node_identity()
+        model_path = resolve_model_on_node(self._model, f"{self.role} replica {instance_id}")
+        cores = self._pool.cpu_cores
+        spec = EngineSpec(model_path=model_path, model=self._model, pool=self._pool,
+                          instance_index=rank % len(cores) if cores else 0)
+        self._worker = self._make_worker(instance_id, spec, self._kv.advertise_host or node_ip)
+        await self._worker.start()
+        self._channel = ChannelServer(self._worker, node_ip)
+        address = await self._channel.start()
+        self._entry = ReplicaEntry(instance_id=instance_id, role=self.role, address=address,
+                                   node_id=node_id, node_ip=node_ip,
+                                   replica_id=ctx.replica_id.unique_id)
+        await self._registry.publish.remote(self._entry)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat_forever())
+        log.info("%s ready on node %s, channel %s", instance_id, node_ip, address)
+
+    def _make_worker(self, instance_id: str, spec: Any, advertise_host: str) -> Any:
+        if self._worker_factory is not None:  # tests: "module:function" with this signature
+            import importlib
+
+            module, _, name = self._worker_factory.partition(":")
+            factory = getattr(importlib.import_module(module), name)
+            return factory(self.role, instance_id, spec, self._kv, advertise_host)
+        if self.role == "prefill":
+            from prefill_worker.worker import PrefillWorker
+
+            return PrefillWorker(instance_id, spec, self._kv, advertise_host)
+        from decode_worker.worker import DecodeWorker
+
+        return DecodeWorker(instance_id, spec, self._kv, self.role)  # type: ignore[arg-type]
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self._registry.publish.remote(self._entry)
+            except Exception as e:  # the registry is being replaced: the next beat re-registers
+                log.warning("heartbeat to the registry failed: %r", e)
+
+    async def check_health(self) -> None:
+        """Serve's health check: ask the engine (a dead engine core fails it), not just the
+        actor. Raises when unhealthy; Serve then replaces this replica."""
+        stats = await self._worker.stats()
+        if not stats.is_ready:
+            raise RuntimeError(f"{self._entry.instance_id}: engine is not running")
+        # vLLM's AsyncLLM raises EngineDeadError once its engine-core process died.
+        engine = getattr(getattr(self._worker, "_engine", None), "_engine", None)
+        if engine is not None:
+            await engine.check_health()
+
+    def describe(self) -> dict[str, Any]:
+        """The registry entry, for operators and tests (one Serve call, not per request)."""
+        import msgspec
+
+        return msgspec.to_builtins(self._entry)
+
+    async def stop(self) -> None:
+        """Drain, then release everything. Serve calls it (via __del__) on scale-down,
+        redeploy and shutdown."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._entry is not None:
+            import msgspec
+
+            draining = msgspec.structs.replace(self._entry, is_draining=True)
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await self._registry.publish.remote(draining)
+            await self._wait_drained()
+            with contextlib.suppress(Exception):
+                await self._registry.withdraw.remote(self._entry.instance_id)
+        if self._channel is not None:
+            await self._channel.close()
+        if self._worker is not None:
+            await self._worker.shutdown()
+
+    async def _wait_drained(self) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(DRAIN_NOTICE_S)
+        while time.monotonic() - started < self._drain_timeout_s:
+            held = self._channel.num_active_requests
+            staged = 0
+            if self.role == "prefill":
+                staged = (await self._worker.stats()).num_staged_segments
+            if held == 0 and staged == 0:
+                log.info("%s drained in %.1f s", self._entry.instance_id, time.monotonic() - started)
+                return
+            await asyncio.sleep(0.1)
+        log.warning("%s: drain bound of %.0f s reached with %d requests held",
+                    self._entry.instance_id, self._drain_timeout_s, self._channel.num_active_requests)
+
+
+class Membership:
+    """Keeps a router's `WorkerPool` in step with the registry: new live replicas join,
+    draining ones leave routing at once (their requests finish over the open channel),
+    withdrawn or expired ones have their channel closed."""
+
+    def __init__(self, pool: Any, connect: Any, on_change: Any = None):
+        self._pool = pool
+        self._connect = connect  # (address, instance_id, role) -> client
+        self._on_change = on_change
+        self._clients: dict[str, Any] = {}  # routed
+        self._draining: dict[str, Any] = {}  # out of routing, channel kept for held requests
+        self.entries: dict[str, ReplicaEntry] = {}
+
+    async def reconcile(self, entries: list[ReplicaEntry]) -> None:
+        seen = {e.instance_id for e in entries}
+        self.entries = {e.instance_id: e for e in entries}
+        for e in entries:
+            if e.is_draining:
+                client = self._clients.pop(e.instance_id, None)
+                if client is not None:
+                    self._pool.remove(e.instance_id)
+                    self._draining[e.instance_id] = client
+                    log.info("%s is draining: no new requests", e.instance_id)
+                continue
+            if e.instance_id not in self._clients and e.instance_id not in self._draining:
+                client = self._connect(e.address, e.instance_id, e.role)
+                self._pool.add(client, e.role)
+                self._clients[e.instance_id] = client
+                log.info("%s joined (%s on node %s)", e.instance_id, e.address, e.node_ip)
+        for iid in [i for i in self._clients if i not in seen]:
+            self._pool.remove(iid)
+            await self._close(self._clients.pop(iid))
+            log.warning("%s is gone (no heartbeat)", iid)
+        for iid in [i for i in self._draining if i not in seen]:
+            await self._close(self._draining.pop(iid))
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def routed_roles(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for iid in self._clients:
+            role = self.entries[iid].role
+            counts[role] = counts.get(role, 0) + 1
+        return counts
+
+    @staticmethod
+    async def _close(client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await client.close()
+
+    async def close(self) -> None:
+        for client in list(self._clients.values()) + list(self._draining.values()):
+            await self._close(client)
+        self._clients.clear()
+        self._draining.clear()
+
+
+class RouterIngress:
+    """The router app over discovered engine replicas. `settings` is the pdserve config
+    without pool sizes (so resizing a pool does not restart the router)."""
+
+    def __init__(self, settings: dict[str, Any], registry: Any):
+        self.config = ServeConfig.model_validate(settings)
+        self._registry = registry
+        self._discovery: asyncio.Task | None = None
+        self.membership: Membership | None = None
+        self.app: Any = None
+        self.deps: Any = None
+
+    async def start(self) -> None:
+        from cluster.channel import WorkerChannelClient
+        from router.build import build_router
+        from router.tokenizer import ModelTokenizer
+
+        config = self.config
+        model_path = resolve_model_on_node(config.model, "router replica")
+        tokenizer = ModelTokenizer(model_path, config.model.max_model_len)
+        self.app, self.deps = build_router(config, tokenizer, served_model_name(config.model, model_path))
+        gpus = {role: p.num_gpus for role, p in config.pools().items()}
+        metrics = self.deps.metrics
+
+        def units(membership: Membership) -> None:
+            # Goodput per unit counts what is routed now (pools resize while serving).
+            n = sum(count * (gpus.get(role) or 1) for role, count in membership.routed_roles().items())
+            metrics.num_units = max(1, int(n))
+
+        self.membership = Membership(self.deps.pool, WorkerChannelClient, on_change=units)
+        await self._discover_once()
+        self._discovery = asyncio.get_running_loop().create_task(self._discover_forever())
+
+    def build_app(self):
+        return self.app
+
+    async def _discover_once(self) -> None:
+        entries = await self._registry.snapshot.remote()
+        await self.membership.reconcile(entries)
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DISCOVERY_INTERVAL_S)
+            try:
+                await self._discover_once()
+            except Exception as e:  # registry being replaced: keep routing what we know
+                log.warning("replica discovery failed: %r", e)
+
+    def check_health(self) -> None:
+        if self._discovery is not None and self._discovery.done():
+            raise RuntimeError("replica discovery stopped")
+
+    async def stop(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+        if self.membership is not None:
+            await self.membership.close()
+
+
+def config_error_line(e: Exception) -> str:
+    """One line for a config error (the YAML's field and what is wrong with it)."""
+    text = str(e)
+    if isinstance(e, ConfigError):
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 1 and lines[0].endswith(":"):
+            return f"{lines[0]} {'; '.join(lines[1:])}"
+    return " ".join(text.split())

@@ -1,0 +1,113 @@
+"""The pdserve Ray Serve application: one builder, used by `serve run`, `serve deploy`,
+KubeRay's `serveConfigV2` and `pdserve serve` alike.
+
+    serve run deploy/ray/serve.yaml                   # import_path: pdserve.serve_app:build_app
+    serve run pdserve.serve_app:build_app config=plan.yaml
+
+Deployments (one Serve application)::
+
+    router (ingress, FastAPI)  ──discovers──▶ registry ◀──publish/heartbeat── prefill, decode
+         │                                                                   (or colocated)
+         └─────────── worker channels (cluster/channel.py), one TCP connection per pair ──┘
+
+The router routes with pdserve's own policies over the worker channels; Serve places,
+health-checks, replaces and resizes the replicas, and carries nothing per request or per
+token (docs/serve.md explains why routing is not a Serve request router).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from cluster.config import ConfigError, ServeConfig, load_config
+from pdserve import placement
+from pdserve.registry import Registry
+from pdserve.replicas import EngineReplica, RouterIngress, config_error_line
+
+
+class RegistryDeployment:
+    """The registry as a Serve deployment (one replica, no CPU); its methods run on the
+    replica's event loop, one at a time."""
+
+    def __init__(self) -> None:
+        self._registry = Registry()
+
+    async def publish(self, entry) -> None:
+        self._registry.publish(entry)
+
+    async def withdraw(self, instance_id: str) -> None:
+        self._registry.withdraw(instance_id)
+
+    async def snapshot(self):
+        return self._registry.snapshot()
+
+
+class EngineDeployment(EngineReplica):
+    async def __init__(self, role: str, settings: dict[str, Any], registry: Any):
+        EngineReplica.__init__(self, role, settings, registry)
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __del__(self):
+        await self.stop()
+
+
+@serve.ingress()
+class RouterDeployment(RouterIngress):
+    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+        RouterIngress.__init__(self, settings, registry)
+        await self.start()
+
+    async def __serve_build_asgi_app__(self):
+        return self.build_app()
+
+    async def __del__(self):
+        await self.stop()
+        # Serve's ASGI wrapper (next in the MRO) runs the app's lifespan shutdown.
+        parent = getattr(super(), "__del__", None)
+        if parent is not None:
+            await parent()
+
+
+def parse_args(args: Any) -> ServeConfig:
+    """The application arguments: a pdserve config mapping, or {config: <path>} (what
+    `serve run pdserve.serve_app:build_app config=plan.yaml` passes), optionally with
+    overrides beside it. Raises ConfigError with one line naming the field."""
+    if isinstance(args, ServeConfig):
+        return args
+    data = dict(args or {})
+    path = data.pop("config", None)
+    try:
+        return load_config(Path(path) if path else None, data)
+    except ConfigError as e:
+        raise ConfigError(config_error_line(e)) from None
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder: the application of one pdserve config (the module
+    docstring says how it is deployed)."""
+    return build_application(parse_args(args))
+
+
+def build_application(config: ServeConfig, *, worker_factory: str | None = None) -> serve.Application:
+    """The application of `config`; `worker_factory` ("module:function") replaces the
+    engine workers, for tests."""
+    registry = serve.deployment(RegistryDeployment, **placement.registry_deployment_options()).bind()
+    engines = {}
+    for role, pool in config.pools().items():
+        settings = dict(model=config.model.model_dump(mode="python"),
+                        pool=placement.replica_pool(pool),
+                        kv_transfer=config.kv_transfer.model_dump(mode="python"),
+                        drain_timeout_s=config.ray.drain_timeout_s, worker_factory=worker_factory)
+        options = placement.engine_deployment_options(config, role)
+        engines[role] = serve.deployment(EngineDeployment, **options).bind(role, settings, registry)
+    ingress = serve.deployment(RouterDeployment, **placement.ingress_deployment_options(config))
+    # The engine deployments are bound as (unused) arguments so that they belong to this
+    # application; the router reaches them through the registry and their channels.
+    return ingress.bind(placement.count_free(config), registry, *engines.values())

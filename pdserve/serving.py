@@ -1,0 +1,161 @@
+"""`pdserve serve`: run the Serve application of `serve_app` on a local Ray (started here
+when no cluster address is given) or on an existing cluster, until SIGINT/SIGTERM; and
+`pdserve scale`: resize a pool of a running application.
+
+This is the same application `serve run deploy/ray/serve.yaml` deploys; only who starts
+Ray and Serve differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+from cluster.config import ConfigError, ServeConfig
+from cluster.engine_host import is_cuda_available
+
+log = logging.getLogger("pdserve")
+
+
+class ServeStartError(RuntimeError):
+    """The application did not start; the message is one line naming the cause."""
+
+
+def _first_cause(text: str) -> str:
+    """The one line of a Serve deploy failure that says why (our replica errors first)."""
+    for pattern in (r"ReplicaStartError: (.+)", r"ConfigError: (.+)", r"ChannelError: (.+)",
+                    r"\n\s*(\w+Error: .+)"):
+        found = re.findall(pattern, text)
+        if found:
+            return found[-1].strip()
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def start_ray_and_serve(config: ServeConfig) -> bool:
+    """Connect to `ray.address`, or start a local Ray; start Serve's HTTP proxy on the
+    router's host and port. Returns whether Ray was started here."""
+    import ray
+    from ray import serve
+
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(namespace=config.ray.namespace, include_dashboard=False,
+                                      log_to_driver=True)
+        if config.ray.address is None:
+            needed = sum(p.num_cpus * p.num_instances for p in config.pools().values())
+            kwargs.update(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                          object_store_memory=config.ray.object_store_memory_bytes)
+            started_here = True
+        else:
+            kwargs["address"] = config.ray.address
+        ray.init(**kwargs)
+    serve.start(http_options={"host": config.router.host, "port": config.router.port})
+    return started_here
+
+
+def deploy(config: ServeConfig) -> None:
+    """Deploy (or update) the application and wait until every replica is ready."""
+    from ray import serve
+
+    from pdserve.serve_app import build_app
+
+    try:
+        serve.run(build_app(config), name=config.ray.app_name, route_prefix="/", blocking=False,
+                  external_scaler_enabled=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # Serve reports a failed replica constructor with its traceback
+        raise ServeStartError(_first_cause(_deployment_messages(config.ray.app_name) or str(e))) from None
+
+
+def _deployment_messages(app_name: str) -> str:
+    """The status messages of the application's deployments (replica tracebacks)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[app_name]
+    except Exception:
+        return ""
+    return "\n".join(d.message for d in app.deployments.values() if d.message)
+
+
+def serve_forever(config: ServeConfig) -> None:
+    from ray import serve
+
+    from pdserve.launcher import resolve_model_path, with_default_cpu_cores
+
+    resolve_model_path(config)  # a bad model.path fails here, before Ray starts
+    if config.ray.address is None and not is_cuda_available() and not _has_running_ray():
+        config = with_default_cpu_cores(config, sorted(os.sched_getaffinity(0)))
+    started_here = start_ray_and_serve(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        t0 = time.monotonic()
+        deploy(config)
+        log.info("pdserve ready on http://%s:%d (Ray Serve application %r, %.1f s)",
+                 config.router.host, config.router.port, config.ray.app_name, time.monotonic() - t0)
+        stop.wait()
+    finally:
+        _shutdown(config, started_here)
+
+
+def _has_running_ray() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _shutdown(config: ServeConfig, started_here: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(config.ray.app_name, _blocking=True)
+    except Exception as e:
+        log.warning("could not delete the application: %r", e)
+    if started_here:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def scale(app_name: str, role: str, num_instances: int, address: str | None, namespace: str,
+          timeout_s: float = 900.0) -> dict[str, int]:
+    """Resize one pool of a running application in place, through Serve's external-scaler
+    API (what the dashboard's POST /api/v1/applications/<app>/deployments/<pool>/scale
+    does): only the replica count changes, running replicas keep serving, new ones join
+    routing once their engine is ready, removed ones drain. Returns the replica states."""
+    import ray
+    from ray import serve
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    if num_instances < 0:
+        raise ConfigError("scale: the instance count must be >= 0")
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=namespace, log_to_driver=False)
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        raise ConfigError(f"scale: no Serve application named {app_name!r} is running")
+    pools = sorted(d for d in status.deployments if d not in ("router", "registry"))
+    if role not in pools:
+        raise ConfigError(f"scale: application {app_name!r} has no {role!r} pool "
+                          f"(its pools: {', '.join(pools)})")
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    ray.get(controller.update_deployment_replicas.remote(
+        DeploymentID(name=role, app_name=app_name), num_instances))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = dict(serve.status().applications[app_name].deployments[role].replica_states)
+        if states.get("RUNNING", 0) == num_instances and sum(states.values()) == num_instances:
+            return states
+        time.sleep(0.5)
+    raise ServeStartError(f"scale: {role} did not reach {num_instances} running replicas "
+                          f"within {timeout_s:.0f} s")

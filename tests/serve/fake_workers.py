@@ -1,0 +1,33 @@
+"""Fake engine workers for Serve replicas (tests only): the in-process fakes of tests/fakes.py
+with the worker lifecycle (`start`, `shutdown`) a replica drives. Each replica process has
+its own fakes, so a decode never finds its prefill's KV and recomputes (served_by
+"recomputed"); the tokens are the same either way (a hash of the sequence)."""
+
+from __future__ import annotations
+
+import os
+
+from tests.fakes import FakeDecodeWorker, FakePrefillWorker
+
+
+class _Lifecycle:
+    async def start(self) -> str:
+        return self.instance_id
+
+    async def shutdown(self) -> None:
+        pass
+
+
+class ServePrefill(_Lifecycle, FakePrefillWorker):
+    pass
+
+
+class ServeDecode(_Lifecycle, FakeDecodeWorker):
+    pass
+
+
+def make_worker(role, instance_id, spec, kv, advertise_host):
+    if role == "prefill":
+        return ServePrefill(instance_id)
+    delay = float(os.environ.get("PDSERVE_FAKE_TOKEN_DELAY_S", "0.01"))
+    return ServeDecode(instance_id, role=role, token_delay_s=delay)
