@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ModelConfig, PoolConfig
+from cluster.engine_args import pool_engine_kwargs
 from cluster.wire import SamplingSpec, TokenLogprob, TransferStat
 
 # Memory-bounding defaults for CPU engines: vLLM sizes its KV cache from this.
@@ -136,25 +137,8 @@ class EngineHost:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        m, p = self.spec.model, self.spec.pool
-        kwargs: dict[str, Any] = dict(
-            model=str(self.spec.model_path),
-            served_model_name=m.served_model_name,
-            dtype=m.dtype,
-            max_model_len=m.max_model_len,
-            seed=m.seed,
-            tensor_parallel_size=p.tensor_parallel_size,
-            pipeline_parallel_size=p.pipeline_parallel_size,
-            max_num_seqs=p.max_num_seqs,
-            enable_prefix_caching=p.enable_prefix_caching,
-            disable_log_stats=False,
-        )
-        if m.block_size is not None:
-            kwargs["block_size"] = m.block_size
-        if p.max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = p.max_num_batched_tokens
-        if is_cuda_available():
-            kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
+        kwargs = pool_engine_kwargs(self.spec.model_path, self.spec.model, self.spec.pool,
+                                    on_gpu=is_cuda_available())
         if self.spec.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = KVTransferConfig(**self.spec.kv_transfer_config)
         return AsyncEngineArgs(**kwargs)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from cluster.engine_args import engine_kwargs
 from cluster.planner.latency_model import LatencyProfile
 from cluster.planner.model_shape import ModelShapeError, load_model_shape
 from cluster.planner.profile_fit import DecodeSample, PrefillSample, fit_profile, profile_document
@@ -275,12 +276,13 @@ class VllmStepTimer:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        kwargs = dict(model=str(s.model_path), tensor_parallel_size=s.tensor_parallel_size,
-                      dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
-                      max_num_batched_tokens=s.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
-                      enable_prefix_caching=False, disable_log_stats=True)
-        if s.block_size is not None:
-            kwargs["block_size"] = s.block_size
+        # The serving pools' builder (cluster.engine_args); prefix caching off so every
+        # timed prefill computes its whole prompt.
+        kwargs = engine_kwargs(s.model_path, tensor_parallel_size=s.tensor_parallel_size,
+                               dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
+                               block_size=s.block_size, max_num_batched_tokens=s.max_num_batched_tokens,
+                               max_num_seqs=s.max_num_seqs, enable_prefix_caching=False,
+                               disable_log_stats=True)
         self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         config = self._engine.vllm_config
         self._vocab_size = config.model_config.get_vocab_size()
