@@ -119,16 +119,17 @@ class DecodeWorker:
                 finish = _finish_reason(completion.finish_reason if completion else None,
                                         out.finished)
                 # The connector's account of the prompt's KV comes with the final output.
-                report = self._kv_report(out, num_prompt) if materialized is not None else {}
+                report = (self._kv_report(out, num_prompt, kv_load_s)
+                          if materialized is not None else {})
                 if first:
                     first = False
                     state.move_to(DecodeKVState.RUNNING)
                     self._queued_prompt_tokens -= num_prompt
                     num_cached = int(out.num_cached_tokens or 0)
-                    first_kv = {"served_by": served_by,
+                    first_kv = {"served_by": served_by, "kv_load_s": kv_load_s,
                                 "num_prompt_tokens_computed": num_prompt - num_cached, **report}
                     yield TokenDelta(token_ids=token_ids, finish_reason=finish,
-                                     kv_load_s=kv_load_s, logprobs=logprobs, **first_kv)
+                                     logprobs=logprobs, **first_kv)
                 else:
                     yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs,
                                      **report)
@@ -142,16 +143,18 @@ class DecodeWorker:
             if materialized is not None:
                 self._kv.discard(materialized)
 
-    def _kv_report(self, out: Any, num_prompt: int) -> dict[str, Any]:
+    def _kv_report(self, out: Any, num_prompt: int, kv_load_s: float | None) -> dict[str, Any]:
         """served_by and prompt tokens computed, from the consumer connector's report on a
-        finished output (empty before the end, or when it reported nothing)."""
+        finished output (empty before the end, or when it reported nothing); kv_load_s
+        rides along, since the router reads all three from a delta that has served_by."""
         report = self._kv.load_report(out.kv_transfer_params) if out.finished else None
         if report is None:
             return {}
         computed = num_prompt - report.num_local_tokens - report.num_loaded_tokens
         if report.served_by == "recomputed":
             log.info("[%s] decode recomputed the prompt: %s", out.request_id, report.reason)
-        return {"served_by": report.served_by, "num_prompt_tokens_computed": computed}
+        return {"served_by": report.served_by, "num_prompt_tokens_computed": computed,
+                "kv_load_s": kv_load_s}
 
     async def _materialize(self, handle: KVHandle, request_id: str) -> MaterializedKV:
         """Make the handle's KV local (a fetch runs in a thread). A fetch cannot be
