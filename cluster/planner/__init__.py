@@ -13,7 +13,7 @@ pruning), search, deployment, report, cli. Design notes: docs/planner.md.
 """
 
 from .deployment import plan_to_serve_config
-from .inputs import ClusterSpec, EngineSpec, PlanRequest, SearchSpec, WorkloadSpec
+from .inputs import ClusterSpec, EngineModelSpec, PlanRequest, SearchSpec, WorkloadSpec
 from .latency_model import EngineTiming, LatencyProfile, ProfileTable, load_profiles
 from .problem import PlanningProblem, build_problem
 from .profile_fit import DecodeSample, PrefillSample, fit_profile, profile_document
@@ -22,7 +22,7 @@ from .simulator import (DisaggregatedSystem, SimResult, simulate_colocated,
                         simulate_decode_only, simulate_disaggregated, simulate_prefill_only)
 
 __all__ = [
-    "ClusterSpec", "DecodeSample", "DisaggregatedSystem", "EngineSpec", "EngineTiming",
+    "ClusterSpec", "DecodeSample", "DisaggregatedSystem", "EngineModelSpec", "EngineTiming",
     "LatencyProfile", "PlanOutcome", "PlanRequest", "PlanningProblem", "PrefillSample",
     "ProfileTable", "SearchSpec", "SimResult", "WorkloadSpec", "build_problem", "fit_profile",
     "load_profiles", "plan_to_serve_config", "profile_document", "search",

@@ -19,14 +19,14 @@ from cluster import slo as slo_math
 from cluster.config import SLOConfig
 
 from .simulator import SimResult
-from .workload import Trace
+from .workload import SyntheticTrace
 
 # simulate(arrival_s, trace, stop_when_lost) -> SimResult
-Simulate = Callable[[np.ndarray, Trace, bool], SimResult]
+Simulate = Callable[[np.ndarray, SyntheticTrace, bool], SimResult]
 
 
 @dataclass(frozen=True)
-class Measurement:
+class RateMeasurement:
     """Full (never stopped early) runs of one system at one rate, pooled over traces."""
 
     rate: float
@@ -44,7 +44,7 @@ class RateJudge:
     """Feasibility of one system at any rate, memoised."""
 
     simulate: Simulate
-    traces: list[Trace]
+    traces: list[SyntheticTrace]
     slo: SLOConfig
     verdicts: dict[float, bool] = field(default_factory=dict)
     num_runs: int = 0
@@ -61,7 +61,7 @@ class RateJudge:
             self.verdicts[rate] = ok
         return self.verdicts[rate]
 
-    def measure(self, rate: float) -> Measurement:
+    def measure(self, rate: float) -> RateMeasurement:
         results = [self.simulate(t.arrivals_at(rate), t, False) for t in self.traces]
         self.num_runs += len(results)
         ttft = np.concatenate([r.ttft_s for r in results])
@@ -69,7 +69,7 @@ class RateJudge:
         xfer = np.concatenate([r.transfer_s for r in results])
         meets = slo_math.meets_slo_array(ttft, tpot, self.slo)
         finite = np.isfinite(ttft) & np.isfinite(tpot)
-        return Measurement(
+        return RateMeasurement(
             rate=rate,
             attainment=float(meets.mean()),
             min_attainment=min(r.attainment(self.slo) for r in results),

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.config import SLOConfig
 
 from .plans import Placement
-from .workload import ArrivalProcess, LengthDistribution
+from .workload import ArrivalSpec, LengthSpec
 
 GIB = 1024**3
 GB = 1e9
@@ -81,8 +81,8 @@ class ClusterSpec(_Strict):
 
 
 class WorkloadSpec(_Strict):
-    lengths: LengthDistribution = Field(description="Prompt/output length distribution.")
-    arrival: ArrivalProcess = Field(default_factory=ArrivalProcess, description="Arrival process.")
+    lengths: LengthSpec = Field(description="Prompt/output length distribution.")
+    arrival: ArrivalSpec = Field(default_factory=ArrivalSpec, description="Arrival process.")
     rate: float | None = Field(
         None, gt=0,
         description="Target request rate (req/s). Set: find the fewest GPUs that sustain it. "
@@ -90,7 +90,7 @@ class WorkloadSpec(_Strict):
     )
 
 
-class EngineSpec(_Strict):
+class EngineModelSpec(_Strict):
     prefill_token_budget: int = Field(
         4096, ge=1, description="Tokens per iteration (vLLM's max_num_batched_tokens): bounds a "
         "prefill batch's prompt tokens and a decode step's sequences."
@@ -184,7 +184,7 @@ class PlanRequest(_Strict):
     slo: SLOConfig = Field(default_factory=SLOConfig, description="Latency targets.")
     workload: WorkloadSpec
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    engine: EngineSpec = Field(default_factory=EngineSpec)
+    engine: EngineModelSpec = Field(default_factory=EngineModelSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
 
     @property

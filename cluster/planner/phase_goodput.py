@@ -20,7 +20,7 @@ from .goodput import RateJudge, max_feasible_rate
 from .plans import ParallelConfig
 from .problem import PlanningProblem
 from .simulator import simulate_colocated, simulate_decode_only, simulate_prefill_only
-from .workload import Trace
+from .workload import SyntheticTrace
 
 Phase = Literal["prefill", "decode"]
 
@@ -81,7 +81,7 @@ def decode_rate_guess(problem: PlanningProblem, config: ParallelConfig) -> float
 
 
 def phase_goodput(
-    problem: PlanningProblem, phase: Phase, config: ParallelConfig, traces: list[Trace]
+    problem: PlanningProblem, phase: Phase, config: ParallelConfig, traces: list[SyntheticTrace]
 ) -> tuple[PhaseGoodput, int]:
     """(goodput of one instance, simulations run)."""
     slo = problem.request.slo
@@ -105,7 +105,7 @@ def phase_goodput(
 
 def colocated_goodput(
     problem: PlanningProblem, config: ParallelConfig, scheduler: ColocatedScheduler,
-    traces: list[Trace], num_instances: int = 1, guess: float | None = None,
+    traces: list[SyntheticTrace], num_instances: int = 1, guess: float | None = None,
 ) -> tuple[float, int]:
     """(goodput of `num_instances` colocated instances of `config` routed together, runs)."""
     slo = problem.request.slo

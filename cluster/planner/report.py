@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .goodput import Measurement
+from .goodput import RateMeasurement
 from .phase_goodput import PhaseGoodput
 from .placement import layout_plan
 from .plans import Plan
@@ -15,7 +15,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _measurement(m: Measurement) -> str:
+def _measurement(m: RateMeasurement) -> str:
     transfer = f", mean KV transfer {1000 * m.mean_transfer_s:.1f} ms" if m.mean_transfer_s else ""
     return (f"attainment {_pct(m.attainment)} (TTFT missed {_pct(m.ttft_miss)}, TPOT missed "
             f"{_pct(m.tpot_miss)}); mean TTFT {m.mean_ttft_s:.3f} s, mean TPOT "

@@ -19,14 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
-from .goodput import MAX_RATE, Measurement, RateJudge, max_feasible_rate
+from .goodput import MAX_RATE, RateMeasurement, RateJudge, max_feasible_rate
 from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
                             enumerate_configs, phase_goodput)
 from .placement import layout_plan, transfer_topology
 from .plans import ParallelConfig, Plan
 from .problem import PlanningProblem
 from .simulator import DisaggregatedSystem, simulate_disaggregated
-from .workload import Trace, make_trace
+from .workload import SyntheticTrace, make_trace
 
 Objective = Literal["max_goodput", "min_gpus"]
 MAX_TRACE_SCALE = 8  # co-simulation traces grow with instance count, up to this factor
@@ -43,9 +43,9 @@ class EvaluatedPlan:
     estimate_rps: float  # from per-phase goodputs
     goodput_rps: float  # co-simulated
     # Full runs (set by `_Search.measured` on the plans a report shows, else None):
-    at_goodput: Measurement | None  # at the goodput
-    beyond: Measurement | None  # just above it: what breaks first
-    at_target: Measurement | None = None  # at the target rate (min_gpus)
+    at_goodput: RateMeasurement | None  # at the goodput
+    beyond: RateMeasurement | None  # just above it: what breaks first
+    at_target: RateMeasurement | None = None  # at the target rate (min_gpus)
 
     @property
     def goodput_per_gpu(self) -> float:
@@ -96,13 +96,13 @@ class _Search:
         self.req = problem.request
         self.cluster = self.req.cluster
         self.num_runs = 0
-        self._traces: dict[int, list[Trace]] = {}
+        self._traces: dict[int, list[SyntheticTrace]] = {}
         self._judges: dict[Plan, RateJudge] = {}
         self._evaluated: dict[Plan, EvaluatedPlan] = {}
         self.goodput: dict[tuple[str, ParallelConfig], float] = {}
 
     # -- traces and co-simulation --------------------------------------------------------
-    def traces(self, num_requests: int) -> list[Trace]:
+    def traces(self, num_requests: int) -> list[SyntheticTrace]:
         if num_requests not in self._traces:
             s = self.req.search
             self._traces[num_requests] = [

@@ -1,6 +1,6 @@
 """Synthetic request traces: length distributions and arrival processes.
 
-A `Trace` holds N requests with arrival times generated at rate 1 req/s; `arrivals_at(r)`
+A `SyntheticTrace` holds N requests with arrival times generated at rate 1 req/s; `arrivals_at(r)`
 rescales them to rate r. Reusing one trace across rates (common random numbers) makes
 attainment a smooth, almost monotone function of rate, which the goodput bisection needs.
 
@@ -80,13 +80,13 @@ class SampleLengths(_Strict):
         return self
 
 
-LengthDistribution = Annotated[
+LengthSpec = Annotated[
     Union[FixedLengths, UniformLengths, LognormalLengths, CsvLengths, SampleLengths],
     Field(discriminator="kind"),
 ]
 
 
-class ArrivalProcess(_Strict):
+class ArrivalSpec(_Strict):
     process: Literal["poisson", "gamma"] = Field(
         "poisson", description="Poisson arrivals, or gamma-distributed gaps with the given cv."
     )
@@ -95,14 +95,14 @@ class ArrivalProcess(_Strict):
     )
 
     @model_validator(mode="after")
-    def _poisson_has_cv_one(self) -> "ArrivalProcess":
+    def _poisson_has_cv_one(self) -> "ArrivalSpec":
         if self.process == "poisson" and self.cv != 1.0:
             raise ValueError("Poisson arrivals have cv 1; use process: gamma for another cv")
         return self
 
 
 @dataclass(frozen=True)
-class Trace:
+class SyntheticTrace:
     """N requests in arrival order, arrivals at 1 req/s."""
 
     unit_arrival_s: np.ndarray  # [N] float64, non-decreasing
@@ -151,7 +151,7 @@ def read_lengths_csv(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     return _read_lengths_csv(path, mtime_ns)
 
 
-def sample_lengths(dist: LengthDistribution, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_lengths(dist: LengthSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(dist, FixedLengths):
         return np.full(n, dist.input_len, np.int64), np.full(n, dist.output_len, np.int64)
     if isinstance(dist, UniformLengths):
@@ -170,7 +170,7 @@ def sample_lengths(dist: LengthDistribution, n: int, rng: np.random.Generator) -
     return inputs[idx], outputs[idx]
 
 
-def sample_unit_arrivals(arrival: ArrivalProcess, n: int, rng: np.random.Generator) -> np.ndarray:
+def sample_unit_arrivals(arrival: ArrivalSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     if arrival.process == "poisson":
         gaps = rng.exponential(1.0, n)
     else:
@@ -180,17 +180,17 @@ def sample_unit_arrivals(arrival: ArrivalProcess, n: int, rng: np.random.Generat
 
 
 def make_trace(
-    lengths: LengthDistribution, arrival: ArrivalProcess, num_requests: int, seed: int
-) -> Trace:
+    lengths: LengthSpec, arrival: ArrivalSpec, num_requests: int, seed: int
+) -> SyntheticTrace:
     """A reproducible trace: same arguments, same requests."""
     if num_requests < 1:
         raise WorkloadError("num_requests must be >= 1")
     rng = np.random.default_rng(seed)
     inputs, outputs = sample_lengths(lengths, num_requests, rng)
-    return Trace(sample_unit_arrivals(arrival, num_requests, rng), inputs, outputs)
+    return SyntheticTrace(sample_unit_arrivals(arrival, num_requests, rng), inputs, outputs)
 
 
-def length_summary(lengths: LengthDistribution, seed: int = 0, n: int = 20000) -> dict[str, float]:
+def length_summary(lengths: LengthSpec, seed: int = 0, n: int = 20000) -> dict[str, float]:
     """Means and maxima of a distribution (exact for CSVs), for reports and feasibility."""
     if isinstance(lengths, CsvLengths):
         i, o = read_lengths_csv(lengths.path)

@@ -1,10 +1,10 @@
-"""Trace replay against DistServe's real-A100 ground truth (OPT-13B, ShareGPT lengths).
+"""SyntheticTrace replay against DistServe's real-A100 ground truth (OPT-13B, ShareGPT lengths).
 
 `tests/planner/data/distserve_opt13b_sharegpt_a100.csv.gz` holds every request of the
 labelled runs in DistServe's alignment data (LLMServe/DistServe, branch feat-add-simulator,
 simdistserve/benchmarks/alignment/data-ground-truth/opt-13b-sharegpt/, Apache-2.0): per
 request the prompt and output length, the issue time, and the measured TTFT and TPOT.
-Trace names: `distserve-c<tp><pp>d<tp><pp>-<N>-<rate>` (prefill and decode parallelism,
+SyntheticTrace names: `distserve-c<tp><pp>d<tp><pp>-<N>-<rate>` (prefill and decode parallelism,
 requests, req/s) and `vllm-<N>-<rate>` (colocated vLLM, TP1). The replay feeds the recorded
 arrivals and lengths to the simulator and compares the share of requests meeting TTFT <=
 250 ms and TPOT <= 100 ms with the measured share, trace by trace, saturated ones included.

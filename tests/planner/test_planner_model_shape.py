@@ -5,7 +5,7 @@ import pytest
 
 from cluster.planner.model_shape import (REFERENCE_MODELS, ModelShapeError, kv_capacity_tokens,
                                          load_capacity_table, load_model_shape)
-from cluster.planner.workload import (ArrivalProcess, CsvLengths, FixedLengths, LognormalLengths,
+from cluster.planner.workload import (ArrivalSpec, CsvLengths, FixedLengths, LognormalLengths,
                                       UniformLengths, WorkloadError, make_trace, read_lengths_csv)
 
 GIB = 1024**3
@@ -57,10 +57,10 @@ def test_capacity_table_matches_reference_csv(shared_data):
 
 def test_traces_are_deterministic_and_rescale(tmp_path):
     lengths = UniformLengths(input_len_min=10, input_len_max=20, output_len_min=1, output_len_max=5)
-    a = make_trace(lengths, ArrivalProcess(), 100, seed=3)
-    b = make_trace(lengths, ArrivalProcess(), 100, seed=3)
+    a = make_trace(lengths, ArrivalSpec(), 100, seed=3)
+    b = make_trace(lengths, ArrivalSpec(), 100, seed=3)
     assert np.array_equal(a.unit_arrival_s, b.unit_arrival_s) and np.array_equal(a.input_lens, b.input_lens)
-    assert not np.array_equal(a.input_lens, make_trace(lengths, ArrivalProcess(), 100, seed=4).input_lens)
+    assert not np.array_equal(a.input_lens, make_trace(lengths, ArrivalSpec(), 100, seed=4).input_lens)
     assert np.allclose(a.arrivals_at(4.0), a.unit_arrival_s / 4)
     assert a.input_lens.min() >= 10 and a.input_lens.max() <= 20
 
@@ -68,23 +68,23 @@ def test_traces_are_deterministic_and_rescale(tmp_path):
 def test_arrival_processes_have_requested_rate_and_burstiness():
     fixed = FixedLengths(input_len=8, output_len=2)
     for cv in (0.5, 1.0, 3.0):
-        arrival = ArrivalProcess(process="poisson") if cv == 1 else ArrivalProcess(process="gamma", cv=cv)
+        arrival = ArrivalSpec(process="poisson") if cv == 1 else ArrivalSpec(process="gamma", cv=cv)
         gaps = np.diff(make_trace(fixed, arrival, 50_000, seed=1).unit_arrival_s)
         assert gaps.mean() == pytest.approx(1.0, rel=0.05)
         assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
     with pytest.raises(ValueError, match="gamma"):
-        ArrivalProcess(process="poisson", cv=2.0)
+        ArrivalSpec(process="poisson", cv=2.0)
 
 
 def test_length_sources(tmp_path):
     lognormal = LognormalLengths(input_len_median=100, input_len_sigma=0.5, output_len_median=20,
                                  output_len_sigma=0.5, max_input_len=300)
-    t = make_trace(lognormal, ArrivalProcess(), 20_000, seed=0)
+    t = make_trace(lognormal, ArrivalSpec(), 20_000, seed=0)
     assert np.median(t.input_lens) == pytest.approx(100, rel=0.05) and t.input_lens.max() <= 300
     csv_path = tmp_path / "lens.csv"
     csv_path.write_text("input_len,output_len\n5,7\n9,11\n")
     assert read_lengths_csv(csv_path)[0].tolist() == [5, 9]
-    t = make_trace(CsvLengths(path=csv_path), ArrivalProcess(), 50, seed=0)
+    t = make_trace(CsvLengths(path=csv_path), ArrivalSpec(), 50, seed=0)
     assert set(zip(t.input_lens.tolist(), t.output_lens.tolist())) <= {(5, 7), (9, 11)}
     bad = tmp_path / "bad.csv"
     bad.write_text("input,output\n1,2\n")

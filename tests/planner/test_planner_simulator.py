@@ -10,7 +10,7 @@ from cluster.planner.latency_model import EngineTiming, LatencyProfile
 from cluster.planner.prefill_pool import PrefillPool
 from cluster.planner.simulator import (DisaggregatedSystem, simulate_colocated, simulate_decode_only,
                                        simulate_disaggregated, simulate_prefill_only, violation_budget)
-from cluster.planner.workload import ArrivalProcess, FixedLengths, make_trace
+from cluster.planner.workload import ArrivalSpec, FixedLengths, make_trace
 
 PROFILE = LatencyProfile(prefill=(10.0, 0.1, 1e-5), decoding_smallbs=(8.0, 0.001, 0.2),
                          decoding_largebs=(6.0, 0.001, 0.3))
@@ -86,7 +86,7 @@ def test_prefill_queue_is_md1():
     for rho in (0.5, 0.8):
         waits = []
         for seed in range(3):
-            trace = make_trace(FixedLengths(input_len=1, output_len=1), ArrivalProcess(), 40_000, seed)
+            trace = make_trace(FixedLengths(input_len=1, output_len=1), ArrivalSpec(), 40_000, seed)
             r = simulate_prefill_only(pool, trace.arrivals_at(rho * mu), trace.input_lens, trace.output_lens)
             waits.append(np.mean(r.ttft_s - service_s))
         assert np.mean(waits) == pytest.approx(rho / (2 * mu * (1 - rho)), rel=0.08)
@@ -167,7 +167,7 @@ def test_colocated_chunked_prefill_closed_form():
 
 
 def test_runs_are_deterministic_and_stop_early_when_lost():
-    trace = make_trace(FixedLengths(input_len=500, output_len=50), ArrivalProcess(), 2000, seed=7)
+    trace = make_trace(FixedLengths(input_len=500, output_len=50), ArrivalSpec(), 2000, seed=7)
     system = _system(_one_link(25e9))
     slo = SLOConfig(ttft_s=0.2, tpot_s=0.05, attainment=0.9)
     a = simulate_disaggregated(system, trace.arrivals_at(5), trace.input_lens, trace.output_lens, slo)
