@@ -741,6 +741,8 @@ def run_device_path(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # one core against one core, as the bandwidth mode
     sizes = [s for s in SIZES if s <= args.max_size_mib * MIB]
     rows = device_bandwidth(sizes, device)
     print(f"device-path bandwidth on {device} (median of reps; stage = gather of paged blocks "
