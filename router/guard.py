@@ -137,6 +137,7 @@ class Guard:
         headers = scope.get("headers", [])
         if self.needs_key(scope.get("path", "")) and not self.is_authorized(headers):
             self.on_reject("unauthorized")
+            await _drain(receive, self.max_body_bytes)  # so the client reads the 401
             await _send_error(send, oai.OpenAIError(
                 401, "Invalid or missing API key: send it as `Authorization: Bearer <key>`.",
                 code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
@@ -191,11 +192,11 @@ class Guard:
         await self.app(scope, limited_receive, guarded_send)
 
 
-async def _drain(receive: Any) -> None:
-    """Read and drop the rest of a rejected body (up to DRAIN_CAP_BYTES), so the client,
-    which sends its whole body before it reads, gets the 413 instead of a reset."""
+async def _drain(receive: Any, cap_bytes: int = DRAIN_CAP_BYTES) -> None:
+    """Read and drop the rest of a rejected body (up to `cap_bytes`), so the client,
+    which sends its whole body before it reads, gets the error instead of a reset."""
     drained = 0
-    while drained < DRAIN_CAP_BYTES:
+    while drained < cap_bytes:
         message = await receive()
         if message["type"] != "http.request":
             return

@@ -80,6 +80,13 @@ async def test_api_key_policy_per_path():
         assert (await client.get("/v1/models", headers=good)).status_code == 200
 
 
+async def test_an_unauthenticated_large_body_still_reads_a_clean_401():
+    async with deployment(api_key=KEY) as (client, deps, prefills, _):
+        big = {**COMPLETION, "prompt": "x " * 200_000}  # 400 KB, sent before reading
+        assert_openai_error(await client.post("/v1/completions", json=big), 401, "invalid_api_key")
+        assert prefills[0].num_prefills == 0
+
+
 async def test_open_metrics_leaves_only_metrics_and_dashboard_open():
     async with deployment(api_key=KEY, open_metrics=True) as (client, *_):
         assert (await client.get("/metrics")).status_code == 200
