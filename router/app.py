@@ -272,11 +272,9 @@ class _Generation:
                                   "service_unavailable")
         if not deps.pool.is_ready():
             raise oai.OpenAIError(503, "no worker is available", "service_unavailable")
-        self._ticket = guard.admit(deps, len(p.prompt_token_ids))  # 429 when overloaded
         self.deps = deps
         self.p = p
         self.trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids))
-        deps.remember(self.trace)
         self.handoff = Handoff(deps.pool, deps.tokenizer.eos_token_ids, p.request_id,
                                p.prompt_token_ids, p.sampling, self.trace)
         self._tokens = self.handoff.tokens()
@@ -284,6 +282,9 @@ class _Generation:
         self.text = OutputText(detok, p.output.stop_strings, p.output.include_stop_str)
         self._first: TokenDelta | None = None
         self._is_finished = False
+        # Admission last: nothing after it can fail, so a ticket taken is always released.
+        self._ticket = guard.admit(deps, len(p.prompt_token_ids))  # 429 when overloaded
+        deps.remember(self.trace)
         deps.num_in_flight += 1
 
     def _finish(self) -> None:
