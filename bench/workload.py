@@ -26,6 +26,7 @@ import numpy as np
 
 from bench.errors import BenchError
 from bench.prompts import PromptBuilder
+from cluster.workload_schema import lognormal_mu
 
 DistributionKind = Literal["fixed", "uniform", "lognormal"]
 
@@ -63,7 +64,7 @@ class LengthDistribution:
         if self.kind == "uniform":
             assert self.max_len is not None  # checked in __post_init__
             return rng.integers(self.min_len, self.max_len + 1, size=num, dtype=np.int64)
-        mu = math.log(self.mean) - self.sigma**2 / 2
+        mu = lognormal_mu(self.sigma, mean=self.mean)  # the planner's law (cluster.workload_schema)
         lengths = np.rint(rng.lognormal(mu, self.sigma, size=num)).astype(np.int64)
         return np.clip(lengths, self.min_len, self.max_len)
 

@@ -19,6 +19,8 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.workload_schema import lognormal_mu
+
 
 class WorkloadError(ValueError):
     """A workload description or length file that cannot be used."""
@@ -49,13 +51,30 @@ class UniformLengths(_Strict):
 
 
 class LognormalLengths(_Strict):
+    """Log-normal lengths by mean (as `pdserve bench` takes them) or by median; sigma is the
+    standard deviation of log(length) (`cluster.workload_schema.lognormal_mu`)."""
+
     kind: Literal["lognormal"] = "lognormal"
-    input_len_median: float = Field(gt=0, description="Median prompt length.")
+    input_len_mean: float | None = Field(None, gt=0, description="Mean prompt length.")
+    input_len_median: float | None = Field(None, gt=0, description="Median prompt length (instead of the mean).")
     input_len_sigma: float = Field(ge=0, description="Std-dev of log(prompt length).")
-    output_len_median: float = Field(gt=0, description="Median output length.")
+    output_len_mean: float | None = Field(None, gt=0, description="Mean output length.")
+    output_len_median: float | None = Field(None, gt=0, description="Median output length (instead of the mean).")
     output_len_sigma: float = Field(ge=0, description="Std-dev of log(output length).")
     max_input_len: int = Field(4096, gt=0, description="Prompt lengths are clipped to this.")
     max_output_len: int = Field(2048, gt=0, description="Output lengths are clipped to this.")
+
+    @model_validator(mode="after")
+    def _one_centre_each(self) -> "LognormalLengths":
+        for side in ("input", "output"):
+            if (getattr(self, f"{side}_len_mean") is None) == (getattr(self, f"{side}_len_median") is None):
+                raise ValueError(f"give exactly one of {side}_len_mean or {side}_len_median")
+        return self
+
+    def mus(self) -> tuple[float, float]:
+        """(log-mean of prompt lengths, of output lengths)."""
+        return (lognormal_mu(self.input_len_sigma, mean=self.input_len_mean, median=self.input_len_median),
+                lognormal_mu(self.output_len_sigma, mean=self.output_len_mean, median=self.output_len_median))
 
 
 class CsvLengths(_Strict):
@@ -158,8 +177,9 @@ def sample_lengths(dist: LengthSpec, n: int, rng: np.random.Generator) -> tuple[
         return (rng.integers(dist.input_len_min, dist.input_len_max + 1, n),
                 rng.integers(dist.output_len_min, dist.output_len_max + 1, n))
     if isinstance(dist, LognormalLengths):
-        i = rng.lognormal(np.log(dist.input_len_median), dist.input_len_sigma, n)
-        o = rng.lognormal(np.log(dist.output_len_median), dist.output_len_sigma, n)
+        mu_in, mu_out = dist.mus()
+        i = rng.lognormal(mu_in, dist.input_len_sigma, n)
+        o = rng.lognormal(mu_out, dist.output_len_sigma, n)
         return (np.clip(np.rint(i), 1, dist.max_input_len).astype(np.int64),
                 np.clip(np.rint(o), 1, dist.max_output_len).astype(np.int64))
     if isinstance(dist, SampleLengths):
