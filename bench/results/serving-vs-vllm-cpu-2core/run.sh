@@ -2,7 +2,7 @@
 # Reproduces bench/results/serving-vs-vllm-cpu-2core: plain vLLM (default binding and
 # both cores) vs pdserve, same cores, same client (vllm bench serve), seed 0.
 # Run from the repository root with the venv active, alone on the machine
-# (on the shared dev machine: flock /tmp/pdserve-heavy.lock bash <this file>). ~25 min.
+# (on the shared dev machine: flock /tmp/pdserve-heavy.lock bash <this file>). ~20 min.
 set -euo pipefail
 OUT=${OUT:-bench/results/serving-vs-vllm-cpu-2core}
 PY=${PY:-python}
@@ -17,7 +17,7 @@ $PY -m bench.cli compare --client vllm \
   --target pdserve-disagg=deploy/configs/disaggregated.yaml \
   ${EXTRA_TINY_TARGETS:-} \
   --input-len 512 --output-len 64 --rates 1 8 32 --full-sweep --bisect-steps 0 \
-  --num-requests 400 --duration-s 20 --num-warmup 2 --seed 0 \
+  --num-requests 400 --duration-s 15 --num-warmup 2 --seed 0 \
   --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
   --output-dir "$OUT/tiny-512-64" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/tiny-512-64.txt"
 echo "after tiny $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
@@ -30,7 +30,7 @@ $PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocat
   ${EXTRA_SMALL_TARGETS:-} \
   --input-dist uniform --input-min 512 --input-max 1536 --output-len 64 \
   --rates 0.5 1 2 4 --full-sweep --bisect-steps 0 \
-  --num-requests 120 --duration-s 30 --num-warmup 2 --seed 0 \
+  --num-requests 100 --duration-s 20 --num-warmup 2 --seed 0 \
   --slo-ttft-s 1.5 --slo-tpot-s 0.06 --attainment-target 0.9 --no-progress \
   --output-dir "$OUT/small-512-1536" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/small-512-1536.txt"
 echo "end $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
