@@ -170,6 +170,11 @@ def simulate_decode_pool(
     running = [False] * n
     events: list[tuple[float, int, int, int]] = []
     seq = 0
+    # TPOT deadlines (base + limit x (output - 1)) of unfinished requests: once the clock
+    # passes one, that request cannot meet TPOT any more, so it counts as a violation at
+    # once instead of at its (late) finish. Overloaded runs then stop early.
+    deadlines: list[tuple[float, int]] = []
+    check_deadlines = tpot_limit_s != float("inf") and max_violations is not None
 
     order = sorted((t, r) for r, t in enumerate(ready_s.tolist()) if outs[r] >= 2)
     arrivals = [t for t, _ in order]
@@ -271,6 +276,13 @@ def simulate_decode_pool(
     while nxt < total or events:
         if events and (nxt >= total or events[0][0] < arrivals[nxt]):
             now, kind, _, payload = heapq.heappop(events)
+            if check_deadlines:
+                while deadlines and deadlines[0][0] < now:
+                    _, r = heapq.heappop(deadlines)
+                    if finish[r] == float("inf"):
+                        fail(r)
+                if violations > limit:
+                    break
             if kind == _KICK:
                 start_step(payload, now)
             elif kind == _STEP_DONE:
@@ -315,6 +327,8 @@ def simulate_decode_pool(
                 r, d = divmod(payload, k)
                 if not generated[r]:
                     kv_ready[r] = now
+                    if check_deadlines and base is None and not flagged[r]:  # TPOT from KV-ready
+                        heapq.heappush(deadlines, (now + tpot_limit_s * (outs[r] - 1), r))
                     if deadline is not None and not flagged[r] and now > deadline[r]:
                         fail(r)
                         if violations > limit:
@@ -337,6 +351,8 @@ def simulate_decode_pool(
                 if len(allowed) > 1 else allowed[0]
             waiting[d].append(r)
             waiting_tokens[d] += ins[r] + outs[r]
+            if check_deadlines and base is not None and not flagged[r]:
+                heapq.heappush(deadlines, (base[r] + tpot_limit_s * (outs[r] - 1), r))
             admit(d, now)
     stopped = violations > limit
     return DecodeOutcome(np.array(kv_ready), np.array(finish), np.array(xfer), violations, stopped,
