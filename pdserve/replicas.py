@@ -265,7 +265,7 @@ class RouterIngress:
         self._registry = registry
         self._discovery: asyncio.Task | None = None
         self.membership: Membership | None = None
-        self.app: Any = None
+        self.router_app: Any = None
         self.deps: Any = None
 
     async def start(self) -> None:
@@ -276,7 +276,7 @@ class RouterIngress:
         config = self.config
         model_path = resolve_model_on_node(config.model, "router replica")
         tokenizer = ModelTokenizer(model_path, config.model.max_model_len)
-        self.app, self.deps = build_router(config, tokenizer, served_model_name(config.model, model_path))
+        self.router_app, self.deps = build_router(config, tokenizer, served_model_name(config.model, model_path))
         gpus = {role: p.num_gpus for role, p in config.pools().items()}
         metrics = self.deps.metrics
 
@@ -290,7 +290,7 @@ class RouterIngress:
         self._discovery = asyncio.get_running_loop().create_task(self._discover_forever())
 
     def build_app(self):
-        return self.app
+        return self.router_app
 
     async def _discover_once(self) -> None:
         entries = await self._registry.snapshot.remote()

@@ -102,7 +102,8 @@ def serve_forever(config: ServeConfig) -> None:
         deploy(config)
         log.info("pdserve ready on http://%s:%d (Ray Serve application %r, %.1f s)",
                  config.router.host, config.router.port, config.ray.app_name, time.monotonic() - t0)
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
     finally:
         _shutdown(config, started_here)
 
