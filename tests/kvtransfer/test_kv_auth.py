@@ -245,7 +245,7 @@ def test_dist_decode_refuses_a_prefill_with_a_wrong_key(tmp_path, make_segment):
 def test_dist_responder_drops_forged_and_replayed_fetch_requests(tmp_path):
     """The store is open to anyone who reaches it: an unsigned, wrongly signed or replayed
     request never reaches a sender thread."""
-    from kvtransfer.transport import DistFetchRequest, DistResponder, _queue_key, connect_store, host_store
+    from kvtransfer.dist_channel import DistFetchRequest, DistResponder, _queue_key, connect_store, host_store
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -272,7 +272,7 @@ def test_dist_responder_drops_forged_and_replayed_fetch_requests(tmp_path):
 
 
 def test_rendezvous_store_listens_on_the_given_address_only():
-    from kvtransfer.transport import host_store
+    from kvtransfer.dist_channel import host_store
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
