@@ -43,13 +43,15 @@ import statistics
 import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 import torch
 
-from cluster.config import KVTransferSettings
 from cluster.wire import KVTransferError
+
+if TYPE_CHECKING:  # typing only: the GPU harness runs where pydantic may be missing
+    from cluster.config import KVTransferSettings
 
 DEFAULT_BENCH_SIZES = tuple(64 << 10 << (2 * i) for i in range(7))  # 64 KiB .. 256 MiB, x4
 
