@@ -71,7 +71,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds")
     p.add_argument("--kv-cache-gib", type=int, help="CPU KV-cache space per instance (GiB)")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
-    p.add_argument("--runtime", choices=["serve", "actors"], default="actors",
+    p.add_argument("--runtime", choices=["serve", "actors"], default="serve",
                    help="serve (default): the Ray Serve application of pdserve.serve_app, as "
                    "`serve run deploy/ray/serve.yaml` deploys it; actors: the previous launcher "
                    "(one Ray actor per instance, no supervision or scaling), for comparison")

@@ -72,8 +72,9 @@ def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 
 def registry_deployment_options() -> dict[str, Any]:
+    # Heartbeats and discovery polls are several calls a second: no access log line each.
     return dict(name="registry", num_replicas=1, max_ongoing_requests=1000,
-                ray_actor_options=dict(num_cpus=0))
+                ray_actor_options=dict(num_cpus=0), logging_config={"enable_access_log": False})
 
 
 def replica_pool(pool: PoolConfig) -> dict[str, Any]:
