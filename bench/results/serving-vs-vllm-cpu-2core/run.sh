@@ -10,6 +10,9 @@ mkdir -p "$OUT"
 echo "start $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg) nproc $(nproc)" | tee "$OUT/machine.txt"
 git rev-parse HEAD >> "$OUT/machine.txt"
 
+PARTS=${PARTS:-"tiny small sweep"}
+
+if [[ " $PARTS " == *" tiny "* ]]; then
 # 1. Tiny model, 512 prompt / 64 output tokens, Poisson 1, 8, 32 req/s, SLO TTFT 1 s / TPOT 50 ms.
 $PY -m bench.cli compare --client vllm \
   --target vllm=vllm --target vllm-both-cores=vllm:cores=0-1 \
@@ -21,6 +24,9 @@ $PY -m bench.cli compare --client vllm \
   --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
   --output-dir "$OUT/tiny-512-64" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/tiny-512-64.txt"
 echo "after tiny $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
+fi
+
+if [[ " $PARTS " == *" small "* ]]; then
 
 # 2. Small model, prompts uniform 512-1536 tokens, 64 output tokens, SLO TTFT 1.5 s / TPOT 60 ms.
 $PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocated.yaml \
@@ -33,11 +39,16 @@ $PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocat
   --num-requests 100 --duration-s 20 --num-warmup 2 --seed 0 \
   --slo-ttft-s 1.5 --slo-tpot-s 0.06 --attainment-target 0.9 --no-progress \
   --output-dir "$OUT/small-512-1536" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/small-512-1536.txt"
-echo "end $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
+echo "after small $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
+fi
+
+if [[ " $PARTS " == *" sweep "* ]]; then
 
 # 3. SLO sweep re-judged from the same per-request records.
 for run in tiny-512-64 small-512-1536; do
+  [ -f "$OUT/$run/comparison.json" ] || continue
   $PY -m bench.slo_sweep "$OUT/$run/comparison.json" --ttft 0.5 1 1.5 2 3 \
     --tpot 0.02 0.03 0.05 0.075 0.1 > "$OUT/$run-slo-sweep.txt"
   $PY -m bench.rejudge "$OUT/$run/comparison.json" --compact "$OUT/$run/comparison-compact.json" > /dev/null
 done
+fi
