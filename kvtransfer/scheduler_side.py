@@ -205,9 +205,14 @@ class ConsumerScheduler:
             return KVLoadReport(served_by="recomputed", num_local_tokens=0, num_loaded_tokens=0,
                                 reason="staged KV unusable").to_params()
         if req.lifecycle.state is LoadState.PLANNED:
-            # Loads are synchronous in start_load_kv of the step they are planned for, which
-            # ran before the request could finish; no load error came back for its blocks.
-            req.lifecycle.move_to(LoadState.LOADED)
+            if request.status == RequestStatus.FINISHED_ERROR:
+                # Policy "fail": vLLM finishes a request whose load failed in the same update
+                # that carries the load errors, before it calls update_connector_output.
+                req.lifecycle.move_to(LoadState.FAILED)
+            else:
+                # Loads are synchronous in start_load_kv of the step they are planned for,
+                # which ran before the request could finish; no load error came back.
+                req.lifecycle.move_to(LoadState.LOADED)
         state = req.lifecycle.state
         if state is LoadState.LOADED:
             report = KVLoadReport(served_by="transferred", num_local_tokens=req.num_local_tokens,

@@ -120,6 +120,20 @@ def test_consumer_reports_recomputed_when_its_blocks_failed_to_load(tmp_path):
         served_by="recomputed", num_local_tokens=16, num_loaded_tokens=0, reason="load failed")
 
 
+def test_consumer_reports_a_failed_load_that_vllm_finished_with_an_error(tmp_path):
+    """Policy fail: vLLM ends the request (FINISHED_ERROR) before the load errors reach
+    update_connector_output; the report must still say the load failed."""
+    params = _staged(tmp_path)
+    sched = make_connector("kv_consumer", tmp_path, "d0", BLOCK, half="scheduler")
+    req = engine_request("r", 41, params)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, allocated_blocks([1, 0, 3]), 40)
+    sched.build_connector_meta(scheduler_output())
+    _, report = sched.request_finished(
+        finished_request("r", 0, RequestStatus.FINISHED_ERROR, params), [1, 0, 3])
+    assert KVLoadReport.from_params(report).reason == "load failed"
+
+
 def test_consumer_reports_recomputed_when_the_segment_is_gone(tmp_path):
     params = _staged(tmp_path)
     Path(StagedKV.from_params(params).segment_path).unlink()
