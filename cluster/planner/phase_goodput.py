@@ -23,6 +23,7 @@ from .simulator import simulate_colocated, simulate_decode_only, simulate_prefil
 from .workload import SyntheticTrace
 
 Phase = Literal["prefill", "decode"]
+PHASE_TOL_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ def decode_rate_guess(problem: PlanningProblem, config: ParallelConfig) -> float
     timing = problem.timing(config)
     mean_in, mean_out = problem.lengths["input_mean"], problem.lengths["output_mean"]
     lanes = config.pp
+    # Paged KV holds a request's prompt plus, on average, half its output.
+    live = mean_in + (mean_out / 2 if problem.request.engine.decode_memory == "paged" else mean_out)
     batch = max(1, min(problem.request.engine.max_num_seqs,
-                       int(problem.kv_capacity(config) / (mean_in + mean_out) / lanes)))
+                       int(problem.kv_capacity(config) / live / lanes)))
     while batch > 1 and timing.decode_step_s(batch, batch * (mean_in + mean_out / 2)) > \
             0.9 * problem.request.slo.tpot_s:
         batch //= 2
@@ -99,7 +102,9 @@ def phase_goodput(
             return simulate_decode_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
 
     judge = RateJudge(simulate, traces, slo)
-    rate = max_feasible_rate(judge.feasible, guess, problem.request.search.rel_tol)
+    # Per-phase goodputs only order and size candidates (co-simulation decides), so they
+    # are bisected twice as coarsely.
+    rate = max_feasible_rate(judge.feasible, guess, PHASE_TOL_FACTOR * problem.request.search.rel_tol)
     return PhaseGoodput(phase, config, rate, problem.kv_capacity(config)), judge.num_runs
 
 
