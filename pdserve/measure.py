@@ -95,23 +95,29 @@ def measure_runtime(runtime: str, n: int, extra: list[str], started: float | Non
             proc.wait()
 
 
-async def _serve_fakes(n: int) -> str:
+async def _serve_fakes(n: int, direct_ingress: bool = False) -> str:
+    port = _free_port()
+    if direct_ingress:
+        # Serve's direct-ingress mode: the router replica serves HTTP itself (no proxy hop).
+        os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1))
     import ray
     from ray import serve
 
     from pdserve.serve_app import build_application, parse_args
 
-    port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "PDSERVE_FAKE_TOKEN_DELAY_S": "0"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port() if direct_ingress else port})
         serve.run(build_application(parse_args({}), worker_factory="tests.serve.fake_workers:make_worker"),
                   name="pdserve", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         while httpx.get(f"{url}/health", timeout=2).status_code != 200:
             await asyncio.sleep(0.2)
-        return _summary("serve + fake workers (proxy, ingress, channel)",
+        what = "direct ingress, channel" if direct_ingress else "proxy, ingress, channel"
+        return _summary(f"serve + fake workers ({what})",
                         await asyncio.to_thread(_ttfts, url, n))
     finally:
         serve.shutdown()
@@ -156,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--requests", type=int, default=40)
     f = sub.add_parser("fakes")
     f.add_argument("--requests", type=int, default=200)
+    f.add_argument("--direct-ingress", action="store_true",
+                   help="only the Serve application, in Serve's direct-ingress mode")
     args, extra = parser.parse_known_args(argv)
     if args.what == "ttft":
         for runtime in args.runtimes:
             print(measure_runtime(runtime, args.requests, extra), flush=True)
+    elif args.direct_ingress:
+        print(asyncio.run(_serve_fakes(args.requests, direct_ingress=True)), flush=True)
     else:
         print(asyncio.run(_uvicorn_fakes(args.requests)), flush=True)
         print(asyncio.run(_serve_fakes(args.requests)), flush=True)
