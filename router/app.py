@@ -239,7 +239,7 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
         skip_special_tokens=body.skip_special_tokens,
         return_token_ids=bool(body.return_token_ids),
         logprobs=None if body.num_logprobs is None else oai.LogprobFormatter(
-            deps.tokenizer.token_text, body.num_logprobs, bool(body.return_tokens_as_token_ids)))
+            deps.tokenizer.decode_with_special, body.num_logprobs, bool(body.return_tokens_as_token_ids)))
     request_id = oai.new_id(prefix) if body.request_id is None else f"{prefix}-{body.request_id}"
     if body.request_id is not None:
         known = deps.traces.get(request_id)
@@ -359,8 +359,13 @@ class _Generation:
         if self.text.matched_stop is not None:
             return self.text.matched_stop
         ids = self.text.token_ids
-        if self.finish_reason == "stop" and ids and ids[-1] in self.p.sampling.stop_token_ids:
-            return ids[-1]
+        if self.finish_reason != "stop" or not ids:
+            return None
+        tokenizer = self.deps.tokenizer
+        last = ids[-1]
+        if last in self.p.sampling.stop_token_ids or (
+                last in tokenizer.eos_token_ids and last != tokenizer.primary_eos_token_id):
+            return last
         return None
 
 

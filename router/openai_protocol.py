@@ -438,13 +438,48 @@ def _position(entry: TokenLogprob) -> list[tuple[int, float]]:
 class LogprobFormatter:
     """Turns engine logprobs into the response's ``logprobs`` objects."""
 
-    def __init__(self, token_text: Callable[[int], str], num_top: int, tokens_as_ids: bool):
-        self._token_text = token_text
+    def __init__(self, decode: Callable[[list[int]], str], num_top: int, tokens_as_ids: bool):
+        self._decode = decode  # ids -> text, special tokens kept
         self.num_top = num_top
         self._as_ids = tokens_as_ids
+        self._context: list[int] = []  # the sampled ids so far (one request, in order)
 
     def _text(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self._as_ids else self._token_text(token_id)
+        if self._as_ids:
+            return f"token_id:{token_id}"
+        text = self._decode([token_id])
+        return self._completed(token_id) if text.endswith("\ufffd") else text
+
+    def _completed(self, token_id: int) -> str:
+        """A token that ends inside a multi-byte character, written as vLLM writes it: the
+        text it completes together with up to 4 previous sampled tokens (those showed as
+        ""), or "" while the character is still incomplete."""
+        context = self._context[-4:]
+        for n in range(1, len(context) + 1):
+            tail = context[-n:]
+            full = self._decode(tail + [token_id])
+            if full.endswith("\ufffd"):
+                continue
+            clean_end = len(tail)
+            for j in range(len(tail) - 1, -1, -1):
+                if self._decode([tail[j]]).endswith("\ufffd"):
+                    clean_end = j
+                else:
+                    break
+            prefix = self._decode(tail[:clean_end]) if clean_end > 0 else ""
+            if full.startswith(prefix):
+                return full[len(prefix):]
+            common = 0
+            for a, b in zip(prefix, full):
+                if a != b:
+                    break
+                common += 1
+            return full[common:]
+        return ""
+
+    def _advance(self, entry: TokenLogprob) -> None:
+        self._context.append(entry.token_id)
+        del self._context[:-4]
 
     def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         content = []
@@ -460,6 +495,7 @@ class LogprobFormatter:
             content.append({"token": token, "logprob": max(entry.logprob, _MIN_LOGPROB),
                             "bytes": list(token.encode("utf-8", errors="replace")),
                             "top_logprobs": top})
+            self._advance(entry)
         return {"content": content}
 
     def completion(self, entries: list[TokenLogprob], initial_text_offset: int = 0) -> dict[str, Any]:
@@ -476,5 +512,6 @@ class LogprobFormatter:
                 if self.num_top == -1 or i <= self.num_top})
             offsets.append(offset)
             offset += len(token)
+            self._advance(entry)
         return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens,
                 "top_logprobs": top_logprobs}

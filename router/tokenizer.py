@@ -55,6 +55,12 @@ class ModelTokenizer:
                 ids.update(int(i) for i in source)
         return ids
 
+    @property
+    def primary_eos_token_id(self) -> int | None:
+        """The tokenizer's own EOS. The other EOS ids (from generation_config.json) act as
+        stop token ids, as vLLM treats them (they show in `stop_reason`)."""
+        return self._tok.token_to_id(self._eos_token) if self._eos_token else None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             text.encode("utf-8")
@@ -95,9 +101,9 @@ class ModelTokenizer:
                 text = text[: text.rindex(last) + len(last)]
         return text
 
-    def token_text(self, token_id: int) -> str:
-        """One token as text on its own (how vLLM shows a token in logprobs)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+    def decode_with_special(self, token_ids: list[int]) -> str:
+        """Ids as text, special tokens kept (how vLLM writes tokens in logprobs)."""
+        return self._tok.decode(token_ids, skip_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
