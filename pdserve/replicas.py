@@ -146,12 +146,16 @@ class EngineReplica:
 
     async def check_health(self) -> None:
         """Serve's health check: ask the engine (a dead engine core fails it), not just the
-        actor. Raises when unhealthy; Serve then replaces this replica."""
-        stats = await self._worker.stats()
-        if not stats.is_ready:
+        actor. Raises when unhealthy; Serve then replaces this replica. It must not call
+        the worker's `stats()`: that hands over (and so would steal from the router) the
+        transfer records gathered since the last poll."""
+        host = getattr(self._worker, "_engine", None)  # the worker's EngineHost
+        if host is None:  # a worker without an engine (test fakes): the actor answering is all
+            return
+        if not host.is_ready:
             raise RuntimeError(f"{self._entry.instance_id}: engine is not running")
         # vLLM's AsyncLLM raises EngineDeadError once its engine-core process died.
-        engine = getattr(getattr(self._worker, "_engine", None), "_engine", None)
+        engine = getattr(host, "_engine", None)
         if engine is not None:
             await engine.check_health()
 
