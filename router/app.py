@@ -34,6 +34,7 @@ from router import api_schema, guard
 from router.admission import Admission
 from router.dashboard import dashboard_routes
 from router.handoff import Handoff, RequestFailed, RequestTrace
+from router.logprobs import LogprobFormatter
 from router.metrics import Metrics
 from router.output_text import OutputText
 from router.pool import WorkerPool
@@ -76,7 +77,7 @@ class _OutputOptions:
     include_stop_str: bool
     skip_special_tokens: bool
     return_token_ids: bool
-    logprobs: oai.LogprobFormatter | None
+    logprobs: LogprobFormatter | None
 
 
 @dataclass
@@ -238,7 +239,7 @@ def _prepare(deps: RouterDeps, body: oai._SamplingFields, ids: list[int],
         stop_strings=body.stop_strings, include_stop_str=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
         return_token_ids=bool(body.return_token_ids),
-        logprobs=None if body.num_logprobs is None else oai.LogprobFormatter(
+        logprobs=None if body.num_logprobs is None else LogprobFormatter(
             deps.tokenizer.decode_with_special, body.num_logprobs, bool(body.return_tokens_as_token_ids)))
     request_id = oai.new_id(prefix) if body.request_id is None else f"{prefix}-{body.request_id}"
     if body.request_id is not None:
