@@ -9,6 +9,9 @@ lifecycle, health and scaling, and nothing per request or per token goes through
 
 Wire format: frames of a 4-byte big-endian length and a msgspec-msgpack body, typed by the
 tagged structs below (no pickle; a frame that does not decode closes the connection).
+With a deployment secret, each connection first runs the mutual HMAC challenge-response of
+`cluster.auth` (label `CHANNEL_LABEL`): a peer that cannot prove the secret is refused,
+counted (`ChannelServer.num_refused`) and disconnected before it can submit anything.
 
     router (ChannelClient)                         worker process (ChannelServer)
     ─ Prefill / ReleaseKV / Abort / Stats(call_id) ─▶ worker.<method>(...) in a task
@@ -42,6 +45,7 @@ from typing import Any
 
 import msgspec
 
+from cluster.auth import AuthError, client_handshake_async, server_handshake_async
 from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a frame larger than this is a protocol error
 CONNECT_TIMEOUT_S = 10.0
+CHANNEL_LABEL = b"pdserve-worker-channel/1"
 
 
 # -- wire messages ------------------------------------------------------------------------
@@ -133,10 +138,14 @@ class ChannelServer:
     """Serves one worker object (`prefill`, `release_kv`, `abort`, `stats`, `generate`) to
     any number of router connections. Runs on the worker's own event loop."""
 
-    def __init__(self, worker: Any, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, worker: Any, host: str = "127.0.0.1", port: int = 0,
+                 secret: bytes | None = None, auth_timeout_s: float = CONNECT_TIMEOUT_S):
         self.worker = worker
         self.host = host
         self.port = port
+        self._secret = secret
+        self._auth_timeout_s = auth_timeout_s
+        self.num_refused = 0  # connections that failed to prove the secret
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_ServerConnection] = set()
 
@@ -151,6 +160,15 @@ class ChannelServer:
         return f"{self.host}:{self.port}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._secret is not None:
+            try:
+                await server_handshake_async(reader, writer, self._secret, CHANNEL_LABEL,
+                                             self._auth_timeout_s)
+            except (AuthError, ConnectionError) as e:
+                self.num_refused += 1
+                log.warning("worker channel refused %s: %s", writer.get_extra_info("peername"), e)
+                writer.close()
+                return
         conn = _ServerConnection(self.worker, reader, writer)
         self._connections.add(conn)
         try:
@@ -334,13 +352,15 @@ class ChannelClient:
     """The router's end of one worker's channel. Connects on first use (on the loop that
     uses it) and again after the connection was lost."""
 
-    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 secret: bytes | None = None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"worker channel address {address!r} is not host:port")
         self.address = address
         self._host, self._port = host.strip("[]"), int(port)
         self._connect_timeout_s = connect_timeout_s
+        self._secret = secret
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ToRouter)
         self._writer: asyncio.StreamWriter | None = None
@@ -367,6 +387,13 @@ class ChannelClient:
                 except (OSError, asyncio.TimeoutError) as e:
                     raise ChannelError(f"cannot reach the worker channel at {self.address}: "
                                        f"{e or type(e).__name__}") from e
+                if self._secret is not None:
+                    try:
+                        await client_handshake_async(reader, writer, self._secret, CHANNEL_LABEL,
+                                                     self._connect_timeout_s)
+                    except (AuthError, ConnectionError) as e:
+                        writer.close()
+                        raise ChannelError(f"worker channel at {self.address}: {e}") from e
                 self._writer = writer
                 self._reader_task = asyncio.get_running_loop().create_task(self._read_forever(reader))
         return self._writer  # type: ignore[return-value]

@@ -190,8 +190,10 @@ class DecodeWorker:
         """Serve this worker to routers over a worker channel (cluster/channel.py) on this
         process's event loop; returns its "host:port". Called once, after `start()`."""
         from cluster.channel import ChannelServer
+        from kvtransfer.auth import kv_secret
 
-        self._channel = ChannelServer(self, host, port)
+        # Routers prove the deployment's secret (the one KV transfers use) before any call.
+        self._channel = ChannelServer(self, host, port, secret=kv_secret(self._kv.settings))
         return await self._channel.start()
 
     async def shutdown(self) -> None:

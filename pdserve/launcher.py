@@ -122,6 +122,11 @@ async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
     from decode_worker.worker import DecodeWorker
     from prefill_worker.worker import PrefillWorker
 
+    from kvtransfer.auth import kv_secret, with_deployment_secret
+
+    # One secret for KV transfers and worker channels, shared by every worker.
+    config = config.model_copy(update={"kv_transfer": with_deployment_secret(config.kv_transfer)})
+    secret = kv_secret(config.kv_transfer)
     dep = Deployment(config=config, model_path=model_path)
     node_ip = ray.util.get_node_ip_address()
     dep.dist_store = _host_dist_store(config.kv_transfer, node_ip)
@@ -145,7 +150,7 @@ async def start_workers(config: ServeConfig, model_path: Path) -> Deployment:
         await actor.start.remote()
         address = await actor.open_channel.remote(node_ip)
         role = roles[instance_id]
-        client = WorkerChannelClient(address, instance_id, role)
+        client = WorkerChannelClient(address, instance_id, role, secret=secret)
         {"prefill": dep.prefill, "decode": dep.decode, "colocated": dep.colocated}[role].append(client)
 
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -112,7 +113,9 @@ class EngineReplica:
                           instance_index=rank % len(cores) if cores else 0)
         self._worker = self._make_worker(instance_id, spec, self._kv.advertise_host or node_ip)
         await self._worker.start()
-        self._channel = ChannelServer(self._worker, node_ip)
+        from kvtransfer.auth import kv_secret
+
+        self._channel = ChannelServer(self._worker, node_ip, secret=kv_secret(self._kv))
         address = await self._channel.start()
         self._entry = ReplicaEntry(instance_id=instance_id, role=self.role, address=address,
                                    node_id=node_id, node_ip=node_ip,
@@ -274,6 +277,7 @@ class RouterIngress:
 
     async def start(self) -> None:
         from cluster.channel import WorkerChannelClient
+        from kvtransfer.auth import kv_secret
         from router.build import build_router
         from router.tokenizer import ModelTokenizer
 
@@ -289,7 +293,9 @@ class RouterIngress:
             n = sum(count * (gpus.get(role) or 1) for role, count in membership.routed_roles().items())
             metrics.num_units = max(1, int(n))
 
-        self.membership = Membership(self.deps.pool, WorkerChannelClient, on_change=units)
+        secret = kv_secret(config.kv_transfer)
+        self.membership = Membership(self.deps.pool, functools.partial(WorkerChannelClient, secret=secret),
+                                     on_change=units)
         await self._discover_once()
         self._discovery = asyncio.get_running_loop().create_task(self._discover_forever())
 

@@ -203,3 +203,30 @@ async def test_the_openai_api_over_channels_matches_in_process_workers():
                 await server.close()
     assert bodies[True] == bodies[False]
     assert bodies[True][0] == bodies[True][1]
+
+
+async def test_with_a_secret_only_peers_that_prove_it_get_in():
+    secret = b"s" * 32
+    decode = FakeDecodeWorker(role="colocated")
+    server = ChannelServer(decode, secret=secret, auth_timeout_s=2)
+    address = await server.start()
+    good = WorkerChannelClient(address, "colocated-0", "colocated", secret=secret)
+    wrong = WorkerChannelClient(address, "colocated-0", "colocated", secret=b"x" * 32)
+    none = WorkerChannelClient(address, "colocated-0", "colocated", connect_timeout_s=2)
+    try:
+        assert (await good.stats()).is_ready
+        with pytest.raises(ChannelError, match="refused|secret"):
+            await wrong.stats()
+        with pytest.raises(ChannelError):
+            await none.stats()  # sends frames without the handshake: dropped, never served
+        await none.close()
+        for _ in range(200):
+            if server.num_refused == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert server.num_refused == 2
+        assert decode.aborted == [] and not decode.active
+    finally:
+        for client in (good, wrong, none):
+            await client.close()
+        await server.close()
