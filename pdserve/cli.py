@@ -37,6 +37,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("mode", args.mode)
     put("router.host", args.host)
     put("router.port", args.port)
+    put("router.api_key", args.api_key)
     put("prefill.num_instances", args.num_prefill)
     put("decode.num_instances", args.num_decode)
     put("colocated.num_instances", args.num_instances)
@@ -62,6 +63,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--mode", choices=["disaggregated", "colocated"])
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API (also "
+                   "router.api_key or PDSERVE_API_KEY; docs/security.md)")
     p.add_argument("--num-prefill", type=int, help="prefill instances (disaggregated)")
     p.add_argument("--num-decode", type=int, help="decode instances (disaggregated)")
     p.add_argument("--num-instances", type=int, help="instances (colocated)")

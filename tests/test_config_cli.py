@@ -72,3 +72,11 @@ def test_default_cpu_cores_give_each_instance_its_own():
     crowded = with_default_cpu_cores(load_config(overrides={"prefill": {"num_instances": 2},
                                                             "decode": {"num_instances": 1}}), [0, 1])
     assert crowded.prefill.cpu_cores == [[0], [1]] and crowded.decode.cpu_cores == [[0]]
+
+
+def test_api_key_flag_reaches_the_router_config_and_is_never_printed(capsys):
+    key = "flag-key-0123456789abcdef"
+    assert main(["serve", "--api-key", key, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert key not in out
+    assert yaml.safe_load(out)["router"]["api_key"] == "**********"
