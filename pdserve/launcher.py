@@ -49,11 +49,17 @@ def served_model_name(config: ServeConfig, model_path: Path) -> str:
 
 def with_default_cpu_cores(config: ServeConfig, cores: list[int]) -> ServeConfig:
     """On a CPU host, give each instance its own cores unless the config pins them: two
-    engines' thread pools fighting over the same cores cost both of them."""
+    engines' thread pools fighting over the same cores cost both of them. When there are
+    more cores than instances, the first core is left to the front end (router, workers'
+    output processing, Ray), as vLLM's CPU server leaves one to its API server: an engine
+    whose OpenMP threads share a core with the front end is preempted mid-step, and on two
+    cores that cost more than the second core gave (docs/dataplane-profile.md)."""
     pools = config.pools()
     num_instances = sum(p.num_instances for p in pools.values())
     if num_instances == 0 or all(p.cpu_cores is not None for p in pools.values()):
         return config
+    if num_instances < len(cores):
+        cores = cores[1:]  # the front end's core
     if num_instances <= len(cores):
         per = len(cores) // num_instances
         chunks = [cores[i * per:(i + 1) * per] for i in range(num_instances)]

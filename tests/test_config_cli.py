@@ -68,7 +68,10 @@ def test_default_cpu_cores_give_each_instance_its_own():
     assert pinned.prefill.cpu_cores == [[0]] and pinned.decode.cpu_cores == [[1]]
     colo = with_default_cpu_cores(load_config(overrides={"mode": "colocated",
                                                          "colocated": {"num_instances": 1}}), [0, 1])
-    assert colo.colocated.cpu_cores == [[0, 1]]
+    # Fewer instances than cores: the first core is the front end's, the engine gets the rest.
+    assert colo.colocated.cpu_cores == [[1]]
+    roomy = with_default_cpu_cores(cfg, [0, 1, 2, 3, 4])
+    assert roomy.prefill.cpu_cores == [[1, 2]] and roomy.decode.cpu_cores == [[3, 4]]
     crowded = with_default_cpu_cores(load_config(overrides={"prefill": {"num_instances": 2},
                                                             "decode": {"num_instances": 1}}), [0, 1])
     assert crowded.prefill.cpu_cores == [[0], [1]] and crowded.decode.cpu_cores == [[0]]
