@@ -9,7 +9,9 @@ vLLM is imported inside methods so that importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +123,29 @@ def token_logprobs(completion, num_top: int) -> tuple[TokenLogprob, ...] | None:
     return tuple(out)
 
 
+_ENGINE_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def engine_env(values: dict[str, str]):
+    """`values` in os.environ while an engine starts, the previous values restored after.
+    vLLM's CPU backend reads its settings from the environment of the processes it spawns
+    (they copy os.environ when started, inside `AsyncLLM.from_engine_args`), so each engine
+    sees its own settings and nothing leaks to the next one or to the caller. The lock
+    orders engines started from several threads of one process."""
+    with _ENGINE_ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 class EngineHost:
     def __init__(self, spec: EngineSpec):
         self.spec = spec
@@ -143,22 +168,23 @@ class EngineHost:
             kwargs["kv_transfer_config"] = KVTransferConfig(**self.spec.kv_transfer_config)
         return AsyncEngineArgs(**kwargs)
 
-    def _set_cpu_env(self) -> None:
-        """The CPU backend reads these at engine start-up; they are per process."""
+    def _cpu_env(self) -> dict[str, str]:
+        """What the CPU backend reads at start-up, in the engine processes AsyncLLM spawns."""
         if is_cuda_available():
-            return
+            return {}
         pool = self.spec.pool
-        os.environ[_CPU_KV_SPACE_ENV] = str(pool.kv_cache_gib)
+        env = {_CPU_KV_SPACE_ENV: str(pool.kv_cache_gib)}
         if pool.cpu_cores is not None:
             cores = pool.cpu_cores[self.spec.instance_index]
-            os.environ[_CPU_BIND_ENV] = ",".join(str(c) for c in cores)
+            env[_CPU_BIND_ENV] = ",".join(str(c) for c in cores)
+        return env
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._set_cpu_env()
         factory = _make_load_logger_factory(self)
-        self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
+        with engine_env(self._cpu_env()):
+            self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
         cache = self._engine.vllm_config.cache_config
         self.num_kv_blocks = int(cache.num_gpu_blocks or 0)
         self.block_size = int(cache.block_size)

@@ -87,7 +87,7 @@ async def _start(live: LiveEngines, ready: threading.Event, stop: asyncio.Event)
     live.workers = {"prefill": prefill, "decode": decode, "colocated": coloc}
     servers = []
     try:
-        for w in live.workers.values():  # one at a time: each sets per-process engine env
+        for w in live.workers.values():  # one at a time: from_engine_args blocks this loop
             await w.start()
         router_cfg = RouterConfig(stats_interval_s=0.1)
         slo = SLOConfig(ttft_s=2.0, tpot_s=0.5)
