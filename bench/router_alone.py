@@ -150,26 +150,19 @@ def _channel_workers(mode: str, num_instances: int, core: int | None):
 
 
 def build_app(mode: str, num_instances: int, model: str = "tiny", workers=None):
-    from cluster.config import RouterConfig, SLOConfig
+    from cluster.config import ServeConfig
     from cluster.tiny_model import ensure_tiny_model
-    from router.app import RouterDeps, create_app
-    from router.metrics import Metrics
-    from router.pool import WorkerPool
+    from router.build import build_router
     from router.tokenizer import ModelTokenizer
 
-    router_config = RouterConfig()
-    slo = SLOConfig()
+    size = {"num_instances": num_instances}
+    config = ServeConfig(mode=mode, prefill=size, decode=size, colocated=size)
     prefill, decode, colocated = workers or fake_workers(mode, num_instances)
-    if mode == "disaggregated":
-        pool = WorkerPool.build(router_config, prefill=prefill, decode=decode)
-        units = 2 * num_instances
-    else:
-        pool = WorkerPool.build(router_config, colocated=colocated)
-        units = num_instances
-    deps = RouterDeps(config=router_config, slo=slo, model_name=f"pdserve-{model}",
-                      tokenizer=ModelTokenizer(ensure_tiny_model(model)), pool=pool,
-                      metrics=Metrics(slo, num_units=units))
-    return create_app(deps)
+    if mode != "disaggregated":
+        prefill, decode = [], []
+    app, _ = build_router(config, ModelTokenizer(ensure_tiny_model(model)), f"pdserve-{model}",
+                          prefill=prefill, decode=decode, colocated=colocated)
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
