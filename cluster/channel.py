@@ -1,5 +1,8 @@
 """The worker channel: one long-lived connection per router-worker pair, many requests on it.
 
+(Over ~350 lines on purpose: one wire protocol, its messages and both of its ends. Split,
+the frame format and the two state machines that read it would live apart.)
+
 Why: a per-token Ray streaming object (and a Ray call per prefill, abort and stats poll)
 made the path around the engines cost more than the engines (issue 10: ~1,500 tokens/s on
 two cores). vLLM's own front end talks to its engine core over one socket with msgpack for
