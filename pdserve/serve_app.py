@@ -100,11 +100,10 @@ def build_application(config: ServeConfig, *, worker_factory: str | None = None)
     engine workers, for tests."""
     registry = serve.deployment(RegistryDeployment, **placement.registry_deployment_options()).bind()
     engines = {}
-    # One secret for the whole application (KV transfers and worker channels): the
-    # configured one, PDSERVE_KV_SECRET, or a fresh one drawn here, once, for every replica.
-    from kvtransfer.auth import with_deployment_secret
-
-    config = config.model_copy(update={"kv_transfer": with_deployment_secret(config.kv_transfer)})
+    # The secret of KV transfers and worker channels is resolved by every replica itself
+    # (kv_transfer.secret, else PDSERVE_KV_SECRET, else this host's generated one), never
+    # drawn here: a secret in the replicas' arguments that changed per build would make
+    # Serve restart every replica on a redeploy that only resizes a pool.
     for role, pool in config.pools().items():
         settings = dict(model=config.model.model_dump(mode="python"),
                         pool=placement.replica_pool(pool),

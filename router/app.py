@@ -406,7 +406,8 @@ async def _whole_body(gen: _Generation, chat: bool) -> dict:
     result["choices"][0]["stop_reason"] = gen.stop_reason
     if p.output.return_token_ids:
         result["choices"][0]["token_ids"] = list(gen.text.token_ids)
-        result["prompt_token_ids"] = list(p.prompt_token_ids)
+        # Where vLLM puts them: on the response for chat, on the choice for completions.
+        (result if chat else result["choices"][0])["prompt_token_ids"] = list(p.prompt_token_ids)
     return result
 
 
@@ -444,7 +445,7 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
                         rid, model, chunk.text, None, use,
                         fmt.completion(chunk.logprobs, num_chars) if fmt else None)
                     if p.output.return_token_ids and is_first:
-                        event["prompt_token_ids"] = list(p.prompt_token_ids)
+                        event["choices"][0]["prompt_token_ids"] = list(p.prompt_token_ids)
                 if p.output.return_token_ids:
                     event["choices"][0]["token_ids"] = chunk.token_ids
                 num_chars += len(chunk.text)
