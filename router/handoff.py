@@ -278,27 +278,22 @@ class Handoff:
     async def _local_prefill(self, choice: PathChoice) -> AsyncIterator[TokenDelta]:
         """Conditional disaggregation: the decode instance computes the prompt itself."""
         assert choice.decode is not None
-        view = choice.decode
-        self._note_prefix(view)
-        self.trace.decode_instance = view.instance_id
-        self.pool.begin(view, len(self.prompt_token_ids))
-        self._active = view
-        self.trace.move_to(RequestState.DECODING)
-        req = EngineRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-                            sampling=self.sampling)
-        async for delta in self._stream(view, req):
-            if self.trace.num_output_tokens == len(delta.token_ids):
-                self.trace.mark(LifecycleEvent.FIRST_TOKEN)
+        async for delta in self._whole_request(choice.decode, RequestState.DECODING):
             yield delta
 
     async def _colocated(self) -> AsyncIterator[TokenDelta]:
         self.trace.path, self.trace.path_reason = "colocated", "default"
-        view = self.pool.pick_prefill(self.route)
-        self.trace.decode_instance = view.instance_id
+        async for delta in self._whole_request(self.pool.pick_prefill(self.route),
+                                               RequestState.GENERATING):
+            yield delta
+
+    async def _whole_request(self, view: InstanceView, state: RequestState) -> AsyncIterator[TokenDelta]:
+        """Prompt and every output token on one instance (colocated, or local prefill)."""
         self._note_prefix(view)
+        self.trace.decode_instance = view.instance_id
         self.pool.begin(view, len(self.prompt_token_ids))
         self._active = view
-        self.trace.move_to(RequestState.GENERATING)
+        self.trace.move_to(state)
         req = EngineRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                             sampling=self.sampling)
         async for delta in self._stream(view, req):
