@@ -178,7 +178,9 @@ class KVTransferSettings(_Strict):
         "staging arena, where each layer's KV is gathered on the device (on a side stream, "
         "after the layer's compute) for transport `cuda_ipc` or `dist` over NCCL. The arena is "
         "bounded: a request that does not fit takes the host path. It comes out of the "
-        "engine's gpu_memory_utilization share (see kvtransfer.memory). CPU engines ignore it.",
+        "engine's gpu_memory_utilization share (see kvtransfer.memory). Today only the device "
+        "data path's harness and benchmark read it: the serving connector still stages on the "
+        "host, so serving ignores it (docs/STATUS.md, issue 15). CPU engines ignore it.",
     )
     dist_store_host: str | None = Field(
         None,
