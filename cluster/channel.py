@@ -117,6 +117,11 @@ class ChannelError(RuntimeError):
     """The channel to a worker is gone or the worker answered with an error."""
 
 
+class ChannelLost(ChannelError):
+    """The connection itself failed (unreachable, closed, lost): the instance is gone, not
+    the request refused. Retry and migration (router/recovery.py) act on this one only."""
+
+
 class StreamState(enum.Enum):
     OPEN = "open"
     FINISHED = "finished"
@@ -311,13 +316,14 @@ class _ServerConnection:
 class _Stream:
     """One generate call's deltas, merged while the consumer is behind."""
 
-    __slots__ = ("pending", "waiter", "state", "error")
+    __slots__ = ("pending", "waiter", "state", "error", "is_lost")
 
     def __init__(self) -> None:
         self.pending: collections.deque[TokenDelta] = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.state = StreamState.OPEN
         self.error: str | None = None
+        self.is_lost = False  # failed because the connection went, not by the worker's word
 
     def put(self, item: StreamItem) -> None:
         if item.delta is None:
@@ -334,6 +340,7 @@ class _Stream:
         if self.state == StreamState.OPEN:
             self.state = StreamState.FAILED
             self.error = error
+            self.is_lost = True
             self._wake()
 
     def _wake(self) -> None:
@@ -388,7 +395,7 @@ class ChannelClient:
                     reader, writer = await asyncio.wait_for(
                         asyncio.open_connection(self._host, self._port), self._connect_timeout_s)
                 except (OSError, asyncio.TimeoutError) as e:
-                    raise ChannelError(f"cannot reach the worker channel at {self.address}: "
+                    raise ChannelLost(f"cannot reach the worker channel at {self.address}: "
                                        f"{e or type(e).__name__}") from e
                 if self._secret is not None:
                     try:
@@ -396,7 +403,7 @@ class ChannelClient:
                                                      self._connect_timeout_s)
                     except (AuthError, ConnectionError) as e:
                         writer.close()
-                        raise ChannelError(f"worker channel at {self.address}: {e}") from e
+                        raise ChannelLost(f"worker channel at {self.address}: {e}") from e
                 self._writer = writer
                 self._reader_task = asyncio.get_running_loop().create_task(self._read_forever(reader))
         return self._writer  # type: ignore[return-value]
@@ -431,7 +438,7 @@ class ChannelClient:
         calls, self._calls = self._calls, {}
         for fut in calls.values():
             if not fut.done():
-                fut.set_exception(ChannelError(reason))
+                fut.set_exception(ChannelLost(reason))
         for stream in self._streams.values():
             stream.fail(reason)
 
@@ -486,7 +493,7 @@ class ChannelClient:
                         stream.state = StreamState.FINISHED
                         return
                 if stream.state != StreamState.OPEN:
-                    raise ChannelError(stream.error or "stream ended")
+                    raise (ChannelLost if stream.is_lost else ChannelError)(stream.error or "stream ended")
                 stream.waiter = loop.create_future()
                 await stream.waiter
                 stream.waiter = None
