@@ -22,6 +22,10 @@ class TransferDescriptor(msgspec.Struct, frozen=True):
     tcp_port: int
     producer_id: str
     producer_epoch: str  # a restarted producer gets a new epoch; old handles are void
+    # n > 1: which of the segment's claims this handle is (`claims.py`), and how many
+    # there are; segment_path then names this claim's own link.
+    claim_index: int = 0
+    num_claims: int = 1
 
 
 @functools.cache

@@ -152,5 +152,24 @@ FETCH_TRANSITIONS: Mapping[FetchState, frozenset[FetchState]] = {
     FetchState.FAILED: frozenset(),
 }
 
+
+# -------------------------------------------------- one claim on a shared segment (n > 1)
+class ClaimState(enum.Enum):
+    """One of the claims a segment staged for several decodes is split into (`claims.py`).
+    The segment's bytes go when its last claim ends, whichever way each one ends."""
+
+    OUTSTANDING = "outstanding"  # the claim's name exists; its decode has not taken it yet
+    TAKEN = "taken"  # a decode opened it (shm) or acked its fetch (tcp): that decode owns it
+    RELEASED = "released"  # the router gave it back (its choice ended early, or was aborted)
+    EXPIRED = "expired"  # nobody claimed it within the lease: the sweeper took it back
+
+
+CLAIM_TRANSITIONS: Mapping[ClaimState, frozenset[ClaimState]] = {
+    ClaimState.OUTSTANDING: frozenset({ClaimState.TAKEN, ClaimState.RELEASED, ClaimState.EXPIRED}),
+    ClaimState.TAKEN: frozenset(),
+    ClaimState.RELEASED: frozenset(),
+    ClaimState.EXPIRED: frozenset(),
+}
+
 ALL_TABLES = (SAVE_TRANSITIONS, SEGMENT_WRITE_TRANSITIONS, LOAD_TRANSITIONS,
-              DECODE_KV_TRANSITIONS, FETCH_TRANSITIONS)
+              DECODE_KV_TRANSITIONS, FETCH_TRANSITIONS, CLAIM_TRANSITIONS)

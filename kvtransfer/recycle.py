@@ -33,12 +33,21 @@ _pool_names = itertools.count()
 def recycle(path: Path, pool_dir: str | Path | None, file_size: int | None = None) -> None:
     """Move a consumed segment file into `pool_dir` for reuse, or unlink it when there is
     no pool (it was never pooled, or its producer is gone). `file_size`, when the caller
-    knows it, saves a stat."""
+    knows it, is used as the pooled file's size class.
+
+    A file with several claims (`claims.py`: n > 1 decodes of one prefill) has one name per
+    claim; only the holder of the last name pools it. Any other claimant drops its own
+    name: pooling a file another claimant may still be reading would let the producer
+    overwrite it under that reader."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # taken back already
+    if st.st_nlink > 1:
+        _unlink(path)
+        return
     if file_size is None:
-        try:
-            file_size = os.stat(path).st_size
-        except FileNotFoundError:
-            return  # taken back already
+        file_size = st.st_size
     if pool_dir:
         try:
             # Unique among every process that recycles into this pool.
@@ -50,6 +59,10 @@ def recycle(path: Path, pool_dir: str | Path | None, file_size: int | None = Non
                 return  # taken back already
         except OSError:
             pass  # pool gone (its producer exited): drop the file
+    _unlink(path)
+
+
+def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

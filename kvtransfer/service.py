@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from cluster.config import KVTransferSettings
 from cluster.wire import KVHandle, KVTransferError, TransferStat
 from kvtransfer import auth as kv_auth
+from kvtransfer import claims
 from kvtransfer.handle import (
     TransferDescriptor,
     decode_handle,
@@ -106,8 +109,29 @@ class ProducerService:
             producer_epoch=self.epoch,
         ))
 
+    def claims_for(self, handle: KVHandle, num_claims: int,
+                   request_id: str | None = None) -> tuple[KVHandle, ...]:
+        """Split a staged segment into `num_claims` claims, one handle each (claim 0 first),
+        for as many decodes of the same prompt (n > 1). Each handle is then owned, consumed,
+        released or reclaimed on its own; the segment's bytes go when its last claim ends
+        (`claims.py`). With one claim, the handle itself. All or nothing: raises
+        KVTransferError (the segment is gone) or OSError, and then the segment keeps its
+        single claim, owned by the caller as before."""
+        if num_claims == 1:
+            return (handle,)
+        desc = decode_handle(handle)
+        if desc.producer_epoch != self.epoch or Path(desc.segment_path).parent != self.staging_dir:
+            raise KVTransferError(f"handle of {desc.producer_id} is not this producer's to split")
+        paths = claims.split(Path(desc.segment_path), num_claims)
+        if request_id is not None:
+            log.debug("[%s] staged KV split into %d claims", request_id, num_claims)
+        return tuple(encode_handle(msgspec.structs.replace(
+            desc, segment_path=str(path), claim_index=i, num_claims=num_claims))
+            for i, path in enumerate(paths))
+
     def release(self, handle: KVHandle) -> bool:
-        """Drop staged KV nobody will claim (the request ended before decode)."""
+        """Drop staged KV nobody will claim (the request ended before decode). For a claim
+        of a shared segment (`claims_for`), only that claim: the others stay loadable."""
         desc = decode_handle(handle)
         if desc.producer_epoch != self.epoch:
             return False
