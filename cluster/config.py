@@ -281,6 +281,47 @@ class RouterConfig(_Strict):
         "prompt tokens over measured prefill throughput) exceeds this many times the TTFT "
         "SLO; null: only the queue bound rejects.",
     )
+    prefill_max_attempts: int = Field(
+        3, ge=1, le=10,
+        description="Prefill attempts per request: a prefill whose instance fails (connection "
+        "lost, stalled) before the first token is retried on another prefill instance up to "
+        "this many attempts in all (router/recovery.py). 1 turns retries off.",
+    )
+    retry_backoff_base_s: float = Field(
+        0.05, gt=0, description="Backoff before prefill retry n: uniform(0, min(cap, base * 2^(n-1))).",
+    )
+    retry_backoff_cap_s: float = Field(
+        1.0, gt=0, description="Upper bound of one prefill retry backoff.",
+    )
+    breaker_failure_threshold: int = Field(
+        3, ge=1,
+        description="Consecutive instance faults (retries, migrations) after which an instance's "
+        "circuit breaker opens: routing skips it for `breaker_open_s`, then lets one trial through.",
+    )
+    breaker_open_s: float = Field(
+        5.0, gt=0, description="How long an open circuit breaker keeps its instance out of routing.",
+    )
+    migration_limit: int = Field(
+        2, ge=0,
+        description="How many times one request may move to another decode (or colocated) instance "
+        "after its instance failed mid-stream; the stream continues from the tokens the client "
+        "already has (prompt + those tokens, recomputed). 0 turns migration off: the stream "
+        "ends with an error event.",
+    )
+    stream_stall_timeout_s: float | None = Field(
+        30.0, gt=0,
+        description="A worker that owes a request output and gives none for this long is treated "
+        "as failed (migration or retry if allowed, else a clean error). Measured from the "
+        "stream's last delta while its worker is decoding; while a prompt is being computed "
+        "(no delta yet: a long prefill is legitimate) it fires only once the instance also "
+        "fails its stats poll. null: no stall timeout.",
+    )
+
+    @model_validator(mode="after")
+    def _backoff_cap_covers_base(self) -> "RouterConfig":
+        if self.retry_backoff_cap_s < self.retry_backoff_base_s:
+            raise ValueError("retry_backoff_cap_s must be at least retry_backoff_base_s")
+        return self
 
     @field_validator("api_key")
     @classmethod

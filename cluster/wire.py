@@ -25,9 +25,11 @@ class LifecycleEvent(str, enum.Enum):
     PREFILLING = "prefilling"
     PREFILL_START = "prefill_start"  # worker clock: the engine took the prompt
     PREFILL_END = "prefill_end"
+    RETRYING = "retrying"  # first time: a prefill instance failed, another is tried
     HANDOFF = "handoff"
     DECODING = "decoding"
     GENERATING = "generating"
+    MIGRATING = "migrating"  # first time: the stream's instance failed, it moves on
     FIRST_TOKEN = "first_token"
     DECODE_FIRST_TOKEN = "decode_first_token"
     FINISHED = "finished"

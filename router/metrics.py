@@ -163,6 +163,18 @@ class Metrics:
         self.prefix_matched_tokens = Counter(
             "pdserve_routing_prefix_matched_tokens", "Prompt tokens the chosen instance was "
             "believed to hold in its prefix cache when the request was routed", registry=r)
+        # -- recovery (router/recovery.py; counted when the request ends) --------------
+        self.prefill_retries = Counter(
+            "pdserve_request_prefill_retries", "Prefill attempts retried on another instance "
+            "after an instance fault, by reason (instance_lost, stalled, timeout, unavailable)",
+            ["reason"], registry=r)
+        self.migrations = Counter(
+            "pdserve_request_migrations", "Streams continued on another instance after theirs "
+            "failed mid-request, by reason (instance_lost, stalled, timeout, unavailable)",
+            ["reason"], registry=r)
+        for reason in ("instance_lost", "stalled"):
+            self.prefill_retries.labels(reason)
+            self.migrations.labels(reason)
         # -- admission --------------------------------------------------------------
         self.rejected = Counter("pdserve_requests_rejected", "Requests turned away before any "
                                 "work, by reason (unauthorized, body_too_large, queue_full, "
@@ -185,6 +197,10 @@ class Metrics:
             self.paths.labels(trace.path, trace.path_reason or "default").inc()
         if trace.num_prefix_matched_tokens:
             self.prefix_matched_tokens.inc(trace.num_prefix_matched_tokens)
+        for reason in trace.prefill_retry_reasons:
+            self.prefill_retries.labels(reason).inc()
+        for migration in trace.migrations:
+            self.migrations.labels(migration.reason).inc()
         ev = trace.events
         if "prefill_start" in ev:
             self.queue.observe(max(0.0, ev["prefill_start"] - trace.arrival_s))

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -26,6 +27,7 @@ from cluster.wire import (
     WorkerUnavailable,
 )
 from router.prefix import PrefixIndex, block_hashes
+from router.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,8 @@ class WorkerPool:
     def __post_init__(self) -> None:
         self._pick_prefill = POLICIES[self.config.prefill_policy]()
         self._pick_decode = POLICIES[self.config.decode_policy]()
+        # Retry policy, per-instance circuit breakers, stall watch (router/recovery.py).
+        self.recovery = Recovery.from_config(self.config)
         self._poller: asyncio.Task | None = None
         # Clean-up that must finish even when the request that started it is cancelled.
         self._background: set[asyncio.Task] = set()
@@ -210,13 +214,14 @@ class WorkerPool:
         return None
 
     # -- routing ----------------------------------------------------------------------
-    def pick_prefill(self, route: RouteRequest) -> InstanceView:
+    def pick_prefill(self, route: RouteRequest, exclude: Collection[str] = ()) -> InstanceView:
+        """A prefill (colocated) instance for `route`, none of `exclude` (ids already tried)."""
         views = self.prefill if self.is_disaggregated else self.colocated
         return self._pick(views, self._pick_prefill, "prefill" if self.is_disaggregated else "colocated",
-                          route)
+                          route, exclude)
 
-    def pick_decode(self, route: RouteRequest) -> InstanceView:
-        return self._pick(self.decode, self._pick_decode, "decode", route)
+    def pick_decode(self, route: RouteRequest, exclude: Collection[str] = ()) -> InstanceView:
+        return self._pick(self.decode, self._pick_decode, "decode", route, exclude)
 
     def choose_path(self, route: RouteRequest) -> PathChoice:
         """Conditional disaggregation: prefill where the request will decode when its
@@ -225,7 +230,8 @@ class WorkerPool:
         cfg = self.config
         if cfg.local_prefill_max_tokens == 0 and cfg.local_prefill_queue_tokens is None:
             return PathChoice("disaggregated", "default")
-        decodes = [v for v in self.decode if v.is_available]
+        decodes = self.recovery.breakers.allowed([v for v in self.decode if v.is_available],
+                                                 time.monotonic())
         if not decodes:
             return PathChoice("disaggregated", "default")  # pick_decode raises later
         decode = self._pick_decode(decodes, route)
@@ -244,12 +250,17 @@ class WorkerPool:
                 return PathChoice("local_prefill", "prefill_saturated", decode)
         return PathChoice("disaggregated", "default")
 
-    @staticmethod
-    def _pick(views: list[InstanceView], policy: Policy, role: str, route: RouteRequest) -> InstanceView:
-        available = [v for v in views if v.is_available]
+    def _pick(self, views: list[InstanceView], policy: Policy, role: str, route: RouteRequest,
+              exclude: Collection[str] = ()) -> InstanceView:
+        """Available instances, less those excluded and those whose circuit breaker is open."""
+        now = time.monotonic()
+        available = self.recovery.breakers.allowed(
+            [v for v in views if v.is_available and v.instance_id not in exclude], now)
         if not available:
             raise WorkerUnavailable(f"no {role} instance is available")
-        return policy(available, route)
+        view = policy(available, route)
+        self.recovery.breakers.on_attempt(view.instance_id, now)
+        return view
 
     def in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` to completion even if the task that started it is cancelled."""

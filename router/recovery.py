@@ -31,17 +31,26 @@ for which emitted tokens turned into prompt would change the semantics; they end
 error. Greedy requests continue exactly as an uninterrupted run would; seeded sampling
 continues validly but not bit-identically (the new engine's generator starts afresh).
 
-Hooks (router/handoff.py, owned by the coordinator):
-1. `Handoff._disaggregated`: replace the single `view.client.prefill(...)` by
-   `prefill_with_retries(pick, call, policy, breakers)`, where `pick(tried)` is
-   `pool.pick_prefill(route)` over available views minus `tried` and minus those
-   `breakers.allows()` refuses, and `call(view)` is the existing begin/prefill/prompt_done
-   block for that view.
-2. `Handoff._stream` for a decode: on an exception `is_instance_fault` accepts (not
-   `delta.error`), with `budget.may_migrate(sampling)`, build `continuation(req, emitted)`
-   (`emitted`: token ids this stream already yielded, after the replayed-first drop), pick
-   another decode (`pool.pick_decode` minus the failed one), count
-   `pdserve_request_migrations_total{reason}` and stream the continuation in place.
+Stall timeout (`StallWatch`, `router.stream_stall_timeout_s`). A frozen worker (SIGSTOP, a
+wedged engine) closes no connection, so nothing above fails by itself. One task per pool
+scans every watched call each `period_s` (a quarter of the timeout, at most 1 s); nothing
+is armed per token. A call is *stalled* when the worker owes output and gave none for
+`timeout_s`:
+- after its stream's first delta (the worker is decoding), measured from the last delta
+  the handoff pulled, counting only time the handoff was waiting on the worker (a client
+  that does not read is not a stalled worker);
+- before the first delta (a prefill call, or a stream whose instance is computing the
+  prompt: local prefill, colocated, recompute after a migration), the same clock, *and* the
+  instance has failed its stats poll (`InstanceView.is_healthy` false): a long prompt on a
+  live instance is slow work, not a stall.
+A stalled call's task is cancelled with the watch's mark; the handoff turns that
+cancellation back (`Task.uncancel`) into `StreamStalled`, an instance fault. So a stall
+is detected between `timeout_s` and `timeout_s + 2 * period_s` after the last output.
+
+Where the handoff uses these (router/handoff.py): `Handoff._disaggregated` runs prefill
+through `prefill_with_retries`, picking with `WorkerPool.pick_prefill(route, exclude=tried)`
+(routing skips instances whose breaker is OPEN: `WorkerPool._pick`); `Handoff._stream`
+migrates a stream on an instance fault while `MigrationBudget.may_migrate` allows.
 """
 
 from __future__ import annotations
@@ -52,22 +61,42 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
-from cluster.channel import ChannelError
+from cluster.channel import ChannelLost
+from cluster.config import RouterConfig
 from cluster.wire import EngineRequest, SamplingSpec, WorkerUnavailable
-from router.pool import InstanceView
+
+if TYPE_CHECKING:  # router.pool builds a Recovery; the view type is for annotations only
+    from router.handoff import RequestTrace
+    from router.pool import InstanceView
 
 T = TypeVar("T")
 
 
+class StreamStalled(TimeoutError):
+    """The instance owed output and gave none for `stream_stall_timeout_s` (StallWatch)."""
+
+
 def is_instance_fault(exc: BaseException) -> bool:
     """The instance, not the request, failed: its connection broke, it vanished or it
-    stopped answering. Anything else would fail the same way on another instance."""
-    return isinstance(exc, (ChannelError, ConnectionError, asyncio.TimeoutError, TimeoutError,
+    stopped answering. Anything else (an error the worker reports about the request,
+    `ChannelError` but not `ChannelLost`) would fail the same way on another instance."""
+    return isinstance(exc, (ChannelLost, ConnectionError, asyncio.TimeoutError, TimeoutError,
                             WorkerUnavailable, EOFError))
+
+
+def fault_reason(exc: BaseException) -> str:
+    """The `reason` label of a retry or migration."""
+    if isinstance(exc, StreamStalled):
+        return "stalled"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, WorkerUnavailable):
+        return "unavailable"
+    return "instance_lost"
 
 
 class BreakerState(enum.Enum):
@@ -85,6 +114,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_out = False  # HALF_OPEN: the one trial request is running
+        self._trial_at = 0.0  # a trial that never reports (its client left) expires after open_s
 
     def state(self, now: float) -> BreakerState:
         if self._opened_at is None:
@@ -95,11 +125,13 @@ class CircuitBreaker:
 
     def allows(self, now: float) -> bool:
         state = self.state(now)
-        return state == BreakerState.CLOSED or (state == BreakerState.HALF_OPEN and not self._trial_out)
+        return state == BreakerState.CLOSED or (state == BreakerState.HALF_OPEN and (
+            not self._trial_out or now - self._trial_at >= self.open_s))
 
     def on_attempt(self, now: float) -> None:
         if self.state(now) == BreakerState.HALF_OPEN:
             self._trial_out = True
+            self._trial_at = now
 
     def record_success(self) -> None:
         self._failures = 0
@@ -128,7 +160,25 @@ class Breakers:
         return breaker
 
     def allowed(self, views: Sequence[InstanceView], now: float) -> list[InstanceView]:
-        return [v for v in views if self[v.instance_id].allows(now)]
+        by_instance = self._by_instance
+        return [v for v in views
+                if (b := by_instance.get(v.instance_id)) is None or b.allows(now)]
+
+    def record_success(self, instance_id: str) -> None:
+        """Only breakers that exist (an instance that never failed has none)."""
+        breaker = self._by_instance.get(instance_id)
+        if breaker is not None:
+            breaker.record_success()
+
+    def on_attempt(self, instance_id: str, now: float) -> None:
+        """Routing chose `instance_id`: a HALF_OPEN breaker's one trial is out."""
+        breaker = self._by_instance.get(instance_id)
+        if breaker is not None:
+            breaker.on_attempt(now)
+
+    def state(self, instance_id: str, now: float) -> BreakerState:
+        breaker = self._by_instance.get(instance_id)
+        return BreakerState.CLOSED if breaker is None else breaker.state(now)
 
 
 @dataclass(frozen=True)
@@ -209,3 +259,110 @@ def continuation(req: EngineRequest, emitted: Sequence[int]) -> EngineRequest:
     return EngineRequest(request_id=req.request_id,
                          prompt_token_ids=tuple(req.prompt_token_ids) + tuple(emitted),
                          sampling=sampling, kv_handle=None)
+
+
+class Watched:
+    """One call the StallWatch looks after. The handoff sets `task` to the task awaiting the
+    worker and to None while it hands a delta on (two stores per delta, nothing else)."""
+
+    __slots__ = ("view", "trace", "task", "is_prompt_phase", "is_stalled", "_mark", "_since")
+
+    def __init__(self, view: InstanceView, trace: RequestTrace, is_prompt_phase: bool, now: float):
+        self.view = view
+        self.trace = trace
+        self.task: asyncio.Task | None = asyncio.current_task()
+        self.is_prompt_phase = is_prompt_phase
+        self.is_stalled = False
+        self._mark = trace.num_output_tokens
+        self._since: float | None = now
+
+
+class StallWatch:
+    """Finds calls whose worker owes output and gives none (module docstring: "Stall
+    timeout"). One scanning task per event loop while anything is watched."""
+
+    CANCEL_MESSAGE = "pdserve: stalled worker"
+
+    def __init__(self, timeout_s: float | None, period_s: float | None = None):
+        self.timeout_s = timeout_s
+        self.period_s = period_s if period_s is not None else (
+            min(1.0, timeout_s / 4) if timeout_s is not None else 1.0)
+        self._watched: set[Watched] = set()
+        self._task: asyncio.Task | None = None
+        self.num_stalled = 0
+
+    @property
+    def is_on(self) -> bool:
+        return self.timeout_s is not None
+
+    def watch(self, view: InstanceView, trace: RequestTrace, is_prompt_phase: bool) -> Watched:
+        loop = asyncio.get_running_loop()
+        w = Watched(view, trace, is_prompt_phase, loop.time())
+        if self.timeout_s is None:
+            return w
+        self._watched.add(w)
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._scan_while_watching())
+        return w
+
+    def unwatch(self, w: Watched) -> None:
+        self._watched.discard(w)
+
+    async def _scan_while_watching(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._watched:
+            await asyncio.sleep(self.period_s)
+            self.scan(loop.time())
+
+    def scan(self, now: float) -> list[Watched]:
+        """One pass: mark and cancel the stalled calls; returns them."""
+        assert self.timeout_s is not None
+        stalled = []
+        for w in list(self._watched):
+            if w.task is None:  # the handoff is handing a delta on, not waiting on the worker
+                w._since = None
+                continue
+            n = w.trace.num_output_tokens
+            if w._since is None or n != w._mark:
+                w._mark, w._since = n, now
+                continue
+            if now - w._since < self.timeout_s:
+                continue
+            if w.is_prompt_phase and w.view.is_healthy:
+                continue  # computing a prompt, and the instance answers its stats poll
+            w.is_stalled = True
+            self._watched.discard(w)
+            self.num_stalled += 1
+            w.task.cancel(self.CANCEL_MESSAGE)
+            stalled.append(w)
+        return stalled
+
+
+def stalled_instead_of_cancelled(w: Watched) -> bool:
+    """Inside `except CancelledError` around a watched call: True when the cancellation was
+    the watch's (then it is undone and the caller raises StreamStalled); False when someone
+    else cancelled too (the client left): re-raise."""
+    if not w.is_stalled:
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() == 0
+
+
+@dataclass
+class Recovery:
+    """The deployment's recovery state, shared by every request (one per WorkerPool)."""
+
+    retry: RetryPolicy
+    breakers: Breakers
+    stall_watch: StallWatch
+    migration_limit: int
+
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> "Recovery":
+        return cls(
+            retry=RetryPolicy(max_attempts=config.prefill_max_attempts,
+                              backoff_base_s=config.retry_backoff_base_s,
+                              backoff_cap_s=config.retry_backoff_cap_s),
+            breakers=Breakers(config.breaker_failure_threshold, config.breaker_open_s),
+            stall_watch=StallWatch(config.stream_stall_timeout_s),
+            migration_limit=config.migration_limit)

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from cluster.channel import ChannelError
+from cluster.channel import ChannelError, ChannelLost
 from cluster.wire import EngineRequest, SamplingSpec, WorkerStats, WorkerUnavailable
 from router.handoff import RequestFailed
 from router.pool import InstanceView
@@ -19,6 +19,7 @@ from router.recovery import (
     CircuitBreaker,
     MigrationBudget,
     RetryPolicy,
+    StreamStalled,
     continuation,
     is_instance_fault,
     prefill_with_retries,
@@ -42,10 +43,13 @@ def views(*ids):
 
 
 def test_only_instance_faults_are_recoverable():
-    for e in (ChannelError("lost"), ConnectionResetError(), asyncio.TimeoutError(),
-              WorkerUnavailable("gone")):
+    for e in (ChannelLost("lost"), ConnectionResetError(), asyncio.TimeoutError(),
+              WorkerUnavailable("gone"), StreamStalled("no output")):
         assert is_instance_fault(e)
-    for e in (RequestFailed("prompt too long"), ValueError("bad"), RuntimeError("engine says no")):
+    # An error the worker reported about the request comes over the channel as a plain
+    # ChannelError: it would fail the same way anywhere.
+    for e in (RequestFailed("prompt too long"), ValueError("bad"), RuntimeError("engine says no"),
+              ChannelError("RuntimeError: engine says no")):
         assert not is_instance_fault(e)
 
 
@@ -88,7 +92,7 @@ async def test_prefill_retries_another_instance_and_the_breaker_remembers():
     async def call(view):
         calls.append(view.instance_id)
         if view.instance_id == "p0":
-            raise ChannelError("the worker closed its channel")
+            raise ChannelLost("the worker closed its channel")
         return "first token"
 
     async def no_sleep(s):
