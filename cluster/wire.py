@@ -120,6 +120,9 @@ class EngineRequest(msgspec.Struct, frozen=True):
     # Decode only: the prefill's KV for prompt_token_ids[:-1]; the last id is prefill's
     # first output token, which decode computes (and only it) before sampling on.
     kv_handle: KVHandle | None = None
+    # Prefill only: how many decodes will load this prompt's KV (n > 1 choices). The
+    # prefill then returns that many claims on one staged segment (`PrefillResult.kv_claims`).
+    num_kv_claims: int = 1
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -136,6 +139,9 @@ class PrefillResult(msgspec.Struct, frozen=True):
     prefill_start_s: float  # wall clock (time.time()) on the worker
     prefill_end_s: float
     first_token_logprob: TokenLogprob | None = None  # when sampling.num_logprobs is set
+    # With num_kv_claims > 1: one handle per claim on the staged segment (kv_handle is
+    # then None); each is consumed, released or reclaimed on its own.
+    kv_claims: tuple[KVHandle, ...] = ()
 
 
 class TokenDelta(msgspec.Struct, frozen=True):

@@ -90,6 +90,14 @@ class PrefillWorker:
                 prefill_start_s=started, prefill_end_s=time.time())
         if final is None or first_token is None:
             raise RuntimeError(f"prefill of {req.request_id} produced no token")
+        kv_claims: tuple[KVHandle, ...] = ()
+        if handle is not None and req.num_kv_claims > 1:  # n > 1: one claim per decode
+            try:
+                kv_claims = self._kv.claims_for(handle, req.num_kv_claims, req.request_id)
+            except BaseException:
+                self._kv.release(handle)
+                raise
+            handle = None
         return PrefillResult(
             request_id=req.request_id,
             first_token_id=first_token,
@@ -100,6 +108,7 @@ class PrefillWorker:
             prefill_start_s=started,
             prefill_end_s=time.time(),
             first_token_logprob=first_logprob,
+            kv_claims=kv_claims,
         )
 
     async def release_kv(self, handle: KVHandle) -> bool:

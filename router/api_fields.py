@@ -71,8 +71,9 @@ FIELDS: dict[str, FieldRule] = {
                        CHAT),
     "max_tokens": _h("completions default 16, as vLLM; chat default: the rest of the context"),
     "max_completion_tokens": _h("takes precedence over `max_tokens`", CHAT),
-    "n": _r("n > 1 needs several decodes sharing one staged prefill (not built yet); "
-            "send separate requests", 1),
+    "n": _h("1..128 choices. Disaggregated: one prefill stages the prompt once with n "
+            "claims, n decodes load it and each samples its own first token (seed + i, "
+            "vLLM's rule); colocated: n requests sharing the prefix cache, as vLLM's engine"),
     "presence_penalty": _h("engine sampler; stateful, as `frequency_penalty`"),
     "response_format": _h("`text`, `json_object`, `json_schema` through vLLM's structured-output "
                           "backend on both engines; `structural_tag` formats are refused"),
@@ -152,7 +153,8 @@ FIELDS: dict[str, FieldRule] = {
 # Fields older vLLM servers (and OpenAI) accepted that vLLM 0.32 no longer lists. vLLM
 # ignores unknown fields; a client still sending one of these means it, so it is refused.
 LEGACY_FIELDS: dict[str, FieldRule] = {
-    "best_of": _r("n > 1 sampling is not built yet (vLLM 0.32 dropped best_of)", 1),
+    "best_of": _r("vLLM 0.32 has no best_of (its server ignores the field and returns n "
+                  "choices); a client sending it wants a selection neither server makes", 1),
     "guided_json": _r("use `response_format` or `structured_outputs`"),
     "guided_regex": _r("use `structured_outputs`"),
     "guided_choice": _r("use `structured_outputs`"),

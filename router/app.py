@@ -371,6 +371,11 @@ class _Generation:
 
 
 async def _serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat: bool):
+    if body.n is not None and body.n > 1:
+        # Several choices, one prefill (router/fanout.py); imported here because it builds
+        # on this module. The single-choice path below is untouched.
+        from router import fanout
+        return await fanout.serve(deps, p, body, chat)
     gen = _Generation(deps, p)
     await gen.start()
     if not body.stream:

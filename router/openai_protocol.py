@@ -38,6 +38,9 @@ class OpenAIError(Exception):
 
 
 MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+# n per request. vLLM allows up to VLLM_MAX_N_SEQUENCES (16384); each pdserve choice is
+# a decode request with its own admission, so a bound well under one decode's batch.
+MAX_CHOICES = 128
 MAX_STOP_STRINGS = 1024  # stop strings per request
 MAX_STOP_STRING_CHARS = 4096
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
@@ -100,7 +103,8 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = Field(default_factory=list)
-    n: int | None = 1
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES,
+                          description="choices; n > 1: one prefill, n decodes (router/fanout.py)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

@@ -41,6 +41,7 @@ class FakePrefillWorker:
         self.aborted: list[str] = []
         self.running = 0
         self.num_prefills = 0
+        self.requests: list[EngineRequest] = []  # every prefill asked of it
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         started = time.time()
@@ -52,13 +53,22 @@ class FakePrefillWorker:
         finally:
             self.running -= 1
         self.num_prefills += 1
+        self.requests.append(req)
         key = f"{self.instance_id}/{req.request_id}".encode()
-        self.staged[key] = req.prompt_token_ids
+        claims: tuple[KVHandle, ...] = ()
+        if req.num_kv_claims > 1:  # one staged prompt, one claim per decode (n > 1)
+            claims = tuple(KVHandle(producer_id=self.instance_id, data=key + b"#%d" % i)
+                           for i in range(req.num_kv_claims))
+            for claim in claims:
+                self.staged[claim.data] = req.prompt_token_ids
+        else:
+            self.staged[key] = req.prompt_token_ids
         return PrefillResult(
             request_id=req.request_id, first_token_id=next_token(req.prompt_token_ids),
-            finish_reason=None, kv_handle=KVHandle(producer_id=self.instance_id, data=key),
+            finish_reason=None,
+            kv_handle=None if claims else KVHandle(producer_id=self.instance_id, data=key),
             num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=0,
-            prefill_start_s=started, prefill_end_s=time.time())
+            prefill_start_s=started, prefill_end_s=time.time(), kv_claims=claims)
 
     def claim(self, handle: KVHandle) -> tuple[int, ...] | None:
         return self.staged.pop(handle.data, None)
@@ -91,11 +101,13 @@ class FakeDecodeWorker:
         self.active: set[str] = set()
         self.aborted: list[str] = []
         self.lose_kv = False  # simulate a handle whose KV is gone: recompute
+        self.requests: list[EngineRequest] = []  # every request asked of it
         self.pending_transfers: list[TransferStat] = []
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
         served_by = "colocated"
         computed = len(req.prompt_token_ids)
+        self.requests.append(req)
         if req.kv_handle is not None:
             owner = next((p for p in self.prefills if p.instance_id == req.kv_handle.producer_id), None)
             prompt = owner.claim(req.kv_handle) if owner is not None else None

@@ -229,7 +229,7 @@ async def test_router_side_fields():
 
 
 def test_a_rule_refuses_only_non_off_values():
-    rule = api_fields.FIELDS["n"]
+    rule = api_fields.LEGACY_FIELDS["best_of"]
     assert not rule.rejects(1) and not rule.rejects(None) and rule.rejects(2) and rule.rejects(True)
     assert not api_fields.FIELDS["length_penalty"].rejects(1.0)
     assert api_fields.FIELDS["length_penalty"].rejects(0.5)
