@@ -232,7 +232,7 @@ class Membership:
                 continue
             if e.instance_id not in self._clients and e.instance_id not in self._draining:
                 client = self._connect(e.address, e.instance_id, e.role)
-                self._pool.add(client, e.role)
+                self._pool.add(client, e.role, node_id=e.node_id)
                 self._clients[e.instance_id] = client
                 log.info("%s joined (%s on node %s)", e.instance_id, e.address, e.node_ip)
         for iid in [i for i in self._clients if i not in seen]:

@@ -29,6 +29,7 @@ def build_router(config: ServeConfig, tokenizer: ModelTokenizer, model_name: str
                  prefill: Iterable[WorkerClient] = (), decode: Iterable[WorkerClient] = (),
                  colocated: Iterable[WorkerClient] = ()) -> tuple[FastAPI, RouterDeps]:
     pool = WorkerPool.build(config.router, prefill=prefill, decode=decode, colocated=colocated)
+    pool.prefer_same_node = config.mode == "disaggregated" and config.placement.affinity == "high"
     num_units, unit = goodput_units(config)
     deps = RouterDeps(config=config.router, slo=config.slo, model_name=model_name,
                       tokenizer=tokenizer, pool=pool,

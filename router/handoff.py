@@ -340,7 +340,7 @@ class Handoff:
 
     async def _decode(self, first_token: int) -> AsyncIterator[TokenDelta]:
         assert self._held_kv is not None
-        _, handle = self._held_kv
+        producer, handle = self._held_kv
         s = self.sampling
         # Every sampling field carries over; only the budget shrinks by the first token.
         decode_sampling = msgspec.structs.replace(
@@ -352,7 +352,7 @@ class Handoff:
             # gets the prompt alone (KV for all but its last token), samples the first token
             # again under the same seed and constraint, and the router drops that copy.
             decode_sampling, prompt, replayed_first = s, self.prompt_token_ids, first_token
-        view = self.pool.pick_decode(self.route)
+        view = self.pool.pick_decode(self.route, near=producer)
         self.trace.decode_instance = view.instance_id
         self.pool.begin(view, len(prompt))  # what _stream will count done: this request's prompt
         self._active = view
@@ -511,7 +511,7 @@ class Handoff:
             self.trace.mark(LifecycleEvent.PREFILL_START, prefill_span_s[0])
             self.trace.mark(LifecycleEvent.PREFILL_END, prefill_span_s[1])
             self.trace.move_to(RequestState.HANDOFF)
-            view = self.pool.pick_decode(self.route)
+            view = self.pool.pick_decode(self.route, near=prefill)
             self.trace.decode_instance = view.instance_id
             self.pool.begin(view, len(self.prompt_token_ids))
             self._active = view

@@ -74,6 +74,7 @@ class InstanceView:
     inflight_prompt_tokens: int = 0
     blocks_reserved_since_poll: int = 0
     prefixes: PrefixIndex | None = None  # None: prefix-aware routing is off
+    node_id: str | None = None  # the node it runs on, when the deployment says (affinity)
 
     @property
     def instance_id(self) -> str:
@@ -159,6 +160,9 @@ class WorkerPool:
     decode: list[InstanceView] = field(default_factory=list)
     colocated: list[InstanceView] = field(default_factory=list)
     on_transfers: Callable[[str, tuple[TransferStat, ...]], None] | None = None
+    # placement.affinity "high": prefer a decode on the node of the prefill that computed
+    # the prompt (its KV then moves within the node), as the plan placed them.
+    prefer_same_node: bool = False
 
     def __post_init__(self) -> None:
         self._pick_prefill = POLICIES[self.config.prefill_policy]()
@@ -193,13 +197,14 @@ class WorkerPool:
     def _views(self, role: str) -> list[InstanceView]:
         return {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}[role]
 
-    def add(self, client: WorkerClient, role: str) -> InstanceView:
-        """A new instance; it takes requests once its first stats poll says it is ready."""
+    def add(self, client: WorkerClient, role: str, node_id: str | None = None) -> InstanceView:
+        """A new instance (on `node_id`, when known); it takes requests once its first
+        stats poll says it is ready."""
         views = self._views(role)
         if any(v.instance_id == client.instance_id for v in self.all()):
             raise ValueError(f"instance {client.instance_id!r} is already in the pool")
         prefixes = PrefixIndex(0) if self.config.prefix_aware_routing else None
-        view = InstanceView(client, role, prefixes=prefixes)
+        view = InstanceView(client, role, prefixes=prefixes, node_id=node_id)
         views.append(view)
         return view
 
@@ -220,7 +225,16 @@ class WorkerPool:
         return self._pick(views, self._pick_prefill, "prefill" if self.is_disaggregated else "colocated",
                           route, exclude)
 
-    def pick_decode(self, route: RouteRequest, exclude: Collection[str] = ()) -> InstanceView:
+    def pick_decode(self, route: RouteRequest, exclude: Collection[str] = (),
+                    near: InstanceView | None = None) -> InstanceView:
+        """A decode instance for `route`, none of `exclude`. With `prefer_same_node` and
+        `near` (the prefill that staged the prompt's KV) on a known node, the policy
+        chooses among the decodes on that node, and among all only when none there is
+        available."""
+        if self.prefer_same_node and near is not None and near.node_id is not None:
+            same_node = [v for v in self.decode if v.node_id == near.node_id]
+            with contextlib.suppress(WorkerUnavailable):
+                return self._pick(same_node, self._pick_decode, "decode", route, exclude)
         return self._pick(self.decode, self._pick_decode, "decode", route, exclude)
 
     def choose_path(self, route: RouteRequest) -> PathChoice:
