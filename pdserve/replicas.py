@@ -37,6 +37,10 @@ DISCOVERY_INTERVAL_S = 0.5
 # A draining replica waits this long before counting its requests, so that every router
 # has seen the draining flag (one discovery interval plus the registry's round trip).
 DRAIN_NOTICE_S = 4 * DISCOVERY_INTERVAL_S
+# Bound on one registry call from a stopping replica: when the whole application is being
+# deleted the registry may be gone already, and a handle call to a deployment with no
+# replica waits for one; the drain must not hang on it.
+REGISTRY_CALL_TIMEOUT_S = 2.0
 
 
 class ReplicaStartError(RuntimeError):
@@ -180,30 +184,48 @@ class EngineReplica:
             draining = msgspec.structs.replace(self._entry, is_draining=True)
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
-            with contextlib.suppress(Exception):
-                await self._registry.publish.remote(draining)
+            await self._registry_call(self._registry.publish, draining)
             await self._wait_drained()
-            with contextlib.suppress(Exception):
-                await self._registry.withdraw.remote(self._entry.instance_id)
+            await self._registry_call(self._registry.withdraw, self._entry.instance_id)
         if self._channel is not None:
             await self._channel.close()
         if self._worker is not None:
             await self._worker.shutdown()
 
+    async def _registry_call(self, method: Any, *args: Any) -> None:
+        """One best-effort registry call: a missing registry (application being deleted,
+        registry replica being replaced) costs at most REGISTRY_CALL_TIMEOUT_S. Routers
+        then learn of this replica's end from its channel and its entry's expiry."""
+        try:
+            await asyncio.wait_for(method.remote(*args), REGISTRY_CALL_TIMEOUT_S)
+        except Exception as e:  # TimeoutError, DeploymentUnavailableError, ...
+            log.info("%s: registry %s skipped: %r", self._entry.instance_id if self._entry else self.role,
+                     method, e)
+
+    def _num_held(self) -> tuple[int, int]:
+        """(requests on the channel, staged KV segments not yet claimed). Reads the staged
+        count with the prefill worker's non-destructive accessor: `stats()` would hand over
+        the transfer records that the routers' next poll counts in their metrics."""
+        staged = self._worker.num_staged_segments() if self.role == "prefill" else 0
+        return self._channel.num_active_requests, staged
+
     async def _wait_drained(self) -> None:
         started = time.monotonic()
         await asyncio.sleep(DRAIN_NOTICE_S)
+        reported = started
         while time.monotonic() - started < self._drain_timeout_s:
-            held = self._channel.num_active_requests
-            staged = 0
-            if self.role == "prefill":
-                staged = (await self._worker.stats()).num_staged_segments
+            held, staged = self._num_held()
             if held == 0 and staged == 0:
                 log.info("%s drained in %.1f s", self._entry.instance_id, time.monotonic() - started)
                 return
+            if time.monotonic() - reported >= 5.0:
+                reported = time.monotonic()
+                log.info("%s draining: %d requests held, %d staged KV segments unclaimed",
+                         self._entry.instance_id, held, staged)
             await asyncio.sleep(0.1)
-        log.warning("%s: drain bound of %.0f s reached with %d requests held",
-                    self._entry.instance_id, self._drain_timeout_s, self._channel.num_active_requests)
+        held, staged = self._num_held()
+        log.warning("%s: drain bound of %.0f s reached with %d requests held, %d staged KV "
+                    "segments unclaimed", self._entry.instance_id, self._drain_timeout_s, held, staged)
 
 
 class Membership:

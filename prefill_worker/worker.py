@@ -119,6 +119,12 @@ class PrefillWorker:
             self._aborted.add(request_id)
         await self._engine.abort(f"{request_id}-prefill")
 
+    def num_staged_segments(self) -> int:
+        """KV segments staged here and not yet claimed. Unlike `stats()` it hands over
+        nothing: the transfer records stay for the router's next poll (a draining replica
+        reads this while routers still count its transfers)."""
+        return self._kv.num_staged()
+
     async def stats(self) -> WorkerStats:
         load = self._engine.load
         return WorkerStats(

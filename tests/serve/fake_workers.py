@@ -19,7 +19,8 @@ class _Lifecycle:
 
 
 class ServePrefill(_Lifecycle, FakePrefillWorker):
-    pass
+    def num_staged_segments(self) -> int:
+        return len(self.staged)
 
 
 class ServeDecode(_Lifecycle, FakeDecodeWorker):
