@@ -1,23 +1,32 @@
-"""Fault harness, short form: bounded load through the real router and real worker
-channels (msgpack over TCP) to fake workers, in three phases, with a fault injected at a
-precise moment, and every request's ending recorded.
+"""Fault harness: bounded streamed load in three phases (steady, fault, recovery) and a
+final batch, with one fault injected at a precise moment and every request's ending
+recorded.
 
-    python -m bench.faults --fault kill-decode --requests 60
+    python -m bench.faults --fault all                       # short form, fake workers (CI)
+    python -m bench.faults --url http://127.0.0.1:8000 --fault kill-decode \\
+        --target ServeReplica:pdserve:decode                 # long form, a live deployment
 
-Phases: *steady* (load starts), *fault* (at `--fault-at-s` the fault is injected),
-*recovery* (at `--recover-at-s` the instance comes back on its old address); then a final
-batch checks that full capacity returned. Faults:
+Short form: the real router and real worker channels (msgpack over TCP) to fake workers
+(2 prefill, 2 decode; greedy: the next token is a function of the sequence, so every
+answer is checked token for token). Long form: any running deployment, faults by signal
+to a process found by `--target` (a substring of its command line, e.g. a Serve replica's
+``ray::ServeReplica:pdserve:decode``); the deployment must replace what was killed.
 
-| fault | what the router sees | like |
-| --- | --- | --- |
-| `kill-decode`, `kill-prefill` | the instance's channel server closes every connection and stops listening | SIGKILL of the worker process (the kernel closes its sockets) |
-| `stop-decode` | connections stay open, nothing answers: no deltas, no stats, until `--timeout-s` + 1.5 s have passed | SIGSTOP past every timeout |
+| fault | short form (fakes) | long form (signal) | like |
+| --- | --- | --- | --- |
+| `kill-prefill`, `kill-decode` | the instance's channel server closes every connection and stops listening; back on its old address after `recover_after_s` | SIGKILL | the process died (the kernel closes its sockets) |
+| `stop-prefill`, `stop-decode` | connections stay open, nothing answers (no deltas, no replies, no stats) until `--timeout-s` + 1.5 s | SIGSTOP, SIGCONT after `--timeout-s` + 1.5 s | a frozen process, past every timeout |
+| `stall-transfer` | decodes' KV fetches stall mid-segment (switch: `kvtransfer.testing.TRANSFER_STALL_SWITCH`) until the transfer timeout, then take the `on_failure` path | (not in the long form) | a sender that stops sending halfway |
 
-Each request (streamed) ends as one of: `complete` (finish reason and `data: [DONE]`),
-`clean_error` (an HTTP error in OpenAI's format, or an error event then `[DONE]`),
-`broken` (the stream ended without either, or the client gave up after `--timeout-s`).
-Checks: no `broken`, nothing waited longer than `--timeout-s`, no staged KV left on the
-prefills once their decodes are back, and the final batch completes in full.
+Each request (streamed, greedy, `return_token_ids`) ends as one of: `complete`,
+`retried` (complete after its prefill was retried elsewhere), `migrated` (complete after
+its stream moved to another instance), `clean_error` (an HTTP error in OpenAI's format, or
+an error event then `[DONE]`), `broken` (the stream ended without `[DONE]` or an error
+event, or the client gave up after `--timeout-s`). Retried/migrated come from the
+request's trace (`GET /v1/requests/{id}/trace`). Checks: no `broken`; nothing waited longer
+than `--timeout-s`; every answer is exactly the uninterrupted one (short form), so no
+token was repeated or lost; no staged KV left (fake prefills' staged sets; `/dev/shm`
+segments in the long form); the final batch completes in full (capacity returned).
 """
 
 from __future__ import annotations
@@ -25,22 +34,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
-import uvicorn
 
-FAULTS = ("kill-decode", "kill-prefill", "stop-decode")
+FAULTS = ("kill-prefill", "kill-decode", "stop-prefill", "stop-decode", "stall-transfer")
+LIVE_FAULTS = ("kill-prefill", "kill-decode", "kill-router", "stop-prefill", "stop-decode")
+OUTCOMES = ("complete", "retried", "migrated", "clean_error", "broken")
 
 
 @dataclass
 class Ending:
-    outcome: str  # complete | clean_error | broken
+    outcome: str  # one of OUTCOMES
     phase: str  # steady | fault | recovery | final
     seconds: float
     detail: str = ""
+    is_exact: bool | None = None  # the answer equals the uninterrupted one (None: not checked)
 
 
 @dataclass
@@ -49,6 +64,9 @@ class HarnessResult:
     endings: list[Ending] = field(default_factory=list)
     leaked_staged: int = 0
     timeout_s: float = 0.0
+    stall_timeout_s: float | None = None
+    elapsed_s: float = 0.0
+    capacity_back_s: float | None = None  # fault to every instance routable again
 
     def table(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -57,17 +75,163 @@ class HarnessResult:
             out[e.phase][e.outcome] += 1
         return out
 
+    def by_outcome(self) -> dict[str, dict[str, float]]:
+        """Per outcome: how many, and their longest and median time."""
+        out = {}
+        for outcome in OUTCOMES:
+            times = sorted(e.seconds for e in self.endings if e.outcome == outcome)
+            if times:
+                out[outcome] = {"count": len(times), "max_s": round(times[-1], 3),
+                                "median_s": round(times[len(times) // 2], 3)}
+        return out
+
     @property
     def checks(self) -> dict[str, bool]:
         final = [e for e in self.endings if e.phase == "final"]
         return {
             "no_broken_stream": all(e.outcome != "broken" for e in self.endings),
             "nothing_waited_past_the_timeout": all(e.seconds <= self.timeout_s for e in self.endings),
+            "no_token_repeated_or_missing": all(e.is_exact is not False for e in self.endings),
             "no_staged_kv_left": self.leaked_staged == 0,
-            "full_capacity_returned": bool(final) and all(e.outcome == "complete" for e in final),
+            "full_capacity_returned": bool(final) and all(
+                e.outcome in ("complete", "retried", "migrated") for e in final),
         }
 
+    def to_dict(self) -> dict:
+        return {"fault": self.fault, "timeout_s": self.timeout_s,
+                "stall_timeout_s": self.stall_timeout_s, "elapsed_s": round(self.elapsed_s, 2),
+                "capacity_back_s": self.capacity_back_s, "leaked_staged": self.leaked_staged,
+                "by_phase": self.table(), "by_outcome": self.by_outcome(), "checks": self.checks,
+                "endings": [asdict(e) for e in self.endings]}
 
+
+# -- one request --------------------------------------------------------------------------
+Expected = Callable[[list[int], int], list[int]]  # (prompt ids, max_tokens) -> the answer
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                      timeout_s: float, expected: Expected | None = None) -> Ending:
+    """Send one streamed greedy request; classify how it ended. `phase` is filled in by the
+    caller."""
+    t0 = time.monotonic()
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.0, "stream": True, "return_token_ids": True}
+    request_id = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                request_id = r.headers.get("x-request-id")
+                text = (await r.aread()).decode(errors="replace")
+                status = r.status_code
+        outcome, detail, prompt_ids, token_ids = _classify(status, text)
+    except (TimeoutError, httpx.HTTPError) as e:
+        return Ending("broken", "", time.monotonic() - t0,
+                      f"{type(e).__name__}: client gave up or connection failed")
+    seconds = time.monotonic() - t0
+    is_exact = None
+    if outcome == "complete":
+        if expected is not None and prompt_ids is not None:
+            is_exact = token_ids == expected(prompt_ids, max_tokens)
+        if request_id is not None:
+            outcome, detail = await _recovered(http, request_id, outcome, detail)
+    return Ending(outcome, "", seconds, detail, is_exact)
+
+
+async def _recovered(http: httpx.AsyncClient, request_id: str, outcome: str,
+                     detail: str) -> tuple[str, str]:
+    try:
+        trace = (await http.get(f"/v1/requests/{request_id}/trace")).json()
+    except (httpx.HTTPError, ValueError):
+        return outcome, detail
+    if trace.get("num_migrations"):
+        reasons = ",".join(m["reason"] for m in trace["migrations"])
+        return "migrated", f"{trace['num_migrations']} migration(s): {reasons}"
+    if trace.get("num_prefill_retries"):
+        return "retried", f"{trace['num_prefill_retries']} retry(ies): " + ",".join(
+            trace["prefill_retry_reasons"])
+    return outcome, detail
+
+
+def _classify(status: int, text: str) -> tuple[str, str, list[int] | None, list[int]]:
+    """(outcome, detail, prompt ids, output ids) of one streamed answer."""
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    if status != 200:
+        try:
+            err = json.loads(text)["error"]
+            return "clean_error", f"HTTP {status}: {err['message'][:80]}", None, []
+        except (ValueError, KeyError, TypeError):
+            return "broken", f"HTTP {status} without an OpenAI error body", None, []
+    if not events or events[-1] != "[DONE]":
+        return "broken", "stream ended without [DONE]", None, []
+    bodies = [json.loads(e) for e in events[:-1]]
+    errors = [b["error"] for b in bodies if "error" in b]
+    prompt_ids, token_ids = None, []
+    for b in bodies:
+        for c in b.get("choices", ()):
+            if "prompt_token_ids" in c:
+                prompt_ids = c["prompt_token_ids"]
+            token_ids.extend(c.get("token_ids") or ())
+    if errors:
+        return "clean_error", f"error event: {errors[0]['message'][:80]}", prompt_ids, token_ids
+    if not any(c.get("finish_reason") for b in bodies for c in b.get("choices", ())):
+        return "broken", "[DONE] without a finish reason", prompt_ids, token_ids
+    return "complete", "", prompt_ids, token_ids
+
+
+# -- the load around a fault ----------------------------------------------------------------
+async def drive(url: str, model: str, inject: Callable[[Callable[[str], None]], object], *,
+                num_requests: int, concurrency: int, timeout_s: float, max_tokens: int,
+                expected: Expected | None, is_back: Callable[[], object],
+                headers: dict[str, str] | None = None,
+                final_batch: int | None = None) -> tuple[list[Ending], float | None]:
+    """Closed-loop load of `num_requests` while `inject(set_phase)` runs; then, once
+    `is_back()` (awaitable -> bool) holds, a final batch. Returns the endings and how long
+    after the start of the fault phase capacity was back (None: never)."""
+    endings: list[Ending] = []
+    phase = {"now": "steady", "fault_at": None}
+
+    def set_phase(name: str) -> None:
+        phase["now"] = name
+        if name == "fault":
+            phase["fault_at"] = time.monotonic()
+
+    async def one(http, i: int, tag: str | None = None) -> None:
+        at = tag or phase["now"]
+        ending = await one_request(http, model, f"request {i} " * 8, max_tokens, timeout_s, expected)
+        ending.phase = at
+        endings.append(ending)
+
+    back_after = None
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 5, headers=headers) as http:
+        while True:
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+        injector = asyncio.ensure_future(inject(set_phase))
+        queue = iter(range(num_requests))
+
+        async def client() -> None:
+            for i in queue:
+                await one(http, i)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await injector
+        # Capacity: once every instance is routable again, a full batch completes.
+        for _ in range(1200):
+            if await is_back():
+                if phase["fault_at"] is not None:
+                    back_after = time.monotonic() - phase["fault_at"]
+                break
+            await asyncio.sleep(0.1)
+        n = final_batch if final_batch is not None else 2 * concurrency
+        await asyncio.gather(*(one(http, num_requests + k, "final") for k in range(n)))
+    return endings, back_after
+
+
+# -- short form: fake workers behind real channels ------------------------------------------
 class _Frozen:
     """Wraps a fake worker so that, once frozen, no call returns (SIGSTOP's view)."""
 
@@ -103,94 +267,156 @@ class _Frozen:
             yield delta
 
 
+def _fake_prefill_class():
+    import msgspec
+
+    from tests.fakes import FakePrefillWorker
+
+    class AbortablePrefill(FakePrefillWorker):
+        """As prefill_worker.PrefillWorker does: an abort that arrives while the prompt is
+        computed releases the KV it stages (the router moved on: nobody will claim it).
+        A reply already computed when the process froze is not covered: its segment waits
+        for the producer's lease (kv_transfer.lease_s), as in a real deployment."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._in_flight: set[str] = set()
+            self._aborted_in_flight: set[str] = set()
+
+        async def prefill(self, req):
+            self._in_flight.add(req.request_id)
+            try:
+                result = await super().prefill(req)
+            finally:
+                self._in_flight.discard(req.request_id)
+            if req.request_id in self._aborted_in_flight:
+                self._aborted_in_flight.discard(req.request_id)
+                if result.kv_handle is not None:
+                    await self.release_kv(result.kv_handle)
+                return msgspec.structs.replace(result, kv_handle=None, finish_reason="abort")
+            return result
+
+        async def abort(self, request_id):
+            if request_id in self._in_flight:
+                self._aborted_in_flight.add(request_id)
+            await super().abort(request_id)
+
+    return AbortablePrefill
+
+
+def _fake_decode_class():
+    from kvtransfer.testing import transfer_stall_requested
+    from tests.fakes import FakeDecodeWorker
+
+    class StallableDecode(FakeDecodeWorker):
+        """A fake decode whose KV fetch, while the stall switch is on, stalls mid-segment
+        for `transfer_timeout_s` and then fails as a real fetch does (KVTransferError),
+        taking the recompute path (kv_transfer.on_failure = recompute)."""
+
+        transfer_timeout_s = 0.5
+
+        async def generate(self, req):
+            if req.kv_handle is not None and transfer_stall_requested():
+                await asyncio.sleep(self.transfer_timeout_s)
+                owner = next((p for p in self.prefills
+                              if p.instance_id == req.kv_handle.producer_id), None)
+                if owner is not None:
+                    # The producer keeps its segment after a failed fetch; its lease
+                    # reclaims it (here at once: fakes have no sweeper).
+                    owner.claim(req.kv_handle)
+                self.lose_kv = True
+                try:
+                    async for delta in super().generate(req):
+                        yield delta
+                finally:
+                    self.lose_kv = False
+                return
+            async for delta in super().generate(req):
+                yield delta
+
+    return StallableDecode
+
+
 async def run_harness(fault: str, *, num_requests: int = 60, concurrency: int = 6,
-                      fault_at_s: float = 0.6, recover_at_s: float | None = None,
-                      timeout_s: float = 10.0,
-                      max_tokens: int = 40, token_delay_s: float = 0.01) -> HarnessResult:
+                      fault_at_s: float = 0.6, recover_after_s: float | None = None,
+                      timeout_s: float = 10.0, stall_timeout_s: float | None = 1.0,
+                      migration_limit: int = 2, max_tokens: int = 40,
+                      token_delay_s: float = 0.01) -> HarnessResult:
     from cluster.channel import ChannelServer, WorkerChannelClient
     from cluster.config import RouterConfig, ServeConfig, SLOConfig
     from cluster.tiny_model import ensure_tiny_model
+    from kvtransfer.testing import TRANSFER_STALL_SWITCH
     from router.build import build_router
     from router.tokenizer import ModelTokenizer
-    from tests.fakes import FakeDecodeWorker, FakePrefillWorker
+    from tests.fakes import next_token
 
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
-    if recover_at_s is None:  # a stopped instance stays stopped past every timeout
-        recover_at_s = fault_at_s + (timeout_s + 1.5 if fault == "stop-decode" else 2.0)
-    prefill_fakes = [FakePrefillWorker(f"prefill-{i}") for i in range(2)]
-    decode_fakes = [FakeDecodeWorker(f"decode-{i}", prefills=prefill_fakes,
-                                     token_delay_s=token_delay_s) for i in range(2)]
+    if recover_after_s is None:  # a stopped instance stays stopped past every timeout
+        recover_after_s = timeout_s + 1.5 if fault.startswith("stop") else 2.0
+    prefill_fakes = [_fake_prefill_class()(f"prefill-{i}") for i in range(2)]
+    decode_class = _fake_decode_class()
+    decode_fakes = [decode_class(f"decode-{i}", prefills=prefill_fakes,
+                                 token_delay_s=token_delay_s) for i in range(2)]
     workers = [_Frozen(w) for w in prefill_fakes + decode_fakes]
     servers = [ChannelServer(w) for w in workers]
     addresses = [await s.start() for s in servers]
     clients = [WorkerChannelClient(a, w.instance_id, "prefill" if i < 2 else "decode")
                for i, (a, w) in enumerate(zip(addresses, workers))]
-    config = ServeConfig(slo=SLOConfig(ttft_s=1.0, tpot_s=0.1),
-                         router=RouterConfig(stats_interval_s=0.1, max_queued_requests=4096))
+    router_config = RouterConfig(stats_interval_s=0.1, max_queued_requests=4096,
+                                 stream_stall_timeout_s=stall_timeout_s,
+                                 migration_limit=migration_limit, breaker_open_s=1.0)
+    config = ServeConfig(slo=SLOConfig(ttft_s=1.0, tpot_s=0.1), router=router_config)
     app, deps = build_router(config, ModelTokenizer(ensure_tiny_model("tiny")), "pdserve-tiny",
                              prefill=clients[:2], decode=clients[2:])
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    target = {"kill-decode": 2, "kill-prefill": 0, "stop-decode": 2}[fault]
-    result = HarnessResult(fault=fault, timeout_s=timeout_s)
+    target = {"kill-decode": 2, "kill-prefill": 0, "stop-decode": 2, "stop-prefill": 0,
+              "stall-transfer": None}[fault]
+    result = HarnessResult(fault=fault, timeout_s=timeout_s, stall_timeout_s=stall_timeout_s)
     started = time.monotonic()
-    phase = "steady"
+    switch = Path(os.environ.get(TRANSFER_STALL_SWITCH, ""))
 
-    async def inject() -> None:
-        nonlocal phase
+    async def inject(set_phase) -> None:
         await asyncio.sleep(fault_at_s)
-        phase = "fault"
+        set_phase("fault")
         if fault.startswith("kill"):
             await servers[target].close()
-        else:
+        elif fault.startswith("stop"):
             workers[target].thawed.clear()
-        await asyncio.sleep(recover_at_s - fault_at_s)
-        phase = "recovery"
+        else:
+            switch.touch()
+        await asyncio.sleep(recover_after_s)
+        set_phase("recovery")
         if fault.startswith("kill"):
             port = int(addresses[target].rsplit(":", 1)[1])
             servers[target] = ChannelServer(workers[target], "127.0.0.1", port)
             await servers[target].start()
-        else:
+        elif fault.startswith("stop"):
             workers[target].thawed.set()
+        else:
+            switch.unlink(missing_ok=True)
 
-    async def one(http: httpx.AsyncClient, i: int, tag: str | None = None) -> None:
-        t0 = time.monotonic()
-        at = tag or phase
-        body = {"model": "pdserve-tiny", "prompt": f"request {i} " * 8, "max_tokens": max_tokens,
-                "ignore_eos": True, "stream": True}
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with http.stream("POST", "/v1/completions", json=body) as r:
-                    text = (await r.aread()).decode(errors="replace")
-                    status = r.status_code
-            ending = _classify(status, text)
-        except (TimeoutError, httpx.HTTPError) as e:
-            ending = ("broken", f"{type(e).__name__}: client gave up or connection failed")
-        result.endings.append(Ending(ending[0], at, time.monotonic() - t0, ending[1]))
+    async def is_back() -> bool:
+        return all(v.is_available for v in deps.pool.all())
 
+    def expected(prompt_ids: list[int], n: int) -> list[int]:
+        ids = list(prompt_ids)
+        for _ in range(n):
+            ids.append(next_token(ids))
+        return ids[len(prompt_ids):]
+
+    if fault == "stall-transfer" and not str(switch):
+        raise ValueError(f"stall-transfer needs {TRANSFER_STALL_SWITCH} set to a switch file path")
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 5) as http:
-            while (await http.get("/health")).status_code != 200:
-                await asyncio.sleep(0.02)
-            injector = asyncio.create_task(inject())
-            queue = iter(range(num_requests))
-
-            async def client() -> None:
-                for i in queue:
-                    await one(http, i)
-
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-            await injector
-            # Capacity: once the instance is back and polled healthy, a full batch completes.
-            for _ in range(100):
-                if all(v.is_available for v in deps.pool.all()):
-                    break
-                await asyncio.sleep(0.05)
-            await asyncio.gather(*(one(http, num_requests + k, "final") for k in range(2 * concurrency)))
+        result.endings, result.capacity_back_s = await drive(
+            url, "pdserve-tiny", inject, num_requests=num_requests, concurrency=concurrency,
+            timeout_s=timeout_s, max_tokens=max_tokens, expected=expected, is_back=is_back)
         await asyncio.sleep(0.5)
         result.leaked_staged = sum(len(p.staged) for p in prefill_fakes)
     finally:
@@ -202,44 +428,146 @@ async def run_harness(fault: str, *, num_requests: int = 60, concurrency: int = 
             await s.close()
         for w in workers:
             w.thawed.set()
-    result.elapsed_s = time.monotonic() - started  # type: ignore[attr-defined]
+        if fault == "stall-transfer":
+            switch.unlink(missing_ok=True)
+    result.elapsed_s = time.monotonic() - started
     return result
 
 
-def _classify(status: int, text: str) -> tuple[str, str]:
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
-    if status != 200:
-        try:
-            err = json.loads(text)["error"]
-            return "clean_error", f"HTTP {status}: {err['message'][:80]}"
-        except (ValueError, KeyError, TypeError):
-            return "broken", f"HTTP {status} without an OpenAI error body"
-    if not events or events[-1] != "[DONE]":
-        return "broken", "stream ended without [DONE]"
-    bodies = [json.loads(e) for e in events[:-1]]
-    errors = [b["error"] for b in bodies if "error" in b]
-    if errors:
-        return "clean_error", f"error event: {errors[0]['message'][:80]}"
-    if not any(c.get("finish_reason") for b in bodies for c in b.get("choices", ())):
-        return "broken", "[DONE] without a finish reason"
-    return "complete", ""
+# -- long form: a live deployment, faults by signal ------------------------------------------
+def find_target(pattern: str) -> int:
+    """The pid of one process whose command line contains `pattern` (the newest one)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
+        if pattern in cmd and proc.info["pid"] != os.getpid():
+            found.append((proc.info["create_time"], proc.info["pid"]))
+    if not found:
+        raise LookupError(f"no process has {pattern!r} in its command line")
+    return max(found)[1]
+
+
+def staged_on_host(staging_dir: Path = Path("/dev/shm")) -> int:
+    return len(list(staging_dir.glob("pdserve-kv-*")))
+
+
+async def _instances_ready(http: httpx.AsyncClient) -> dict[str, int]:
+    text = (await http.get("/metrics")).text
+    ready: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("pdserve_instances{") and 'state="ready"' in line:
+            role = line.split('role="', 1)[1].split('"', 1)[0]
+            ready[role] = int(float(line.rsplit(" ", 1)[1]))
+    return ready
+
+
+async def run_live(url: str, model: str, fault: str, target: str, *, num_requests: int = 60,
+                   concurrency: int = 4, fault_at_s: float = 5.0, timeout_s: float = 60.0,
+                   stall_timeout_s: float | None = None, max_tokens: int = 32,
+                   api_key: str | None = None, settle_s: float = 10.0) -> HarnessResult:
+    """The same phases against a running deployment; the fault is a signal to `target`."""
+    if fault not in LIVE_FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; one of {', '.join(LIVE_FAULTS)}")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    result = HarnessResult(fault=fault, timeout_s=timeout_s, stall_timeout_s=stall_timeout_s)
+    hold_s = timeout_s + 1.5
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=headers) as http:
+        before = await _instances_ready(http)
+        staged_before = staged_on_host()
+
+        async def is_back() -> bool:
+            try:
+                now = await _instances_ready(http)
+            except httpx.HTTPError:
+                return False
+            return all(now.get(role, 0) >= n for role, n in before.items())
+
+        async def inject(set_phase) -> None:
+            await asyncio.sleep(fault_at_s)
+            pid = find_target(target)
+            set_phase("fault")
+            if fault.startswith("kill"):
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(5.0)
+            else:
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(hold_s)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+            set_phase("recovery")
+
+        started = time.monotonic()
+        # A killed router replica takes its port down: the load must reach the others, or
+        # wait for the replacement; the client timeout bounds it either way.
+        result.endings, result.capacity_back_s = await drive(
+            url, model, inject, num_requests=num_requests, concurrency=concurrency,
+            timeout_s=timeout_s, max_tokens=max_tokens, expected=None, is_back=is_back,
+            headers=headers)
+        await asyncio.sleep(settle_s)
+        result.leaked_staged = max(0, staged_on_host() - staged_before)
+        result.elapsed_s = time.monotonic() - started
+    return result
+
+
+# -- command --------------------------------------------------------------------------------
+def _print(result: HarnessResult) -> None:
+    waits = [e.seconds for e in result.endings] or [0.0]
+    print(f"{result.fault}: {json.dumps(result.table())}  by outcome "
+          f"{json.dumps(result.by_outcome())}  longest wait {max(waits):.2f} s  "
+          f"staged left {result.leaked_staged}  capacity back after "
+          f"{result.capacity_back_s if result.capacity_back_s is None else round(result.capacity_back_s, 1)} s  "
+          f"checks {json.dumps(result.checks)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
-    p.add_argument("--fault", choices=FAULTS + ("all",), default="all")
+    p.add_argument("--fault", choices=sorted(set(FAULTS) | set(LIVE_FAULTS)) + ["all"], default="all")
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--concurrency", type=int, default=6)
-    p.add_argument("--timeout-s", type=float, default=10.0)
+    p.add_argument("--timeout-s", type=float, default=10.0, help="client timeout per request")
+    p.add_argument("--stall-timeout-s", type=float, default=1.0,
+                   help="short form: the router's stream_stall_timeout_s")
+    p.add_argument("--url", help="long form: a running deployment")
+    p.add_argument("--model", default="pdserve-tiny")
+    p.add_argument("--target", help="long form: command-line substring of the process to signal")
+    p.add_argument("--fault-at-s", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"))
+    p.add_argument("--output", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
     ok = True
-    for fault in (FAULTS if args.fault == "all" else (args.fault,)):
-        result = asyncio.run(run_harness(fault, num_requests=args.requests,
-                                         concurrency=args.concurrency, timeout_s=args.timeout_s))
-        waits = [e.seconds for e in result.endings]
-        print(f"{fault}: {json.dumps(result.table())}  longest wait {max(waits):.2f} s  "
-              f"staged left {result.leaked_staged}  checks {json.dumps(result.checks)}")
-        ok = ok and all(result.checks.values())
+    results = []
+    if args.url:
+        if args.fault == "all" or not args.target:
+            p.error("the long form needs one --fault and its --target")
+        result = asyncio.run(run_live(
+            args.url, args.model, args.fault, args.target, num_requests=args.requests,
+            concurrency=args.concurrency, timeout_s=args.timeout_s,
+            fault_at_s=args.fault_at_s if args.fault_at_s is not None else 5.0,
+            max_tokens=args.max_tokens or 32, api_key=args.api_key))
+        results.append(result)
+        _print(result)
+        ok = all(result.checks.values())
+    else:
+        for fault in (FAULTS if args.fault == "all" else (args.fault,)):
+            if fault == "stall-transfer" and not os.environ.get("PDSERVE_TEST_TRANSFER_STALL"):
+                import tempfile
+
+                os.environ["PDSERVE_TEST_TRANSFER_STALL"] = os.path.join(
+                    tempfile.mkdtemp(prefix="pdserve-faults-"), "stall")
+            result = asyncio.run(run_harness(
+                fault, num_requests=args.requests, concurrency=args.concurrency,
+                timeout_s=args.timeout_s, stall_timeout_s=args.stall_timeout_s,
+                **({"fault_at_s": args.fault_at_s} if args.fault_at_s is not None else {}),
+                **({"max_tokens": args.max_tokens} if args.max_tokens else {})))
+            results.append(result)
+            _print(result)
+            ok = ok and all(result.checks.values())
+    if args.output:
+        args.output.write_text(json.dumps([r.to_dict() for r in results], indent=1))
     return 0 if ok else 1
 
 

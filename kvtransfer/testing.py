@@ -13,10 +13,17 @@ the vLLM-free harness, the way vLLM and SGLang ship their fake connectors and ba
 - `LoopbackTransport`: a transport that delivers a producer's segment on this host by
   copying it into the consumer's staging dir (every byte moves, nothing over a network),
   with injectable failures; register it in a `TransportRegistry` to test services.
+- `StallingTransport`: the loopback transport that, while the stall switch is on, sends
+  half a segment and then nothing (a sender frozen mid-segment), so the consumer's wait
+  runs into its timeout; the switch (`TRANSFER_STALL_SWITCH`: an environment variable
+  naming a file, on while the file exists) can be flipped from another process at a
+  precise moment (bench/faults.py's `stall-transfer`).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,3 +231,46 @@ class LoopbackTransport:
     def close(self) -> None:
         pass
 
+
+
+# ------------------------------------------------------------------ a transfer stalled mid-segment
+TRANSFER_STALL_SWITCH = "PDSERVE_TEST_TRANSFER_STALL"
+
+
+def transfer_stall_requested() -> bool:
+    """The stall switch is on: `$PDSERVE_TEST_TRANSFER_STALL` names a file that exists."""
+    switch = os.environ.get(TRANSFER_STALL_SWITCH)
+    return bool(switch) and Path(switch).exists()
+
+
+class StallingTransport(LoopbackTransport):
+    """`LoopbackTransport` that, while `transfer_stall_requested()`, writes the first half
+    of the segment into the consumer's copy and then receives nothing more: after
+    `timeout_s` without a byte it fails as a network transport does (KVTransferError, the
+    partial copy removed, the producer keeps its segment for its lease)."""
+
+    name = "stalling"
+
+    def __init__(self, settings: KVTransferSettings, consumer_id: str):
+        super().__init__(settings, consumer_id)
+        self.num_stalled = 0
+
+    def fetch(self, desc: TransferDescriptor, dest_dir: Path, timeout_s: float) -> tuple[Path, int]:
+        if not transfer_stall_requested():
+            return super().fetch(desc, dest_dir, timeout_s)
+        src = Path(desc.segment_path)
+        dest = fetched_path(dest_dir, src.name)
+        seg = StagingSegment.open(src)
+        try:
+            half = bytes(seg.buffer()[: seg.nbytes // 2])
+            with open(dest, "wb") as f:
+                f.write(half)
+        finally:
+            seg.close()
+        self.num_stalled += 1
+        try:
+            time.sleep(timeout_s)  # no byte arrives: the consumer's read deadline passes
+            raise KVTransferError(f"stalling: no bytes for {timeout_s} s after "
+                                  f"{len(half)} of {len(half) * 2} (segment {src.name})")
+        finally:
+            dest.unlink(missing_ok=True)

@@ -433,11 +433,13 @@ async def _sse_events(gen: _Generation, body: oai._SamplingFields, chat: bool) -
         try:
             is_first = True
             async for chunk in gen.chunks():
-                if not chunk.text and not chunk.logprobs:
-                    continue
+                if not chunk.text and not chunk.logprobs and not (
+                        p.output.return_token_ids and chunk.token_ids):
+                    continue  # (a token whose text is held back still has its id to send)
                 use = gen.usage() if continuous else None
                 if chat:
-                    for i, delta in enumerate(deltas.step(chunk.text) or ([{}] if chunk.logprobs else [])):
+                    ids_due = p.output.return_token_ids and chunk.token_ids
+                    for i, delta in enumerate(deltas.step(chunk.text) or ([{}] if chunk.logprobs or ids_due else [])):
                         event = oai.chat_chunk(
                             rid, model, delta, None, use,
                             logprobs=fmt.chat(chunk.logprobs) if fmt and i == 0 else None)
