@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -489,7 +490,14 @@ async def run_live(url: str, model: str, fault: str, target: str, *, num_request
             pid = find_target(target)
             set_phase("fault")
             if fault.startswith("kill"):
-                os.kill(pid, signal.SIGKILL)
+                # The replica and its descendants (the vLLM engine core), as the loss of
+                # its container would; an orphaned engine core would hold cores and memory.
+                import psutil
+
+                doomed = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+                for p in doomed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
                 await asyncio.sleep(5.0)
             else:
                 os.kill(pid, signal.SIGSTOP)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Real-engine fault run: `pdserve serve` (Ray Serve, direct ingress, embedded tiny model,
+# 1 prefill + 2 decodes, config.yaml), then one fault at a time from bench/faults.py's long
+# form, each waiting until Serve has replaced what was killed. Results: faults.txt (one
+# line per fault), <fault>.json (every request), serve.log.
+#
+#   flock /tmp/pdserve-heavy.lock bash bench/results/faults-cpu-2core/run.sh
+set -u
+cd "$(dirname "$0")/../../.."
+OUT=bench/results/faults-cpu-2core
+URL=http://127.0.0.1:8741
+PY=.venv/bin/python
+: > $OUT/faults.txt
+.venv/bin/pdserve serve --config $OUT/config.yaml > $OUT/serve.log 2>&1 &
+SERVE=$!
+cleanup() {
+  kill -INT $SERVE 2>/dev/null
+  for _ in $(seq 60); do kill -0 $SERVE 2>/dev/null || break; sleep 1; done
+  kill -KILL $SERVE 2>/dev/null
+}
+trap cleanup EXIT
+for _ in $(seq 900); do
+  curl -sf $URL/health >/dev/null && break
+  kill -0 $SERVE 2>/dev/null || { echo "pdserve serve exited"; tail -30 $OUT/serve.log; exit 1; }
+  sleep 1
+done
+echo "ready after ${SECONDS} s" | tee -a $OUT/faults.txt
+echo "object store MiB: $($PY -c 'from bench.soak import object_store_mib; print(object_store_mib("auto"))')" \
+  | tee -a $OUT/faults.txt
+run() {  # fault target
+  $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 40 --concurrency 4 \
+    --timeout-s 30 --max-tokens 32 --fault-at-s 4 --output $OUT/$1.json 2>&1 \
+    | grep -v "^WARNING\|PDDBG" | tee -a $OUT/faults.txt
+}
+run kill-decode ServeReplica:pdserve:decode
+run stop-decode ServeReplica:pdserve:decode
+run kill-prefill ServeReplica:pdserve:prefill
+run stop-prefill ServeReplica:pdserve:prefill
+run kill-router ServeReplica:pdserve:router
+echo "staged segments in /dev/shm at the end: $(ls /dev/shm | grep -c '^pdserve-kv-')" | tee -a $OUT/faults.txt
