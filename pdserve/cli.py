@@ -78,6 +78,11 @@ def _add_serve(sub) -> None:
                    help="serve (default): the Ray Serve application of pdserve.serve_app, as "
                    "`serve run deploy/ray/serve.yaml` deploys it; actors: the previous launcher "
                    "(one Ray actor per instance, no supervision or scaling), for comparison")
+    p.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                   help="how HTTP reaches the router when Ray is started here: direct "
+                   "(default): the router replica serves router.port itself (Serve's direct "
+                   "ingress, no proxy hop); proxy: Serve's HTTP proxy on router.port. On an "
+                   "existing cluster its own setting applies (docs/serve.md)")
     p.add_argument("--print-config", action="store_true",
                    help="print the validated config as YAML and exit")
 
@@ -102,7 +107,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pdserve.serving import ServeStartError, serve_forever
 
     try:
-        serve_forever(config)
+        serve_forever(config, ingress=args.ingress)
     except KeyboardInterrupt:
         pass
     except ServeStartError as e:

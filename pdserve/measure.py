@@ -1,14 +1,15 @@
 """Side-by-side measurements of the Serve runtime against the previous launcher.
 
-    python -m pdserve.measure ttft [--runtimes serve actors] [--requests 40] [serve flags...]
-    python -m pdserve.measure fakes [--requests 200]
+    python -m pdserve.measure ttft [--runtimes serve serve-proxy actors] [--requests 40] [serve flags...]
+    python -m pdserve.measure fakes [--requests 200] [--variants uvicorn proxy direct]
 
-`ttft` starts `pdserve serve --runtime R` for each runtime in turn (same config, same
-machine, one after the other), records the cold start (exec to /health 200), then p50/p90
-TTFT of sequential streamed requests (low load: one at a time) and stops it. `fakes` does
-the same without engines: the Serve application with fake workers against the same router
-over the same fakes in one process (uvicorn), so what remains is the cost of Serve's proxy
-hop and the worker channel per request.
+`ttft` starts `pdserve serve` for each runtime in turn (same config, same machine, one
+after the other: `serve` is the Serve application with direct ingress, `serve-proxy` the
+same through Serve's HTTP proxy, `actors` the previous launcher), records the cold start
+(exec to /health 200), then p50/p90 TTFT of sequential streamed requests (low load: one at
+a time) and stops it. `fakes` does the same without engines: the router alone in uvicorn
+over in-process fakes, then the Serve application over fake replicas in each Serve
+variant, so what differs is the cost of Serve's HTTP path and the worker channel.
 """
 
 from __future__ import annotations
@@ -74,11 +75,20 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float 
     raise RuntimeError("server did not become healthy")
 
 
+# `ttft --runtimes`: what each name runs.
+RUNTIME_FLAGS = {
+    "serve": ["--runtime", "serve"],  # the Serve application, direct ingress (the default)
+    "serve-proxy": ["--runtime", "serve", "--ingress", "proxy"],  # ... through Serve's proxy
+    "actors": ["--runtime", "actors"],  # the previous launcher: one Ray actor per instance
+}
+
+
 def measure_runtime(runtime: str, n: int, extra: list[str], started: float | None = None) -> str:
     port = _free_port()
     log = Path(f"/tmp/pdserve-measure-{runtime}-{port}.log")
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--runtime", runtime,
+    flags = RUNTIME_FLAGS[runtime]
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", *flags,
                              "--port", str(port), *extra], cwd=ROOT, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -95,13 +105,29 @@ def measure_runtime(runtime: str, n: int, extra: list[str], started: float | Non
             proc.wait()
 
 
-async def _serve_fakes(n: int, direct_ingress: bool = False) -> str:
+# Ray Serve settings of each fake-worker variant (`fakes`): set before Ray starts, so that
+# Serve's controller and replicas read them.
+# (The router replica runs the router on its own event loop in both: placement.INGRESS_ENV_VARS.)
+SERVE_VARIANTS = {
+    "proxy": False,  # Serve's HTTP proxy, then a Ray actor call into the router replica
+    "direct": True,  # what `pdserve serve` sets: the router replica serves HTTP itself
+}
+
+
+def _variant_env(variant: str, config) -> dict[str, str]:
+    from pdserve.serving import direct_ingress_env
+
+    return direct_ingress_env(config) if SERVE_VARIANTS[variant] else {}
+
+
+async def _serve_fakes(n: int, variant: str = "proxy") -> str:
+    from cluster.config import ServeConfig
+
     port = _free_port()
-    if direct_ingress:
-        # Serve's direct-ingress mode: the router replica serves HTTP itself (no proxy hop).
-        os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
-                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
-                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 1))
+    config = ServeConfig.model_validate({"router": {"port": port}})
+    env = _variant_env(variant, config)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     import ray
     from ray import serve
 
@@ -110,18 +136,27 @@ async def _serve_fakes(n: int, direct_ingress: bool = False) -> str:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "PDSERVE_FAKE_TOKEN_DELAY_S": "0"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port() if direct_ingress else port})
+        direct = "RAY_SERVE_ENABLE_DIRECT_INGRESS" in env
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port() if direct else port})
         serve.run(build_application(parse_args({}), worker_factory="tests.serve.fake_workers:make_worker"),
                   name="pdserve", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{url}/health", timeout=2).status_code != 200:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
             await asyncio.sleep(0.2)
-        what = "direct ingress, channel" if direct_ingress else "proxy, ingress, channel"
-        return _summary(f"serve + fake workers ({what})",
-                        await asyncio.to_thread(_ttfts, url, n))
+        return _summary(f"serve + fake workers ({variant})", await asyncio.to_thread(_ttfts, url, n))
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 async def _uvicorn_fakes(n: int) -> str:
@@ -158,21 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.measure")
     sub = parser.add_subparsers(dest="what", required=True)
     t = sub.add_parser("ttft")
-    t.add_argument("--runtimes", nargs="+", default=["serve", "actors"])
+    t.add_argument("--runtimes", nargs="+", default=["serve", "actors"], choices=list(RUNTIME_FLAGS))
     t.add_argument("--requests", type=int, default=40)
     f = sub.add_parser("fakes")
     f.add_argument("--requests", type=int, default=200)
-    f.add_argument("--direct-ingress", action="store_true",
-                   help="only the Serve application, in Serve's direct-ingress mode")
+    f.add_argument("--variants", nargs="+", default=["uvicorn", *SERVE_VARIANTS],
+                   choices=["uvicorn", *SERVE_VARIANTS],
+                   help="uvicorn: the router alone over in-process fakes; the others: the Serve "
+                   "application over fake replicas, with Serve's proxy or direct ingress")
     args, extra = parser.parse_known_args(argv)
     if args.what == "ttft":
         for runtime in args.runtimes:
             print(measure_runtime(runtime, args.requests, extra), flush=True)
-    elif args.direct_ingress:
-        print(asyncio.run(_serve_fakes(args.requests, direct_ingress=True)), flush=True)
     else:
-        print(asyncio.run(_uvicorn_fakes(args.requests)), flush=True)
-        print(asyncio.run(_serve_fakes(args.requests)), flush=True)
+        for variant in args.variants:
+            run = _uvicorn_fakes(args.requests) if variant == "uvicorn" else _serve_fakes(args.requests, variant)
+            print(asyncio.run(run), flush=True)
     return 0
 
 

@@ -59,6 +59,14 @@ def engine_deployment_options(config: ServeConfig, role: str) -> dict[str, Any]:
     return options
 
 
+# The router replica runs the router on the replica's own event loop, where Serve receives
+# the request (HTTP in direct-ingress mode, the proxy's call otherwise), instead of Serve's
+# default second thread with its own loop: that default hands every ASGI message of a
+# response across the two loops (measured: 1.9 -> 1.4 ms p50 TTFT with fake workers,
+# docs/serve.md). Set per replica process, so the engine replicas keep Serve's default.
+INGRESS_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
 def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
     return dict(
         name="router",
@@ -67,7 +75,7 @@ def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=config.ray.drain_timeout_s,
         health_check_period_s=config.ray.health_check_period_s,
-        ray_actor_options=dict(num_cpus=0),
+        ray_actor_options=dict(num_cpus=0, runtime_env={"env_vars": dict(INGRESS_ENV_VARS)}),
     )
 
 

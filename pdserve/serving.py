@@ -37,13 +37,46 @@ def _first_cause(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def start_ray_and_serve(config: ServeConfig) -> bool:
-    """Connect to `ray.address`, or start a local Ray; start Serve's HTTP proxy on the
-    router's host and port. Returns whether Ray was started here."""
+def direct_ingress_env(config: ServeConfig) -> dict[str, str]:
+    """Ray Serve settings that make the router replicas serve HTTP themselves on
+    router.port (one port per router replica from there up), with no proxy hop. They are
+    read by Serve's controller and replicas when they start, so they go into the
+    environment of the Ray that `pdserve serve` starts; a cluster started by someone else
+    sets them at `ray start` (docs/serve.md).
+
+    The two overrides of Serve's defaults are for a host with no load balancer in front:
+    a stopping router replica holds on 30 s and its port stays quarantined for minutes so
+    that an external balancer (HAProxy, a cloud LB) can deregister it; nothing here needs
+    that time, and a replaced router replica must get router.port back at once."""
+    first = config.router.port
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+        # Exclusive: Serve allocates from range(MIN, MAX).
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + config.ray.router_replicas),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
+    """Connect to `ray.address`, or start a local Ray; start Serve. With a local Ray and
+    `ingress="direct"` the router replica itself listens on the router's host and port
+    (Serve's proxy, which Serve still starts, gets a free port); otherwise Serve's HTTP
+    proxy listens there. Returns whether Ray was started here."""
     import ray
     from ray import serve
 
     started_here = False
+    proxy_port = config.router.port
     if not ray.is_initialized():
         kwargs: dict[str, Any] = dict(namespace=config.ray.namespace, include_dashboard=False,
                                       log_to_driver=True)
@@ -52,10 +85,14 @@ def start_ray_and_serve(config: ServeConfig) -> bool:
             kwargs.update(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                           object_store_memory=config.ray.object_store_memory_bytes)
             started_here = True
+            if ingress == "direct" and config.router.port != 0:
+                # Ray's processes inherit this environment (the local raylet starts them).
+                os.environ.update(direct_ingress_env(config))
+                proxy_port = _free_port(config.router.host)
         else:
             kwargs["address"] = config.ray.address
         ray.init(**kwargs)
-    serve.start(http_options={"host": config.router.host, "port": config.router.port})
+    serve.start(http_options={"host": config.router.host, "port": proxy_port})
     return started_here
 
 
@@ -85,7 +122,7 @@ def _deployment_messages(app_name: str) -> str:
     return "\n".join(d.message for d in app.deployments.values() if d.message)
 
 
-def serve_forever(config: ServeConfig) -> None:
+def serve_forever(config: ServeConfig, ingress: str = "direct") -> None:
     from ray import serve
 
     from pdserve.launcher import resolve_model_path, with_default_cpu_cores
@@ -93,7 +130,7 @@ def serve_forever(config: ServeConfig) -> None:
     resolve_model_path(config)  # a bad model.path fails here, before Ray starts
     if config.ray.address is None and not is_cuda_available() and not _has_running_ray():
         config = with_default_cpu_cores(config, sorted(os.sched_getaffinity(0)))
-    started_here = start_ray_and_serve(config)
+    started_here = start_ray_and_serve(config, ingress)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

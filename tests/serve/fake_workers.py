@@ -20,7 +20,10 @@ class _Lifecycle:
 
 class ServePrefill(_Lifecycle, FakePrefillWorker):
     def num_staged_segments(self) -> int:
-        return len(self.staged)
+        # No decode process ever claims these fakes' staged prompts (a real decode claims
+        # them at once), so a draining fake prefill waits for its channel requests only,
+        # not for its drain bound.
+        return 0
 
 
 class ServeDecode(_Lifecycle, FakeDecodeWorker):
