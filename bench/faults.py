@@ -57,6 +57,8 @@ class Ending:
     seconds: float
     detail: str = ""
     is_exact: bool | None = None  # the answer equals the uninterrupted one (None: not checked)
+    prompt: str = ""
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -135,7 +137,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
             is_exact = token_ids == expected(prompt_ids, max_tokens)
         if request_id is not None:
             outcome, detail = await _recovered(http, request_id, outcome, detail)
-    return Ending(outcome, "", seconds, detail, is_exact)
+    return Ending(outcome, "", seconds, detail, is_exact, prompt, token_ids)
 
 
 async def _recovered(http: httpx.AsyncClient, request_id: str, outcome: str,
@@ -516,6 +518,12 @@ async def run_live(url: str, model: str, fault: str, target: str, *, num_request
             headers=headers)
         await asyncio.sleep(settle_s)
         result.leaked_staged = max(0, staged_on_host() - staged_before)
+        # Recovered answers against the same greedy request on the healthy deployment.
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers) as again:
+            for e in result.endings:
+                if e.outcome in ("retried", "migrated"):
+                    rerun = await one_request(again, model, e.prompt, max_tokens, timeout_s)
+                    e.is_exact = rerun.token_ids == e.token_ids if rerun.outcome == "complete" else None
         result.elapsed_s = time.monotonic() - started
     return result
 
