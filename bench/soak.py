@@ -10,7 +10,10 @@ bounded however fast or slow the server is. Every `--interval-s` (60 s) it sampl
   descendants (for a local `pdserve serve`: the router, Ray's GCS and raylet, every worker
   actor), else every process whose command line names pdserve or a Ray worker;
 - staged KV segments (files named ``pdserve-kv-*``) in `--staging-dir` (/dev/shm);
-- Ray object-store use (`--ray-address`; Ray's own memory summary), when given.
+- Ray object-store use (Ray's own memory summary, `ray memory --stats-only`), from the GCS
+  at `--ray-address`, else the GCS of the Ray among the sampled processes (a local
+  `pdserve serve` starts Ray with `ray.init()`, which publishes no address for `auto`:
+  its `gcs_server` command line names the session directory, which holds the port).
 
 After the load it waits for in-flight requests to end and samples once more. It prints a
 table per sample and the least-squares slope of each series per minute, over the samples
@@ -132,8 +135,30 @@ def staged_segments(staging_dir: Path) -> tuple[int, float]:
 _PLASMA = re.compile(r"Plasma memory usage\s+([\d.]+)\s*MiB")
 
 
+def gcs_address(procs: list[psutil.Process]) -> str | None:
+    """The GCS address of the Ray whose `gcs_server` is among `procs`: its node address and
+    the port it wrote to its session directory (`gcs_server_port_<node id>`)."""
+    for proc in procs:
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if not cmd or not cmd[0].endswith("gcs_server"):
+            continue
+        args = dict(a.split("=", 1) for a in cmd[1:] if a.startswith("--") and "=" in a)
+        session, host = args.get("--session-dir"), args.get("--node-ip-address")
+        if not session or not host:
+            continue
+        for port_file in Path(session).glob("gcs_server_port_*"):
+            port = port_file.read_text().strip()
+            if port.isdigit():
+                return f"{host}:{port}"
+    return None
+
+
 def object_store_mib(ray_address: str | None) -> float | None:
-    """Object-store bytes in use across the cluster (Ray's `ray memory --stats-only`)."""
+    """Object-store bytes in use across the cluster (Ray's `ray memory --stats-only`);
+    None when there is no Ray to ask or it cannot be reached."""
     if ray_address is None:
         return None
     try:
@@ -249,11 +274,12 @@ async def soak(args: argparse.Namespace) -> SoakResult:
     until = started + args.minutes * 60.0
 
     def sample() -> Sample:
-        rss, fds = process_figures(pdserve_processes(args.pid))
+        procs = pdserve_processes(args.pid)
+        rss, fds = process_figures(procs)
         segments, segment_mib = staged_segments(args.staging_dir)
         s = Sample(t_s=time.monotonic() - started, rss_mib=rss, num_fds=fds,
                    num_segments=segments, segment_mib=segment_mib,
-                   object_store_mib=object_store_mib(args.ray_address),
+                   object_store_mib=object_store_mib(args.ray_address or gcs_address(procs)),
                    num_ok=load.num_ok, num_failed=load.num_failed, num_rejected=load.num_rejected)
         result.samples.append(s)
         _print_sample(s)
@@ -313,7 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="root process (repeatable): it and its descendants are sampled")
     p.add_argument("--staging-dir", type=Path, default=Path("/dev/shm"))
-    p.add_argument("--ray-address", default=None, help="sample Ray's object store (e.g. auto)")
+    p.add_argument("--ray-address", default=None, help="the GCS to ask for object-store use "
+                   "(default: the GCS among the sampled processes)")
     p.add_argument("--settle-s", type=float, default=5.0, help="wait after the load, then sample")
     p.add_argument("--max-rss-mib-per-min", type=float, default=2.0)
     p.add_argument("--max-fds-per-min", type=float, default=0.5)

@@ -35,6 +35,41 @@ def _sample(t_s, rss, fds=10, segments=0, failed=0) -> Sample:
                   num_ok=10, num_failed=failed, num_rejected=0)
 
 
+class _Proc:
+    def __init__(self, cmdline):
+        self._cmdline = cmdline
+
+    def cmdline(self):
+        return self._cmdline
+
+
+def test_the_gcs_of_a_local_ray_is_found_from_its_gcs_server(tmp_path):
+    """`pdserve serve` starts Ray with ray.init(), which publishes no address for `auto`:
+    the soak reads the port the GCS wrote into its session directory."""
+    session = tmp_path / "session_x"
+    session.mkdir()
+    (session / "gcs_server_port_abc123").write_text("45057")
+    gcs = _Proc(["/x/ray/core/src/ray/gcs/gcs_server", "--gcs_server_port=0",
+                 "--node-ip-address=10.1.2.3", f"--session-dir={session}"])
+    assert soak.gcs_address([_Proc(["python", "-m", "x"]), gcs]) == "10.1.2.3:45057"
+    assert soak.gcs_address([_Proc(["python"])]) is None
+
+
+def test_object_store_use_is_read_from_rays_memory_summary(monkeypatch):
+    internal_api = pytest.importorskip("ray._private.internal_api")
+    asked = []
+
+    def summary(address, stats_only):
+        asked.append((address, stats_only))
+        return "--- Aggregate object store stats across all nodes ---\n" \
+               "Plasma memory usage 12.5 MiB, 3 objects, 5.0% full, 0.0% needed\n"
+
+    monkeypatch.setattr(internal_api, "memory_summary", summary)
+    assert soak.object_store_mib("10.1.2.3:45057") == 12.5
+    assert asked == [("10.1.2.3:45057", True)]
+    assert soak.object_store_mib(None) is None
+
+
 def test_slope_is_least_squares_per_minute():
     assert soak.slope_per_min([(0, 1.0), (60, 3.0), (120, 5.0)]) == pytest.approx(2.0)
     assert soak.slope_per_min([(0, 5.0), (60, 5.0)]) == 0.0
