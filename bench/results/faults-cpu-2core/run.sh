@@ -25,8 +25,10 @@ for _ in $(seq 900); do
   sleep 1
 done
 echo "ready after ${SECONDS} s" | tee -a $OUT/faults.txt
-echo "object store MiB: $($PY -c 'from bench.soak import object_store_mib; print(object_store_mib("auto"))')" \
-  | tee -a $OUT/faults.txt
+store() {  # Ray object-store use of this deployment's Ray (bench/soak.py's reading)
+  $PY -c "from bench.soak import *; print(object_store_mib(gcs_address(pdserve_processes([$SERVE]))))"
+}
+echo "object store MiB at start: $(store)" | tee -a $OUT/faults.txt
 run() {  # fault target
   $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 40 --concurrency 4 \
     --timeout-s 30 --max-tokens 32 --fault-at-s 4 --output $OUT/$1.json 2>&1 \
@@ -37,4 +39,5 @@ run stop-decode ServeReplica:pdserve:decode
 run kill-prefill ServeReplica:pdserve:prefill
 run stop-prefill ServeReplica:pdserve:prefill
 run kill-router ServeReplica:pdserve:router
+echo "object store MiB at the end: $(store)" | tee -a $OUT/faults.txt
 echo "staged segments in /dev/shm at the end: $(ls /dev/shm | grep -c '^pdserve-kv-')" | tee -a $OUT/faults.txt
