@@ -162,8 +162,14 @@ def object_store_mib(ray_address: str | None) -> float | None:
     if ray_address is None:
         return None
     try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
         from ray._private.internal_api import memory_summary
 
+        # Ray 2.60 turns token authentication on for a local ray.init() cluster: present
+        # the token (~/.ray/auth_token, or RAY_AUTH_TOKEN[_PATH]) as `ray.init` would.
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         text = memory_summary(address=ray_address, stats_only=True)
     except Exception:  # Ray absent, unreachable, or its internal API moved
         return None

@@ -65,8 +65,12 @@ def test_object_store_use_is_read_from_rays_memory_summary(monkeypatch):
                "Plasma memory usage 12.5 MiB, 3 objects, 5.0% full, 0.0% needed\n"
 
     monkeypatch.setattr(internal_api, "memory_summary", summary)
+    token_setup = pytest.importorskip("ray._private.authentication.authentication_token_setup")
+    monkeypatch.setattr(token_setup, "maybe_enable_token_auth_if_token_available",
+                        lambda warn_if_disabled: asked.append("token") or True)
     assert soak.object_store_mib("10.1.2.3:45057") == 12.5
-    assert asked == [("10.1.2.3:45057", True)]
+    # The token is presented first (Ray 2.60's local clusters require it).
+    assert asked == ["token", ("10.1.2.3:45057", True)]
     assert soak.object_store_mib(None) is None
 
 
