@@ -319,8 +319,14 @@ def simulate_decode_pool(
                     preempt(lane, d)
                 if freed:
                     admit(d, now)
-                if lane_b[lane] or lane_pending[lane]:
+                if lane_pending[lane]:
                     start_step(lane, now)
+                elif b := lane_b[lane]:  # start_step without joins, inlined (the hot path)
+                    ctx = lane_ctx[lane]
+                    a, bb, c = small if b < thr else large
+                    heapq.heappush(events, (now + (a + bb * (ctx + b) + c * b + oa + ob * ctx) / 1000.0,
+                                            _STEP_DONE, seq, lane))
+                    seq += 1
                 else:
                     lane_busy[lane] = False
             else:  # transfer done (or a preempted request re-admitted)
@@ -334,8 +340,8 @@ def simulate_decode_pool(
                         if violations > limit:
                             break
                 first = d * lanes_per
-                lane = min(range(first, first + lanes_per),
-                           key=lambda l: lane_b[l] + len(lane_pending[l]))
+                lane = first if lanes_per == 1 else min(
+                    range(first, first + lanes_per), key=lambda l: lane_b[l] + len(lane_pending[l]))
                 lane_pending[lane].append(r)
                 if not lane_busy[lane]:
                     lane_busy[lane] = True  # until the kick starts the step
@@ -347,8 +353,12 @@ def simulate_decode_pool(
             nxt += 1
             allowed = cands[pids[r]] if topology is not None else all_ids
             # The router's "most free KV": capacity minus held KV and queued demand.
-            d = max(allowed, key=lambda j: cap - used[j] - waiting_tokens[j]) \
-                if len(allowed) > 1 else allowed[0]
+            # (The first of the least-loaded, written out: this loop is hot.)
+            d = allowed[0]
+            load = used[d] + waiting_tokens[d]
+            for j in allowed[1:]:
+                if used[j] + waiting_tokens[j] < load:
+                    d, load = j, used[j] + waiting_tokens[j]
             waiting[d].append(r)
             waiting_tokens[d] += ins[r] + outs[r]
             if check_deadlines and base is not None and not flagged[r]:

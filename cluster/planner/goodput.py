@@ -90,15 +90,18 @@ def max_feasible_rate(
     rel_tol: float = 0.03,
     min_rate: float = 1e-3,
     max_rate: float = MAX_RATE,
+    growth: float = 2.0,
 ) -> float:
     """Largest rate (within `rel_tol`) for which `feasible` holds; 0 if not even `min_rate`.
 
     Assumes feasibility is monotone in rate (true up to simulation noise). Returns a value
-    >= max_rate / 2 when even the ceiling is feasible: the SLO does not bind.
+    >= max_rate / 2 when even the ceiling is feasible: the SLO does not bind. `growth`: the
+    first step up from a feasible guess (then doubling); a guess known to sit just under
+    the goodput brackets it in fewer (passing, hence full-length) runs with a small step.
     """
     guess = min(max(guess, min_rate), max_rate)
     if feasible(guess):
-        lo, hi = guess, guess * 2
+        lo, hi = guess, guess * growth
         while hi < max_rate and feasible(hi):
             lo, hi = hi, hi * 2
         if hi >= max_rate:

@@ -16,6 +16,7 @@ GPU wins. `min_gpus` (target rate): the fewest GPUs whose plan sustains the rate
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
@@ -25,7 +26,8 @@ from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_
 from .placement import layout_plan, transfer_topology
 from .plans import ParallelConfig, Plan
 from .problem import PlanningProblem
-from .simulator import DisaggregatedSystem, simulate_disaggregated
+from .prefill_pool import PrefillOutcome
+from .simulator import DisaggregatedSystem, prefill_pass, simulate_disaggregated
 from .workload import SyntheticTrace, make_trace
 
 Objective = Literal["max_goodput", "min_gpus"]
@@ -35,6 +37,10 @@ MAX_LOCAL_STEPS = 8
 # estimate are not co-simulated (pooling and the joint SLO move goodput by tens of
 # percent, not by 2x). The exhaustive search checks every candidate.
 PRUNE_RATIO = 0.5
+# A candidate that passed the bar sits just above the incumbent: its goodput is bracketed
+# from the bar in steps of this factor (a doubling costs more passing, full-length runs).
+BAR_GROWTH = 1.25
+PREFILL_PASS_CACHE = 256  # prefill passes kept (each a few hundred KB at most)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class _Search:
         self._judges: dict[Plan, RateJudge] = {}
         self._evaluated: dict[Plan, EvaluatedPlan] = {}
         self.goodput: dict[tuple[str, ParallelConfig], float] = {}
+        self._prefill_passes: OrderedDict[tuple, PrefillOutcome] = OrderedDict()
 
     # -- traces and co-simulation --------------------------------------------------------
     def traces(self, num_requests: int) -> list[SyntheticTrace]:
@@ -131,24 +138,46 @@ class _Search:
             traces = self.traces(int(self.req.search.num_requests * scale))
 
             def simulate(arrival_s, trace, stop):
+                pre = self.prefill_pass(plan, arrival_s, trace, stop)
                 return simulate_disaggregated(system, arrival_s, trace.input_lens,
-                                              trace.output_lens, slo, stop)
+                                              trace.output_lens, slo, stop, prefill=pre)
 
             self._judges[plan] = RateJudge(simulate, traces, slo)
         return self._judges[plan]
+
+    def prefill_pass(self, plan: Plan, arrival_s, trace: SyntheticTrace, stop: bool) -> PrefillOutcome:
+        """The prefill pass of a co-simulation, shared by every plan with the same prefill
+        pool (prefill never waits on decode): candidates of one prefill pool differ only in
+        their decode side, and the bar checks ask them all at the same rate."""
+        # The trace's last arrival identifies the rate it was rescaled to (arrivals_at).
+        key = (plan.prefill, plan.num_prefill, id(trace), float(arrival_s[-1]), stop)
+        out = self._prefill_passes.get(key)
+        if out is None:
+            out = prefill_pass(self.problem.prefill_pool(plan.prefill, plan.num_prefill),
+                               arrival_s, trace.input_lens, self.req.slo, stop)
+            self._prefill_passes[key] = out
+            if len(self._prefill_passes) > PREFILL_PASS_CACHE:
+                self._prefill_passes.popitem(last=False)
+        else:
+            self._prefill_passes.move_to_end(key)
+        return out
 
     def estimate(self, plan: Plan) -> float:
         return min(plan.num_prefill * self.goodput[("prefill", plan.prefill)],
                    plan.num_decode * self.goodput[("decode", plan.decode)])
 
-    def evaluate(self, plan: Plan) -> EvaluatedPlan:
+    def evaluate(self, plan: Plan, passed: float | None = None) -> EvaluatedPlan:
         """Co-simulated goodput of a plan (bisection). Measurements around it are taken
         only for the plans a report shows (`measured`): full, never-stopped runs in
-        overload are the slowest simulations of a search."""
+        overload are the slowest simulations of a search. `passed`: a rate the plan is
+        known to sustain (the bar it passed), which brackets its goodput from below."""
         if plan not in self._evaluated:
             judge, tol = self.judge(plan), self.req.search.rel_tol
             before = judge.num_runs
-            rate = max_feasible_rate(judge.feasible, max(self.estimate(plan), 1e-3), tol)
+            if passed is not None:
+                rate = max_feasible_rate(judge.feasible, passed, tol, growth=BAR_GROWTH)
+            else:
+                rate = max_feasible_rate(judge.feasible, max(self.estimate(plan), 1e-3), tol)
             self.num_runs += judge.num_runs - before
             self._evaluated[plan] = EvaluatedPlan(plan, self.estimate(plan), rate, None, None, None)
         return self._evaluated[plan]
@@ -326,18 +355,24 @@ class _Search:
         if not plans:
             return []
         scored = [((self.estimate(p), -p.num_gpus), p) for p in plans]
-        results = [self.evaluate(plan) for plan in self.shortlist(scored)]
-        incumbent = self.rank(results)[0]
+        shortlist = self.shortlist(scored)
+        incumbent = self.evaluate(shortlist[0])
         tol = self.req.search.rel_tol
         floor = 0.0 if exhaustive else PRUNE_RATIO * self.estimate(plans[0])
-        for plan in plans:
-            if plan in self._evaluated or self.estimate(plan) < floor:
+        first = set(shortlist)
+        failed: list[Plan] = []  # plans that failed a bar (bars only rise)
+        for plan in shortlist[1:] + [p for p in plans if p not in first]:
+            if plan in self._evaluated or (plan not in first and self.estimate(plan) < floor):
                 continue
-            bar = max(incumbent.goodput_rps, 1e-3) * (1 + tol)
+            if not exhaustive and any(_dominated(plan, f) for f in failed):
+                continue
+            bar = max(incumbent.goodput_rps, 1e-3)
             if self.passes(plan, bar):
-                e = self.evaluate(plan)
+                e = self.evaluate(plan, passed=bar)
                 if self.better(e, incumbent):
                     incumbent = e
+            else:
+                failed.append(plan)
         current = incumbent
         for _ in range(MAX_LOCAL_STEPS):
             challengers = [self.evaluate(p) for p in self.neighbours(current.plan)]
@@ -408,6 +443,17 @@ class _Search:
                 break
             plan = nxt
         return plan
+
+
+def _dominated(plan: Plan, failed: Plan) -> bool:
+    """`plan` has no more instances of either phase than `failed`, in the same
+    configurations and placement: it cannot sustain a rate that `failed` did not (fewer
+    instances on the same links only add queueing), so the default search skips its bar
+    check. The exhaustive search checks every plan (it is the reference)."""
+    return (plan.placement == failed.placement and plan.prefill == failed.prefill
+            and plan.decode == failed.decode and plan.num_units == failed.num_units
+            and plan.num_prefill <= failed.num_prefill
+            and plan.num_decode <= failed.num_decode)
 
 
 def search(problem: PlanningProblem) -> PlanOutcome:

@@ -30,7 +30,7 @@ from cluster.config import SLOConfig
 
 from .colocated import ColocatedPool, simulate_colocated_pool
 from .decode_pool import DecodePool, TransferTopology, simulate_decode_pool
-from .prefill_pool import PrefillPool, simulate_prefill_pool
+from .prefill_pool import PrefillOutcome, PrefillPool, simulate_prefill_pool
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,16 @@ def simulate_disaggregated(
     output_lens: np.ndarray,
     slo: SLOConfig | None = None,
     stop_when_lost: bool = False,
+    prefill: PrefillOutcome | None = None,
 ) -> SimResult:
+    """`prefill`: the prefill pool's outcome on this same trace, rate, SLO and stop flag
+    (`simulate_prefill_pool`), when the caller already has it: prefill never waits on
+    decode, so plans sharing a prefill pool share this pass (the search caches it)."""
     _check_trace(arrival_s, input_lens, output_lens)
     n = len(arrival_s)
     ttft_limit, tpot_limit, budget = _limits(slo, n, stop_when_lost)
-    pre = simulate_prefill_pool(arrival_s, input_lens, system.prefill, ttft_limit, budget)
+    pre = prefill if prefill is not None else simulate_prefill_pool(
+        arrival_s, input_lens, system.prefill, ttft_limit, budget)
     if pre.stopped_early:
         inf = np.full(n, np.inf)
         return SimResult(inf, inf, inf, np.zeros(n), True)
@@ -107,6 +112,19 @@ def simulate_disaggregated(
     tpot = slo_math.tpot_s_array(first_token, last_token, output_lens)
     return SimResult(first_token - arrival_s, tpot, last_token - arrival_s, dec.transfer_s,
                      dec.stopped_early)
+
+
+def prefill_pass(
+    pool: PrefillPool,
+    arrival_s: np.ndarray,
+    input_lens: np.ndarray,
+    slo: SLOConfig | None = None,
+    stop_when_lost: bool = False,
+) -> PrefillOutcome:
+    """The prefill pass `simulate_disaggregated` would run for the same arguments (its
+    `prefill=` input): the same TTFT limit and violation budget."""
+    ttft_limit, _, budget = _limits(slo, len(arrival_s), stop_when_lost)
+    return simulate_prefill_pool(arrival_s, input_lens, pool, ttft_limit, budget)
 
 
 def simulate_prefill_only(
