@@ -27,6 +27,9 @@ inside its step loop, so the step the request joins takes `prompt tokens x
 kv_load_s_per_token` longer for every request of the lane. DistServe's decode engine
 migrates KV block by block between steps (`post_process` awaits each migration); vLLM's
 connector loads synchronously before the forward of the step. 0: the load overlaps steps.
+With pipeline lanes the load holds the instance's one step loop, so every other running
+lane's next step waits for it as well (a pipeline bubble): this is what makes DistServe's
+TP1xPP2 decode collapse between 8 and 10 req/s.
 
 Admission limits (both models): `max_num_seqs` sequences per instance and
 `max_num_batched_tokens` tokens per step (a decode step schedules one token per sequence).
@@ -164,6 +167,10 @@ def simulate_decode_pool(
     lane_ctx = [0] * num_lanes  # sum of context lengths of running requests
     lane_step = [0] * num_lanes  # steps completed
     lane_busy = [False] * num_lanes
+    # KV loads by other lanes of the same instance, not yet charged to this lane: the
+    # instance's step loop awaits each load (DistServe's decode loop migrates between
+    # steps), so every running lane's next step waits for it: a pipeline bubble.
+    lane_stall_ms = [0.0] * num_lanes
     lane_pending: list[list[int]] = [[] for _ in range(num_lanes)]
     lane_finish: list[list[tuple[int, int, int]]] = [[] for _ in range(num_lanes)]  # (step, req, epoch)
     lane_order: list[list[int]] = [[] for _ in range(num_lanes)]  # join order, lazily pruned
@@ -187,8 +194,10 @@ def simulate_decode_pool(
     def start_step(lane: int, now: float) -> None:
         nonlocal seq
         pend = lane_pending[lane]
-        extra_ms = 0.0
+        extra_ms = lane_stall_ms[lane]
+        lane_stall_ms[lane] = 0.0
         if pend:
+            load_ms = 0.0
             b, ctx, step, fin = lane_b[lane], lane_ctx[lane], lane_step[lane], lane_finish[lane]
             for r in pend:
                 b += 1
@@ -197,13 +206,19 @@ def simulate_decode_pool(
                 if g:
                     extra_ms += recompute_ms((ins[r] + g,))
                 else:
-                    extra_ms += load_ms_per_token * ins[r]
+                    load_ms += load_ms_per_token * ins[r]
                 join_step[r] = step
                 running[r] = True
                 lane_order[lane].append(r)
                 heapq.heappush(fin, (step + outs[r] - 1 - g, r, epoch[r]))
             lane_b[lane], lane_ctx[lane] = b, ctx
             pend.clear()
+            extra_ms += load_ms
+            if load_ms and lanes_per > 1:
+                first = lane - lane % lanes_per
+                for other in range(first, first + lanes_per):
+                    if other != lane and lane_busy[other]:  # an idle lane has no step to delay
+                        lane_stall_ms[other] += load_ms
         b, ctx = lane_b[lane], lane_ctx[lane]
         a, bb, c = small if b < thr else large
         dt = (a + bb * (ctx + b) + c * b + oa + ob * ctx + extra_ms) / 1000.0
@@ -319,7 +334,7 @@ def simulate_decode_pool(
                     preempt(lane, d)
                 if freed:
                     admit(d, now)
-                if lane_pending[lane]:
+                if lane_pending[lane] or lane_stall_ms[lane]:
                     start_step(lane, now)
                 elif b := lane_b[lane]:  # start_step without joins, inlined (the hot path)
                     ctx = lane_ctx[lane]

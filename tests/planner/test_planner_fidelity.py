@@ -92,16 +92,18 @@ def test_data_covers_saturation():
     assert min(attainment) < 0.1 and max(attainment) > 0.95  # idle to collapsed
 
 
-def test_disaggregated_replay_within_five_points_with_one_pp2_outlier(replay_table):
+def test_disaggregated_replay_within_five_points_but_at_the_pp2_cliff(replay_table):
     errors = {name: 100 * abs(sim - real) for name, real, sim in replay_table if name.startswith("distserve")}
     assert len(errors) == 20
     # Every TP2 -> TP1 trace, from 98% down to 10% attainment, within 5 points.
     assert max(e for n, e in errors.items() if "c21d11" in n) <= 5.0 + 1e-9
-    # Decode TP1 x PP2: within 5 points except at 10 req/s, where the real system collapses
-    # one rate step earlier than the model (the open gap, docs/planner.md "Fidelity").
+    # Decode TP1 x PP2: the decode loop awaits each KV migration, so every pipeline lane
+    # stalls for it (decode_pool's lane stalls). Within 5 points except at 8 and 10 req/s,
+    # the two rates on either side of the real collapse, where the model's cliff sits a
+    # little early (8: -9.1) and a little late (10: +5.8): the open gap, docs/planner.md.
     pp2 = {n: e for n, e in errors.items() if "c21d12" in n}
-    assert sorted(pp2.values())[-2] <= 8.0 and max(pp2.values()) <= 25.0
-    assert np.mean(list(errors.values())) <= 3.0
+    assert sorted(pp2.values())[-3] <= 5.0 and max(pp2.values()) <= 10.0
+    assert np.mean(list(errors.values())) <= 2.0
 
 
 def test_colocated_vllm_replay(replay_table):

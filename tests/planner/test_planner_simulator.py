@@ -228,6 +228,24 @@ def test_kv_load_on_the_step_path_stalls_every_running_request():
     assert out.finish_s.tolist() == pytest.approx([(step0 + step1) / 1000] * 2)
 
 
+def test_kv_load_stalls_every_pipeline_lane_of_the_instance():
+    from cluster.planner.decode_pool import simulate_decode_pool
+    # PP2: A runs in lane 0; B lands 1 ms later in the idle lane 1, and its 1000-token load
+    # (10 ms) holds the instance's step loop, so lane 0's next step waits for it too
+    # (DistServe's decode loop awaits each migration between steps).
+    arrival, ins, outs = _arrays((0.0, 100, 3), (0.001, 1000, 2))
+    timing = EngineTiming(PROFILE, 2)
+    out = simulate_decode_pool(arrival, ins, outs, DecodePool(1, timing, 10_000, kv_load_s_per_token=1e-5))
+    a_step0 = _step_ms(1, 100) + 1.0
+    a_step1 = _step_ms(1, 101) + 10.0
+    b_step0 = _step_ms(1, 1000) + 10.0
+    assert out.finish_s.tolist() == pytest.approx([(a_step0 + a_step1) / 1000, 0.001 + b_step0 / 1000])
+    # PP1 with the same requests: one lane, B's load is charged once, to the step it joins.
+    pp1 = simulate_decode_pool(arrival, ins, outs,
+                               DecodePool(1, EngineTiming(PROFILE), 10_000, kv_load_s_per_token=1e-5))
+    assert pp1.finish_s[0] == pytest.approx((a_step0 + _step_ms(2, 101 + 1000) + 10.0) / 1000)
+
+
 def test_pipeline_stages_pay_the_fixed_cost_each():
     split = EngineTiming(PROFILE, 2, stage_fixed_cost="split")
     per_stage = EngineTiming(PROFILE, 2, stage_fixed_cost="per_stage")
