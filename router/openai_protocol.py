@@ -151,6 +151,10 @@ class _SamplingFields(BaseModel):
                 if not key.lstrip("-").isdigit():
                     raise OpenAIError(400, f"`logit_bias` keys must be token ids, got {key!r}",
                                       param="logit_bias")
+        if (self.n or 1) > 1 and self.temperature is not None and self.temperature < 1e-5:
+            # vLLM's SamplingParams._verify_greedy_sampling: n greedy answers are one answer.
+            raise OpenAIError(400, f"n must be 1 when using greedy sampling, got {self.n}.",
+                              param="n")
         return self
 
     def structured_spec(self) -> StructuredSpec | None:

@@ -130,22 +130,40 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {}, "additionalProperties": False}}}
 
 
-@pytest.mark.xfail(reason="KNOWN FAILURE, round 2: in the only full-suite run (2026-12-01) the "
-                   "tool_choice=required answer at seed 5 ran into max_tokens=80 "
-                   "(finish_reason 'length', no tool_calls) in both modes; the earlier, "
-                   "looser version of this test passed. Cause not found yet (docs/STATUS.md).",
-                   strict=False)
+def _valid_call(call: dict) -> bool:
+    name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
+    if name == "get_weather":
+        return set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 12
+    return name == "get_time" and args == {}
+
+
 @pytest.mark.parametrize("mode", ["disagg", "coloc"])
 def test_required_and_named_tool_calls_hold_with_random_weights(live_engines, mode):
+    """`required` forces a JSON array of calls (vLLM's schema). The grammar binds every
+    token, but it does not bound the answer's length: JSON allows whitespace anywhere
+    between tokens, so a random-weight model at temperature 1 may walk on for long before
+    it closes the array (seed 5 does not close it within 80 tokens; vLLM's own server runs
+    into max_tokens on seeds 5-7 too, see test_api_conformance). So: every answer that ends
+    is valid calls, one that runs out of budget ends `length` with no calls, both modes
+    walk the same tokens (test_required_tool_choice_is_the_same_walk_in_both_modes), and
+    with room most seeds close."""
     url = getattr(live_engines, f"{mode}_url")
     messages = [{"role": "user", "content": "what is the weather in Oslo?"}]
-    r = post(url, "/v1/chat/completions", messages=messages, max_tokens=80, temperature=1.0,
-             seed=5, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
-    choice = r["choices"][0]
-    assert choice["finish_reason"] == "tool_calls", choice
-    calls = choice["message"]["tool_calls"]
-    assert len(calls) == 1 and calls[0]["function"]["name"] in ("get_weather", "get_time")
-    assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
+    finished = 0
+    for seed in range(5, 11):
+        r = post(url, "/v1/chat/completions", messages=messages, max_tokens=200, temperature=1.0,
+                 seed=seed, tools=[WEATHER, TIME], tool_choice="required",
+                 parallel_tool_calls=False, return_token_ids=True)
+        choice = r["choices"][0]
+        calls = choice["message"].get("tool_calls") or []
+        print(f"\n{mode} seed {seed}: {choice['finish_reason']} {len(choice['token_ids'])} tokens "
+              f"{json.dumps(calls)[:200]}")
+        if choice["finish_reason"] == "tool_calls":
+            assert len(calls) == 1 and _valid_call(calls[0]), choice  # parallel_tool_calls false
+            finished += 1
+        else:
+            assert choice["finish_reason"] == "length" and not calls, choice
+    assert finished >= 3, f"only {finished} of 6 seeds closed the array within 200 tokens"
     r = post(url, "/v1/chat/completions", messages=messages, max_tokens=60, temperature=1.0,
              seed=6, tools=[WEATHER, TIME],
              tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -155,3 +173,18 @@ def test_required_and_named_tool_calls_hold_with_random_weights(live_engines, mo
     assert call["function"]["name"] == "get_weather"
     args = json.loads(call["function"]["arguments"])
     assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 12
+
+
+def test_required_tool_choice_is_the_same_walk_in_both_modes(live_engines):
+    """The hop changes nothing: decode continues the grammar after prefill's first token,
+    so at one seed both modes produce the same tokens, including where the walk runs out."""
+    messages = [{"role": "user", "content": "what is the weather in Oslo?"}]
+    for seed in (5, 6):
+        out = [post(url, "/v1/chat/completions", messages=messages, max_tokens=80,
+                    temperature=1.0, seed=seed, tools=[WEATHER, TIME], tool_choice="required",
+                    parallel_tool_calls=False, return_token_ids=True)["choices"][0]
+               for url in (live_engines.disagg_url, live_engines.coloc_url)]
+        assert out[0]["token_ids"] == out[1]["token_ids"], seed
+        assert out[0]["finish_reason"] == out[1]["finish_reason"], seed
+        print(f"\nseed {seed} at 80 tokens: {out[0]['finish_reason']}, "
+              f"message {json.dumps(out[0]['message'])[:400]}")

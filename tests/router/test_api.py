@@ -140,6 +140,7 @@ async def test_bad_inputs_get_openai_errors_and_server_stays_healthy():
             (dict(json={"model": MODEL, "prompt": "x", "n": 0}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "n": 129}), 400),  # over MAX_CHOICES
             (dict(json={"model": MODEL, "prompt": "x", "best_of": 2}), 400),
+            (dict(json={"model": MODEL, "prompt": "x", "n": 2, "temperature": 0}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "temperature": -1}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "max_tokens": 0}), 400),
             (dict(json={"model": MODEL, "prompt": "x", "logprobs": 21}), 400),  # over max_logprobs
