@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster import reaper
 from cluster.config import ModelConfig, PoolConfig
 from cluster.engine_args import pool_engine_kwargs
 from cluster.wire import SamplingSpec, TokenLogprob, TransferStat
@@ -153,6 +154,7 @@ class EngineHost:
         self.num_kv_blocks = 0
         self.block_size = 0  # tokens per KV block, known once the engine is up
         self._engine = None
+        self._reaper: reaper.Reaper | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -183,8 +185,12 @@ class EngineHost:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         factory = _make_load_logger_factory(self)
-        with engine_env(self._cpu_env()):
+        with engine_env(self._cpu_env()):  # its lock also keeps other engines' processes out of the diff
+            before = set(reaper.descendants(os.getpid()))
             self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
+            spawned = [p for p in reaper.descendants(os.getpid()) if p not in before]
+        # The engine core does not outlive us by design, only by accident: see cluster/reaper.py.
+        self._reaper = reaper.guard(spawned)
         cache = self._engine.vllm_config.cache_config
         self.num_kv_blocks = int(cache.num_gpu_blocks or 0)
         self.block_size = int(cache.block_size)
@@ -205,9 +211,14 @@ class EngineHost:
             await self._engine.abort(request_id)
 
     def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        try:
+            if self._engine is not None:
+                self._engine.shutdown()
+                self._engine = None
+        finally:
+            if self._reaper is not None:
+                self._reaper.stop()
+                self._reaper = None
 
 
 def _make_load_logger_factory(host: EngineHost):
