@@ -32,355 +32,41 @@ import argparse
 import json
 import math
 import os
-import random
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
-from cluster.engine_args import engine_kwargs
-from cluster.planner.latency_model import LatencyProfile
 from cluster.planner.model_shape import ModelShapeError, load_model_shape
-from cluster.planner.profile_fit import DecodeSample, PrefillSample, fit_profile, profile_document
+from cluster.planner.profile_fit import fit_profile, profile_document
+from cluster.profile_engine import (
+    CPU_BIND_ENV,
+    EngineFacts,
+    EngineSettings,
+    ProfilingEngine,
+    VllmStepTimer,
+    describe_hardware,
+    parse_cores,
+)
+from cluster.profile_grid import (
+    FitQuality,
+    InputError,
+    Measurements,
+    ProfileGrid,
+    StepTimer,
+    assess_fit,
+    fit_quality,
+    measure_grid,
+    render_fit_report,
+)
 
-_CPU_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
-_CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-
-
-class InputError(ValueError):
-    """Profiler input that cannot be used; the message is one line."""
-
-
-# --------------------------------------------------------------------------------- the grid
-
-@dataclass(frozen=True)
-class ProfileGrid:
-    """Which batch shapes to time. Shapes above the token caps are skipped."""
-
-    prefill_lens: tuple[int, ...] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
-    prefill_batch_sizes: tuple[int, ...] = (1, 2, 4)
-    prefill_max_batch_tokens: int = 4096  # the serving prefill budget: larger batches split
-    decode_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    decode_context_lens: tuple[int, ...] = (128, 512, 1024, 2048)
-    decode_max_batch_tokens: int = 16384  # each decode shape first prefills B*C tokens
-    decode_steps: int = 16
-    repeats: int = 3
-
-    def validate(self) -> None:
-        for name in ("prefill_lens", "prefill_batch_sizes", "decode_batch_sizes", "decode_context_lens"):
-            values = getattr(self, name)
-            if not values or min(values) < 1:
-                raise InputError(f"--{name.replace('_', '-')} needs positive integers, got {list(values)}")
-        for name in ("prefill_max_batch_tokens", "decode_max_batch_tokens", "decode_steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if len(self.prefill_shapes()) < 3:
-            raise InputError("the prefill grid has fewer than 3 shapes under --prefill-max-batch-tokens; "
-                             "a fit of 3 coefficients needs more")
-        if len(self.decode_shapes()) < 3:
-            raise InputError("the decode grid has fewer than 3 shapes under --decode-max-batch-tokens; "
-                             "a fit of 3 coefficients needs more")
-
-    def prefill_shapes(self) -> list[tuple[int, ...]]:
-        """Prompt lengths of each prefill batch (equal lengths within a batch)."""
-        return [(length,) * batch for length in sorted(set(self.prefill_lens))
-                for batch in sorted(set(self.prefill_batch_sizes))
-                if length * batch <= self.prefill_max_batch_tokens]
-
-    def decode_shapes(self) -> list[tuple[int, int]]:
-        """(batch size, prompt length) of each decode point."""
-        return [(batch, context) for batch in sorted(set(self.decode_batch_sizes))
-                for context in sorted(set(self.decode_context_lens))
-                if batch * context <= self.decode_max_batch_tokens]
-
-    def max_context(self) -> int:
-        """Longest prompt + output of any request the grid submits."""
-        return max(max(self.prefill_lens) + 1,
-                   max(c for _, c in self.decode_shapes()) + self.decode_steps + 1)
+# The profiler's public names, wherever they are defined (tests and `pdserve profile` use these).
+__all__ = ["EngineFacts", "EngineSettings", "FitQuality", "InputError", "Measurements",
+           "ProfileGrid", "ProfilingEngine", "StepTimer", "VllmStepTimer", "add_arguments",
+           "assess_fit", "describe_hardware", "fit_profile", "fit_quality", "main",
+           "measure_grid", "parse_cores", "profile_command", "render_fit_report", "run"]
 
 
-class StepTimer(Protocol):
-    """Times engine iterations of given shapes (the real engine, or a test's function)."""
-
-    def time_prefill(self, input_lens: Sequence[int]) -> float:
-        """Milliseconds of ONE prefill iteration over prompts of these lengths."""
-        ...
-
-    def time_decode(self, batch_size: int, context_len: int, num_steps: int) -> list[float]:
-        """Milliseconds of each of `num_steps` decode steps of `batch_size` requests whose
-        prompts have `context_len` tokens; step k (0-based) has `context_len + k` tokens in KV."""
-        ...
-
-
-# ------------------------------------------------------------------- measuring and fitting
-
-@dataclass(frozen=True)
-class Measurements:
-    prefill: list[PrefillSample]
-    decode: list[DecodeSample]
-    prefill_runs_ms: list[list[float]]  # [shape] -> every repeat's time, aligned with `prefill`
-    decode_runs_ms: list[list[float]]  # [shape] -> every repeat's median step, aligned with `decode`
-
-
-def measure_grid(grid: ProfileGrid, timer: StepTimer,
-                 progress: Callable[[str], None] = lambda _: None) -> Measurements:
-    """One sample per grid shape: the fastest of `repeats` runs.
-
-    The minimum, not the mean: on a shared host, other processes only ever add time to an
-    iteration, so the fastest run is the closest to the engine's own cost (timeit's rule).
-    Within a decode run the median step is taken first (a burst rarely covers a whole run).
-    """
-    prefill_shapes, decode_shapes = grid.prefill_shapes(), grid.decode_shapes()
-    prefill_runs: dict[tuple[int, ...], list[float]] = {s: [] for s in prefill_shapes}
-    decode_runs: dict[tuple[int, int], list[tuple[float, int]]] = {s: [] for s in decode_shapes}
-    for round_index in range(grid.repeats):
-        for lens in prefill_shapes:
-            prefill_runs[lens].append(timer.time_prefill(lens))
-        for batch, context in decode_shapes:
-            steps = timer.time_decode(batch, context, grid.decode_steps)
-            if steps:  # (median step ms, its index: the context grew by that many tokens)
-                median_ms = statistics.median_low(steps)
-                decode_runs[(batch, context)].append((median_ms, steps.index(median_ms)))
-        progress(f"round {round_index + 1}/{grid.repeats}: {len(prefill_shapes)} prefill shapes, "
-                 f"{len(decode_shapes)} decode points")
-    prefill = [PrefillSample(lens, min(prefill_runs[lens])) for lens in prefill_shapes]
-    decode, decode_runs_ms = [], []
-    for (batch, context), runs in decode_runs.items():
-        if not runs:
-            progress(f"decode B={batch} C={context}: no clean decode step in any run, skipped")
-            continue
-        ms, middle = min(runs)
-        decode.append(DecodeSample((context + middle,) * batch, ms))
-        decode_runs_ms.append([m for m, _ in runs])
-    return Measurements(prefill, decode, [prefill_runs[s] for s in prefill_shapes], decode_runs_ms)
-
-
-@dataclass(frozen=True)
-class FitQuality:
-    """How well one fitted formula explains its samples."""
-
-    r_squared: float
-    mean_abs_error_pct: float
-    max_abs_error_pct: float
-    rows: tuple[tuple[str, float, float], ...]  # (shape, measured ms, predicted ms)
-
-
-def fit_quality(labels_measured_predicted: list[tuple[str, float, float]]) -> FitQuality:
-    measured = [m for _, m, _ in labels_measured_predicted]
-    mean = sum(measured) / len(measured)
-    total = sum((m - mean) ** 2 for m in measured)
-    residual = sum((m - p) ** 2 for _, m, p in labels_measured_predicted)
-    errors = [abs(p - m) / m * 100 if m > 0 else 0.0 for _, m, p in labels_measured_predicted]
-    return FitQuality(r_squared=1 - residual / total if total > 0 else 1.0,
-                      mean_abs_error_pct=sum(errors) / len(errors), max_abs_error_pct=max(errors),
-                      rows=tuple(labels_measured_predicted))
-
-
-def assess_fit(entry: dict, data: Measurements) -> tuple[FitQuality, FitQuality]:
-    """(prefill, decode) fit quality of a fitted entry against the samples it came from."""
-    profile = LatencyProfile.model_validate(entry)
-    prefill = [(f"{len(s.input_lens)} x {s.input_lens[0]}", s.time_ms, profile.prefill_ms(s.input_lens))
-               for s in data.prefill]
-    decode = [(f"B={len(s.context_lens)} ctx={s.context_lens[0]}", s.time_ms,
-               profile.decode_ms(s.context_lens)) for s in data.decode]
-    return fit_quality(prefill), fit_quality(decode)
-
-
-def _slowest_vs_fastest(runs_ms: list[float]) -> str:
-    return f"{max(runs_ms) / min(runs_ms):.2f}x" if min(runs_ms) > 0 else "-"
-
-
-def render_fit_report(entry: dict, quality: tuple[FitQuality, FitQuality], data: Measurements) -> str:
-    """Coefficients, R^2 and residuals per formula, and every shape: measured (fastest run),
-    fitted, error, and slowest/fastest run (how much interference the runs saw)."""
-    lines = []
-    for name, q, coefficients, formula, runs in (
-        ("prefill", quality[0], entry["prefill"], "a + b*sum(l) + c*sum(l^2)", data.prefill_runs_ms),
-        ("decode", quality[1], entry["decoding_smallbs"], "a + b*sum(ctx+1) + c*B", data.decode_runs_ms),
-    ):
-        a, b, c = coefficients
-        lines.append(f"{name}: ms = {formula}, a={a:.4g} b={b:.4g} c={c:.4g}")
-        lines.append(f"  R^2 {q.r_squared:.4f}; |residual| mean {q.mean_abs_error_pct:.1f}%, "
-                     f"max {q.max_abs_error_pct:.1f}% over {len(q.rows)} shapes")
-        lines.append(f"  {'shape':<18} {'measured ms':>12} {'fit ms':>10} {'error':>8} {'runs max/min':>13}")
-        for (label, measured, predicted), shape_runs in zip(q.rows, runs):
-            error = (predicted - measured) / measured * 100 if measured > 0 else 0.0
-            lines.append(f"  {label:<18} {measured:>12.2f} {predicted:>10.2f} {error:>+7.1f}% "
-                         f"{_slowest_vs_fastest(shape_runs):>13}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------- the real engine
-
-@dataclass(frozen=True)
-class EngineSettings:
-    model_path: Path
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    block_size: int | None = None
-    max_model_len: int | None = None
-    kv_cache_gib: int = 1  # CPU backend: VLLM_CPU_KVCACHE_SPACE
-    cpu_cores: str | None = None  # CPU backend: VLLM_CPU_OMP_THREADS_BIND, e.g. "0"
-    max_num_batched_tokens: int = 16384
-    max_num_seqs: int = 128
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class EngineFacts:
-    """What the started engine reports about itself."""
-
-    kv_capacity_tokens: int  # KV blocks x block size
-    block_size: int
-    kv_dtype_bytes: int
-    device: str  # hardware description
-
-
-class ProfilingEngine(StepTimer, Protocol):
-    """A StepTimer with a lifecycle: what `pdserve profile` drives (`VllmStepTimer`, or a fake)."""
-
-    def start(self) -> EngineFacts: ...
-
-    def warm_up(self, grid: ProfileGrid, rounds: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class VllmStepTimer:
-    """A StepTimer over an in-process vLLM engine: each `LLMEngine.step()` is one iteration."""
-
-    def __init__(self, settings: EngineSettings):
-        self.settings = settings
-        self._engine = None
-        self._rng = random.Random(settings.seed)
-        self._vocab_size = 0
-        self._next_id = 0
-
-    def start(self) -> EngineFacts:
-        s = self.settings
-        # Read by vLLM at engine start: in-process engine core (so step() is one iteration),
-        # and the CPU backend's KV space. This process exists to profile.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ[_CPU_KV_SPACE_ENV] = str(s.kv_cache_gib)
-        if s.cpu_cores is not None:
-            # vLLM applies VLLM_CPU_OMP_THREADS_BIND only in its multiprocess executor; an
-            # in-process engine would compute on every core of the host. So bind this whole
-            # process (threads started later inherit it), which is what a serving instance's
-            # worker gets: its cores and one compute thread per core.
-            cores = parse_cores(s.cpu_cores)
-            os.environ[_CPU_BIND_ENV] = s.cpu_cores
-            os.environ["OMP_NUM_THREADS"] = str(len(cores))
-            os.sched_setaffinity(0, cores)
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        # The serving pools' builder (cluster.engine_args); prefix caching off so every
-        # timed prefill computes its whole prompt.
-        kwargs = engine_kwargs(s.model_path, tensor_parallel_size=s.tensor_parallel_size,
-                               dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
-                               block_size=s.block_size, max_num_batched_tokens=s.max_num_batched_tokens,
-                               max_num_seqs=s.max_num_seqs, enable_prefix_caching=False,
-                               disable_log_stats=True)
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
-        config = self._engine.vllm_config
-        self._vocab_size = config.model_config.get_vocab_size()
-        cache = config.cache_config
-        if cache.cache_dtype == "auto":
-            kv_dtype_bytes = config.model_config.dtype.itemsize
-        else:
-            kv_dtype_bytes = 1 if str(cache.cache_dtype).startswith("fp8") else 2
-        return EngineFacts(kv_capacity_tokens=int(cache.num_gpu_blocks or 0) * cache.block_size,
-                           block_size=cache.block_size, kv_dtype_bytes=kv_dtype_bytes,
-                           device=describe_hardware(s.cpu_cores))
-
-    def close(self) -> None:
-        self._engine = None  # the in-process engine shuts down with its last reference
-
-    def _run(self, input_lens: Sequence[int], num_output_tokens: int) -> list[tuple[float, int]]:
-        """Submit one batch, step until done: [(ms, requests that got a token)] per iteration."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        assert self._engine is not None, "start() first"
-        params = SamplingParams(max_tokens=num_output_tokens, min_tokens=num_output_tokens,
-                                ignore_eos=True, temperature=0.0, detokenize=False,
-                                output_kind=RequestOutputKind.DELTA)
-        for length in input_lens:
-            # Fresh random ids per request: no prefix can be shared between requests.
-            ids = [self._rng.randrange(10, self._vocab_size) for _ in range(length)]
-            self._next_id += 1
-            self._engine.add_request(f"profile-{self._next_id}", TokensPrompt(prompt_token_ids=ids), params)
-        steps = []
-        while self._engine.has_unfinished_requests():
-            start = time.perf_counter()
-            outputs = self._engine.step()
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            steps.append((elapsed_ms, sum(1 for o in outputs if o.outputs and o.outputs[0].token_ids)))
-        return steps
-
-    def time_prefill(self, input_lens: Sequence[int]) -> float:
-        steps = self._run(input_lens, 1)
-        if len(steps) != 1 or steps[0][1] != len(input_lens):
-            raise RuntimeError(f"a prefill batch of {len(input_lens)} x {input_lens[0]} tokens took "
-                               f"{len(steps)} iterations, not 1; raise --max-num-batched-tokens")
-        return steps[0][0]
-
-    def time_decode(self, batch_size: int, context_len: int, num_steps: int) -> list[float]:
-        steps = self._run([context_len] * batch_size, num_steps + 1)
-        # Iteration 1 is the prefill; keep decode iterations that advanced every request.
-        return [ms for ms, advanced in steps[1:] if advanced == batch_size]
-
-    def warm_up(self, grid: ProfileGrid, rounds: int) -> None:
-        """Unrecorded iterations first: the first ones after start-up run slower."""
-        shapes = grid.prefill_shapes()
-        for _ in range(rounds):
-            self.time_prefill(shapes[len(shapes) // 2])
-            self.time_decode(max(grid.decode_batch_sizes), min(grid.decode_context_lens), 4)
-
-
-def parse_cores(text: str) -> list[int]:
-    """Core ids of a binding such as `0`, `0-3` or `0,2,4-5` (VLLM_CPU_OMP_THREADS_BIND's
-    single-rank form)."""
-    cores: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            cores.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise InputError(f"--cpu-cores {text!r}: give core ids like 0, 0-3 or 0,2") from None
-    available = os.sched_getaffinity(0)
-    if not cores or not cores <= available:
-        raise InputError(f"--cpu-cores {text!r}: this process may use cores {sorted(available)}")
-    return sorted(cores)
-
-
-def describe_hardware(cpu_cores: str | None) -> str:
-    """`NVIDIA H100 80GB HBM3`, or the CPU model and the cores the engine's threads use."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    model = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    num_cores = os.cpu_count() or 1
-    if cpu_cores:
-        return f"{model} (bound to cores {cpu_cores} of {num_cores})"
-    return f"{model} ({num_cores} cores)"
-
-
-# ------------------------------------------------------------------------------------ CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ProfileGrid()
@@ -460,7 +146,7 @@ def _settings_from_args(args: argparse.Namespace, model_path: Path, grid: Profil
         raise InputError(f"--max-model-len {args.max_model_len} is below the grid's longest "
                          f"context ({needed} tokens)")
     largest_batch = max(len(lens) for lens in grid.prefill_shapes())
-    cpu_cores = args.cpu_cores or os.environ.get(_CPU_BIND_ENV)
+    cpu_cores = args.cpu_cores or os.environ.get(CPU_BIND_ENV)
     if cpu_cores in ("auto", "nobind", ""):
         cpu_cores = None  # vLLM's own policies: profile unbound
     if cpu_cores is not None:

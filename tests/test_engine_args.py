@@ -27,6 +27,6 @@ def test_unset_options_are_left_to_vllm():
 
 def test_host_and_profiler_share_it():
     import cluster.engine_host
-    import cluster.profiler
+    import cluster.profile_engine  # the profiler's engine (cluster/profiler.py drives it)
     assert cluster.engine_host.pool_engine_kwargs is pool_engine_kwargs
-    assert cluster.profiler.engine_kwargs is engine_kwargs
+    assert cluster.profile_engine.engine_kwargs is engine_kwargs
