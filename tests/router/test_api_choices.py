@@ -192,3 +192,33 @@ async def test_no_decode_available_gives_503_and_releases_every_claim():
             await asyncio.sleep(0.02)
         await _settle(deps)
         _assert_clean(deps, prefills, decodes)
+
+
+async def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error_and_aborts_the_rest():
+    from cluster.wire import TokenDelta
+
+    async with deployment(token_delay_s=0.02) as (client, deps, prefills, decodes):
+        real = decodes[0].generate
+
+        async def one_choice_fails(req):
+            async for delta in real(req):
+                yield delta
+                if req.request_id.startswith("1_"):
+                    yield TokenDelta(token_ids=(), error="decode instance lost its engine")
+                    return
+
+        decodes[0].generate = one_choice_fails
+        r = await client.post("/v1/completions", json={
+            "model": MODEL, "prompt": "abc", "max_tokens": 50, "n": 3, "stream": True})
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        assert json.loads(lines[-2])["error"]["message"] == "decode instance lost its engine"
+        for _ in range(100):
+            if len(decodes[0].aborted) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        rid = json.loads(lines[0])["id"]
+        assert {f"0_{rid}", f"2_{rid}"} <= set(decodes[0].aborted)
+        await _settle(deps)
+        _assert_clean(deps, prefills, decodes)
