@@ -185,11 +185,13 @@ def _classify(status: int, text: str) -> tuple[str, str, list[int] | None, list[
 async def drive(url: str, model: str, inject: Callable[[Callable[[str], None]], object], *,
                 num_requests: int, concurrency: int, timeout_s: float, max_tokens: int,
                 expected: Expected | None, is_back: Callable[[], object],
-                headers: dict[str, str] | None = None,
-                final_batch: int | None = None) -> tuple[list[Ending], float | None]:
-    """Closed-loop load of `num_requests` while `inject(set_phase)` runs; then, once
-    `is_back()` (awaitable -> bool) holds, a final batch. Returns the endings and how long
-    after the start of the fault phase capacity was back (None: never)."""
+                headers: dict[str, str] | None = None, final_batch: int | None = None,
+                stable_s: float = 0.0) -> tuple[list[Ending], float | None]:
+    """Closed-loop load of at least `num_requests`, and on until `inject(set_phase)` has
+    returned (so the load spans the fault and the start of recovery); then, once
+    `is_back()` (awaitable -> bool) has held for `stable_s`, a final batch. Returns the
+    endings and how long after the start of the fault phase capacity was back (None:
+    never, within 120 s)."""
     endings: list[Ending] = []
     phase = {"now": "steady", "fault_at": None}
 
@@ -214,20 +216,31 @@ async def drive(url: str, model: str, inject: Callable[[Callable[[str], None]], 
                 pass
             await asyncio.sleep(0.05)
         injector = asyncio.ensure_future(inject(set_phase))
-        queue = iter(range(num_requests))
+        counter = iter(range(1_000_000))
 
         async def client() -> None:
-            for i in queue:
+            for i in counter:
+                if i >= num_requests and injector.done():
+                    return
                 await one(http, i)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         await injector
-        # Capacity: once every instance is routable again, a full batch completes.
-        for _ in range(1200):
+        # Capacity: once every instance is routable again (and stays so for stable_s), a
+        # full batch completes.
+        back_since = None
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
             if await is_back():
-                if phase["fault_at"] is not None:
-                    back_after = time.monotonic() - phase["fault_at"]
-                break
+                now = time.monotonic()
+                if back_since is None:
+                    back_since = now
+                    if phase["fault_at"] is not None:
+                        back_after = now - phase["fault_at"]
+                if now - back_since >= stable_s:
+                    break
+            else:
+                back_since = back_after = None
             await asyncio.sleep(0.1)
         n = final_batch if final_batch is not None else 2 * concurrency
         await asyncio.gather(*(one(http, num_requests + k, "final") for k in range(n)))
@@ -515,7 +528,7 @@ async def run_live(url: str, model: str, fault: str, target: str, *, num_request
         result.endings, result.capacity_back_s = await drive(
             url, model, inject, num_requests=num_requests, concurrency=concurrency,
             timeout_s=timeout_s, max_tokens=max_tokens, expected=None, is_back=is_back,
-            headers=headers)
+            headers=headers, stable_s=10.0)
         await asyncio.sleep(settle_s)
         result.leaked_staged = max(0, staged_on_host() - staged_before)
         # Recovered answers against the same greedy request on the healthy deployment.

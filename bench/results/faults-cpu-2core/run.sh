@@ -5,13 +5,16 @@
 # line per fault), <fault>.json (every request), serve.log.
 #
 #   flock /tmp/pdserve-heavy.lock bash bench/results/faults-cpu-2core/run.sh
+#   FAULTS=kill-router INGRESS=proxy flock ... run.sh   # a subset, Serve's HTTP proxy in front
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=bench/results/faults-cpu-2core
 URL=http://127.0.0.1:8741
 PY=.venv/bin/python
-: > $OUT/faults.txt
-.venv/bin/pdserve serve --config $OUT/config.yaml > $OUT/serve.log 2>&1 &
+FAULTS=${FAULTS:-kill-decode stop-decode kill-prefill stop-prefill kill-router}
+TAG=${INGRESS:+-$INGRESS}
+echo "== $(date -u +%FT%TZ) faults: $FAULTS ingress: ${INGRESS:-default}" | tee -a $OUT/faults.txt
+.venv/bin/pdserve serve --config $OUT/config.yaml ${INGRESS:+--ingress $INGRESS} > $OUT/serve$TAG.log 2>&1 &
 SERVE=$!
 cleanup() {
   kill -INT $SERVE 2>/dev/null
@@ -21,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 900); do
   curl -sf $URL/health >/dev/null && break
-  kill -0 $SERVE 2>/dev/null || { echo "pdserve serve exited"; tail -30 $OUT/serve.log; exit 1; }
+  kill -0 $SERVE 2>/dev/null || { echo "pdserve serve exited"; tail -30 $OUT/serve$TAG.log; exit 1; }
   sleep 1
 done
 echo "ready after ${SECONDS} s" | tee -a $OUT/faults.txt
@@ -30,14 +33,12 @@ store() {  # Ray object-store use of this deployment's Ray (bench/soak.py's read
 }
 echo "object store MiB at start: $(store)" | tee -a $OUT/faults.txt
 run() {  # fault target
-  $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 40 --concurrency 4 \
-    --timeout-s 30 --max-tokens 32 --fault-at-s 4 --output $OUT/$1.json 2>&1 \
+  $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 60 --concurrency 4 \
+    --timeout-s 30 --max-tokens 128 --fault-at-s 4 --output $OUT/$1$TAG.json 2>&1 \
     | grep -v "^WARNING\|PDDBG" | tee -a $OUT/faults.txt
 }
-run kill-decode ServeReplica:pdserve:decode
-run stop-decode ServeReplica:pdserve:decode
-run kill-prefill ServeReplica:pdserve:prefill
-run stop-prefill ServeReplica:pdserve:prefill
-run kill-router ServeReplica:pdserve:router
+for fault in $FAULTS; do
+  run $fault ServeReplica:pdserve:${fault#*-}
+done
 echo "object store MiB at the end: $(store)" | tee -a $OUT/faults.txt
 echo "staged segments in /dev/shm at the end: $(ls /dev/shm | grep -c '^pdserve-kv-')" | tee -a $OUT/faults.txt
