@@ -66,6 +66,9 @@ class HarnessResult:
     fault: str
     endings: list[Ending] = field(default_factory=list)
     leaked_staged: int = 0
+    # Requests a worker still holds once the load is over (fakes: decodes' active streams and
+    # running prefills; the engine's KV blocks of a real worker). None: not measured.
+    left_on_workers: int | None = None
     timeout_s: float = 0.0
     stall_timeout_s: float | None = None
     elapsed_s: float = 0.0
@@ -91,7 +94,9 @@ class HarnessResult:
     @property
     def checks(self) -> dict[str, bool]:
         final = [e for e in self.endings if e.phase == "final"]
-        return {
+        held = {} if self.left_on_workers is None else {
+            "no_request_left_on_a_worker": self.left_on_workers == 0}
+        return held | {
             "no_broken_stream": all(e.outcome != "broken" for e in self.endings),
             "nothing_waited_past_the_timeout": all(e.seconds <= self.timeout_s for e in self.endings),
             "no_token_repeated_or_missing": all(e.is_exact is not False for e in self.endings),
@@ -104,6 +109,7 @@ class HarnessResult:
         return {"fault": self.fault, "timeout_s": self.timeout_s,
                 "stall_timeout_s": self.stall_timeout_s, "elapsed_s": round(self.elapsed_s, 2),
                 "capacity_back_s": self.capacity_back_s, "leaked_staged": self.leaked_staged,
+                "left_on_workers": self.left_on_workers,
                 "by_phase": self.table(), "by_outcome": self.by_outcome(), "checks": self.checks,
                 "endings": [asdict(e) for e in self.endings]}
 
@@ -435,6 +441,8 @@ async def run_harness(fault: str, *, num_requests: int = 60, concurrency: int = 
             timeout_s=timeout_s, max_tokens=max_tokens, expected=expected, is_back=is_back)
         await asyncio.sleep(0.5)
         result.leaked_staged = sum(len(p.staged) for p in prefill_fakes)
+        result.left_on_workers = (sum(len(d.active) for d in decode_fakes)
+                                  + sum(p.running for p in prefill_fakes))
     finally:
         server.should_exit = True
         await serving
