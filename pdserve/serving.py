@@ -76,7 +76,7 @@ def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
     from ray import serve
 
     started_here = False
-    proxy_port = config.router.port
+    proxy_port: int | None = config.router.port
     if not ray.is_initialized():
         kwargs: dict[str, Any] = dict(namespace=config.ray.namespace, include_dashboard=False,
                                       log_to_driver=True)
@@ -88,10 +88,15 @@ def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
             if ingress == "direct" and config.router.port != 0:
                 # Ray's processes inherit this environment (the local raylet starts them).
                 os.environ.update(direct_ingress_env(config))
-                proxy_port = _free_port(config.router.host)
+                proxy_port = None  # chosen once Ray runs (below)
         else:
             kwargs["address"] = config.ray.address
         ray.init(**kwargs)
+    if proxy_port is None:
+        # After ray.init: Ray takes free ports of its own as it starts (agents, metrics), and
+        # a port probed before could be handed to one of them (seen: the proxy then failed to
+        # bind it, so the whole deployment failed to start).
+        proxy_port = _free_port(config.router.host)
     serve.start(http_options={"host": config.router.host, "port": proxy_port})
     return started_here
 
