@@ -70,6 +70,10 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", default=None,
                        help="tokenizer directory of the served model (default: the config's "
                        "model.path, else its embedded model)")
+    group.add_argument("--workload", type=Path, default=None, metavar="FILE",
+                       help="workload file (lengths, arrival, rate; cluster/workload_schema.py), "
+                       "the same file `pdserve plan --workload` plans for; its rate applies "
+                       "when --rate is not given")
     group.add_argument("--dataset", type=Path, default=None,
                        help="CSV of input_len,output_len pairs to draw lengths from")
     group.add_argument("--max-context", type=int, default=None,
@@ -213,6 +217,9 @@ def _settings_json(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ commands
 
 def _run_command(args: argparse.Namespace) -> int:
+    workload = options.workload_file_from_args(args)
+    if args.rate is None and workload is not None:
+        args.rate = workload.rate  # the workload file's rate, unless --rate says otherwise
     if args.rate is None and args.arrival != "trace":
         raise BenchError("--rate is required unless --arrival trace")
     target, config = options.target_from_args(args)

@@ -24,7 +24,8 @@ from bench.goodput import SearchSettings, Units, units_from_config
 from bench.loadgen import check_server
 from bench.prompts import PromptBuilder
 from bench.workload import (LengthDistribution, LengthSource, RequestSpec, SyntheticLengths,
-                            TraceLengths, build_workload, load_length_csv)
+                            TraceLengths, WorkloadFileLengths, build_workload, load_length_csv)
+from cluster.workload_schema import WorkloadError, WorkloadFile, load_workload_file
 from cluster.config import ConfigError, ServeConfig, SLOConfig, load_config
 
 _NUM_WARMUP_INPUT_TOKENS = 16
@@ -72,7 +73,26 @@ def load_tokenizer(args: argparse.Namespace, config: ServeConfig | None) -> tupl
         raise BenchError(f"cannot load a tokenizer from {source}: {e}".splitlines()[0]) from None
 
 
+def workload_file_from_args(args: argparse.Namespace) -> WorkloadFile | None:
+    """`--workload FILE`, read and checked against the flags it replaces."""
+    path = getattr(args, "workload", None)
+    if path is None:
+        return None
+    try:
+        workload = load_workload_file(path)
+    except WorkloadError as e:
+        raise BenchError(str(e)) from None
+    if args.dataset is not None or args.arrival != "poisson" or args.cv != 1.0:
+        raise BenchError("--workload gives lengths and arrivals: no --dataset, --arrival or --cv")
+    return workload
+
+
 def arrivals_from_args(args: argparse.Namespace) -> tuple[ArrivalProcess, Trace | None]:
+    workload = workload_file_from_args(args)
+    if workload is not None:
+        if workload.arrival.process == "gamma":
+            return GammaArrivals(cv=workload.arrival.cv, seed=args.seed), None
+        return PoissonArrivals(seed=args.seed), None
     if args.arrival == "trace":
         if args.trace is None:
             raise BenchError("--arrival trace needs --trace FILE")
@@ -86,6 +106,9 @@ def arrivals_from_args(args: argparse.Namespace) -> tuple[ArrivalProcess, Trace 
 
 
 def lengths_from_args(args: argparse.Namespace, trace: Trace | None) -> LengthSource:
+    workload = workload_file_from_args(args)
+    if workload is not None:
+        return WorkloadFileLengths(workload.lengths)
     if args.dataset is not None:
         return load_length_csv(args.dataset)
     if trace is not None and trace.input_lens is not None and trace.output_lens is not None:
@@ -158,8 +181,9 @@ def client_from_args(args: argparse.Namespace, tokenizer_source: str):
         return None
     from bench.vllm_client import VllmBenchClient
 
-    if args.dataset is not None or args.arrival == "trace" or args.max_context is not None:
-        raise BenchError("--client vllm drives vLLM's random dataset: no --dataset, "
+    if (args.dataset is not None or args.arrival == "trace" or args.max_context is not None
+            or getattr(args, "workload", None) is not None):
+        raise BenchError("--client vllm drives vLLM's random dataset: no --dataset, --workload, "
                          "--arrival trace or --max-context")
 
     def length(side: str) -> tuple[int, float]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.errors import BenchError
 from bench.prompts import PromptBuilder
-from cluster.workload_schema import lognormal_mu
+from cluster.workload_schema import LengthSpec, lognormal_mu, sample_lengths
 
 DistributionKind = Literal["fixed", "uniform", "lognormal"]
 
@@ -82,6 +82,17 @@ class SyntheticLengths:
 
     def sample(self, num: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self.input.sample(num, rng), self.output.sample(num, rng)
+
+
+@dataclass(frozen=True)
+class WorkloadFileLengths:
+    """The lengths of a workload file (`cluster.workload_schema`, `--workload FILE`), drawn
+    with the sampler `pdserve plan` uses for the same file: one distribution, one code path."""
+
+    spec: LengthSpec
+
+    def sample(self, num: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return sample_lengths(self.spec, num, rng)
 
 
 @dataclass(frozen=True)

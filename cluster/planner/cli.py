@@ -24,6 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.config import ConfigError, dump_config
+from cluster.workload_schema import WorkloadError, load_workload_file
 
 from .goodput import MAX_RATE
 from .live import describe, fetch_metrics, live_figures, parse_prometheus_text, whatif_overrides
@@ -61,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tpot-s", type=float, help="time-per-output-token SLO, seconds")
     g.add_argument("--attainment", type=float, help="share of requests meeting both SLOs (0-1]")
     g = parser.add_argument_group("workload")
+    g.add_argument("--workload", type=Path, metavar="FILE",
+                   help="workload file (lengths, arrival, rate; cluster/workload_schema.py), the "
+                   "same file `pdserve bench --workload` sends; it replaces --config's workload, "
+                   "flags still win")
     g.add_argument("--workload-csv", type=Path, help="CSV of input_len,output_len to resample")
     g.add_argument("--input-len", type=int, help="fixed prompt length")
     g.add_argument("--output-len", type=int, help="fixed output length")
@@ -210,6 +215,12 @@ def build_request(args: argparse.Namespace) -> PlanRequest:
         if loaded is not None and not isinstance(loaded, dict):
             raise InputError(f"planner config {args.config} must hold a mapping")
         data = loaded or {}
+    if getattr(args, "workload", None) is not None:
+        try:
+            workload = load_workload_file(args.workload)
+        except WorkloadError as e:
+            raise InputError(str(e)) from None
+        data = {**data, "workload": workload.model_dump(mode="json", exclude_none=True)}
     live = getattr(args, "live_overrides", None)
     if live:
         data = _merge(data, live)
@@ -232,7 +243,8 @@ def _read_live(args: argparse.Namespace) -> None:
         return
     figures = live_figures(parse_prometheus_text(fetch_metrics(url)))
     have_lengths = any(getattr(args, k, None) is not None for k in
-                       ("workload_csv", "input_len", "input_len_range")) or bool(getattr(args, "config", None))
+                       ("workload", "workload_csv", "input_len", "input_len_range")) \
+        or bool(getattr(args, "config", None))
     args.live_overrides = whatif_overrides(figures, have_lengths)
     args.live_description = describe(figures, url, have_lengths)
 

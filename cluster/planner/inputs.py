@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.config import SLOConfig
 
+from cluster.workload_schema import WorkloadFile
+
 from .plans import Placement
-from .workload import ArrivalSpec, LengthSpec
+from .workload import ArrivalSpec, LengthSpec  # noqa: F401 (part of this module's vocabulary)
 
 GIB = 1024**3
 GB = 1e9
@@ -80,14 +82,8 @@ class ClusterSpec(_Strict):
         return self.gpu_memory_gib * GIB
 
 
-class WorkloadSpec(_Strict):
-    lengths: LengthSpec = Field(description="Prompt/output length distribution.")
-    arrival: ArrivalSpec = Field(default_factory=ArrivalSpec, description="Arrival process.")
-    rate: float | None = Field(
-        None, gt=0,
-        description="Target request rate (req/s). Set: find the fewest GPUs that sustain it. "
-        "Unset: find the highest goodput within the GPU budget.",
-    )
+# The workload file's schema (`cluster.workload_schema`), which `pdserve bench` reads too.
+WorkloadSpec = WorkloadFile
 
 
 class EngineModelSpec(_Strict):
