@@ -118,6 +118,13 @@ def pool_snapshot(views) -> list[dict]:
     return rows
 
 
+def replan_row(d) -> dict:
+    """A decision of the re-planning loop (`ScalingDecision`), as the page lists it."""
+    return {"time_s": d.time_s, "action": d.action, "applied": d.applied,
+            "prefill": list(d.num_prefill), "decode": list(d.num_decode),
+            "correction": d.correction, "reason": d.reason}
+
+
 def dashboard_snapshot(deps: RouterDeps, now: float | None = None) -> dict:
     """Everything the live page draws, as of `now` (wall-clock seconds)."""
     now = time.time() if now is None else now
@@ -140,6 +147,7 @@ def dashboard_snapshot(deps: RouterDeps, now: float | None = None) -> dict:
         "num_in_flight": deps.num_in_flight,
         "latency": recent_latencies(deps.traces, now),
         "pool": pool_snapshot(deps.pool.all()),
+        "replan": [replan_row(d) for d in reversed(m.recent_replans)],  # newest first
         "totals": {
             "requests_by_outcome": counter_totals(m.requests, "outcome"),
             "slo_requests": slo_judged.get("", 0.0),

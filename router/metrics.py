@@ -181,6 +181,21 @@ class Metrics:
                                 "ttft_slo)", ["reason"], registry=r)
         for reason in ("unauthorized", "body_too_large", "queue_full", "ttft_slo"):
             self.rejected.labels(reason)  # every reason is exported, from 0
+        # -- online re-planning (pdserve/replanner.py; exported once a loop runs) ------
+        self.replan_decisions = Counter(
+            "pdserve_replan_decisions", "Sizing decisions of the re-planning loop, by action "
+            "(hold, resize) and whether it was applied (false: observe-only)",
+            ["action", "applied"], registry=r)
+        self.replan_target = Gauge("pdserve_replan_target_instances",
+                                   "Instances the last re-planning decision asked for, by role",
+                                   ["role"], registry=r)
+        self.replan_correction = Gauge("pdserve_replan_correction_ratio",
+                                       "Measured / predicted latency the re-planner applies to "
+                                       "its profile", registry=r)
+        self.replan_last = Gauge("pdserve_replan_last_decision_timestamp_seconds",
+                                 "When the last re-planning decision was made, with its reason",
+                                 ["action", "reason"], registry=r)
+        self.recent_replans: collections.deque = collections.deque(maxlen=20)  # ScalingDecision
         self._window: collections.deque[tuple[float, bool]] = collections.deque()
         self.started_s = time.time()
 
@@ -234,6 +249,18 @@ class Metrics:
         if result.is_met:
             self.slo_met.labels(slo_class).inc()
         self._window.append((time.time(), result.is_met))
+
+    def record_replan(self, decision) -> None:
+        """One decision of the re-planning loop (a `cluster.planner.online.ScalingDecision`):
+        counted, its targets and correction as gauges, and its reason as the label of the
+        last-decision series (only the newest decision keeps a series)."""
+        self.replan_decisions.labels(decision.action, str(decision.applied).lower()).inc()
+        self.replan_target.labels("prefill").set(decision.num_prefill[1])
+        self.replan_target.labels("decode").set(decision.num_decode[1])
+        self.replan_correction.set(decision.correction)
+        self.replan_last.clear()
+        self.replan_last.labels(decision.action, decision.reason).set(decision.time_s)
+        self.recent_replans.append(decision)
 
     def record_rejection(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

@@ -302,6 +302,13 @@
         `background:${colorOf(p.instance_id)}"></span><em>${fmtPct(kvu)}</em></div></td></tr>`;
     }).join("") || `<tr><td colspan="8">no instances</td></tr>`;
 
+    $("replan-rows").innerHTML = (d.replan || []).map((r) =>
+      `<tr><td>${esc(new Date(r.time_s * 1000).toLocaleTimeString())}</td>` +
+      `<td>${esc(r.action)}${r.applied ? "" : r.action === "resize" ? " (observe only)" : ""}</td>` +
+      `<td>${r.prefill[0]} → ${r.prefill[1]}</td><td>${r.decode[0]} → ${r.decode[1]}</td>` +
+      `<td>×${r.correction.toFixed(2)}</td><td>${esc(r.reason)}</td></tr>`
+    ).join("") || `<tr><td colspan="6">no re-planning loop</td></tr>`;
+
     const e2e = d.latency.e2e_s;
     const pctOf = (n, total) => (total ? ` (${(100 * n / total).toFixed(1)}%)` : "");
     $("totals").innerHTML = [
