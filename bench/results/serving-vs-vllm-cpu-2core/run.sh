@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 echo "start $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg) nproc $(nproc)" | tee "$OUT/machine.txt"
 git rev-parse HEAD >> "$OUT/machine.txt"
 
-PARTS=${PARTS:-"tiny small sweep"}
+PARTS=${PARTS:-"tiny saturation lowload small sweep"}
 
 if [[ " $PARTS " == *" tiny "* ]]; then
 # 1. Tiny model, 512 prompt / 64 output tokens, Poisson 1, 8, 32 req/s, SLO TTFT 1 s / TPOT 50 ms.
@@ -18,12 +18,34 @@ $PY -m bench.cli compare --client vllm \
   --target vllm=vllm --target vllm-both-cores=vllm:cores=0-1 \
   --target pdserve-colocated=deploy/configs/colocated.yaml \
   --target pdserve-disagg=deploy/configs/disaggregated.yaml \
+  --target pdserve-colocated-1=bench/configs/tiny-colocated-1.yaml \
   ${EXTRA_TINY_TARGETS:-} \
   --input-len 512 --output-len 64 --rates 1 8 32 --full-sweep --bisect-steps 0 \
   --num-requests 400 --duration-s 15 --num-warmup 2 --seed 0 \
   --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
   --output-dir "$OUT/tiny-512-64" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/tiny-512-64.txt"
 echo "after tiny $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
+fi
+
+if [[ " $PARTS " == *" saturation "* ]]; then
+# 1b. Where each server's goodput really is: 32 req/s was met by all three.
+$PY -m bench.cli compare --client vllm \
+  --target vllm=vllm --target vllm-both-cores=vllm:cores=0-1 \
+  --target pdserve-colocated-1=bench/configs/tiny-colocated-1.yaml \
+  --input-len 512 --output-len 64 --rates 32 40 48 --full-sweep --bisect-steps 0 \
+  --num-requests 600 --duration-s 15 --num-warmup 2 --seed 0 \
+  --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
+  --output-dir "$OUT/tiny-saturation" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/tiny-saturation.txt"
+fi
+
+if [[ " $PARTS " == *" lowload "* ]]; then
+# 1c. Low load, 60 requests each: per-request and per-token overhead against vLLM.
+$PY -m bench.cli compare --client vllm \
+  --target vllm=vllm --target pdserve-colocated-1=bench/configs/tiny-colocated-1.yaml \
+  --input-len 512 --output-len 64 --rates 1 --full-sweep --bisect-steps 0 \
+  --num-requests 60 --duration-s 60 --num-warmup 2 --seed 0 \
+  --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
+  --output-dir "$OUT/tiny-lowload" 2>&1 | grep -v -E "nanobind|leaked|^ - |refleaks" | tee "$OUT/tiny-lowload.txt"
 fi
 
 if [[ " $PARTS " == *" small "* ]]; then
@@ -33,6 +55,7 @@ $PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocat
   --target vllm=vllm \
   --target pdserve-colocated=bench/configs/small-colocated.yaml \
   --target pdserve-disagg=bench/configs/small-disaggregated.yaml \
+  --target pdserve-colocated-1=bench/configs/small-colocated-1.yaml \
   ${EXTRA_SMALL_TARGETS:-} \
   --input-dist uniform --input-min 512 --input-max 1536 --output-len 64 \
   --rates 0.5 1 2 4 --full-sweep --bisect-steps 0 \
