@@ -403,6 +403,7 @@ class Handoff:
         while True:
             num_prompt = len(req.prompt_token_ids)
             prompt_pending = True
+            is_first_yield = True
             emitted: list[int] | None = [] if may_migrate else None  # what the client got
             fault: Exception | None = None
             w = watch.watch(view, self.trace, is_prompt_phase=True)
@@ -433,9 +434,16 @@ class Handoff:
                             self.trace.num_output_tokens += len(delta.token_ids)
                             if emitted is not None:
                                 emitted.extend(delta.token_ids)
-                            w.task = None  # handing on, not waiting on the worker
+                            w.is_waiting = False  # handing on, not waiting on the worker
                             yield delta
-                            w.task = asyncio.current_task()
+                            w.is_waiting = True
+                            if is_first_yield:
+                                # The consumer may change task once: the front end's start()
+                                # takes a request's first delta, chunks() the rest. Asking
+                                # for the task per delta would cost more than the rest of
+                                # this loop.
+                                is_first_yield = False
+                                w.task = asyncio.current_task()
                         if delta.finish_reason is not None:
                             return
             except asyncio.CancelledError:

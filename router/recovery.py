@@ -262,15 +262,18 @@ def continuation(req: EngineRequest, emitted: Sequence[int]) -> EngineRequest:
 
 
 class Watched:
-    """One call the StallWatch looks after. The handoff sets `task` to the task awaiting the
-    worker and to None while it hands a delta on (two stores per delta, nothing else)."""
+    """One call the StallWatch looks after. `task` is the task that awaits the worker (the
+    handoff sets it when the consuming task may have changed); `is_waiting` is false while
+    the handoff hands a delta on (two stores per delta, nothing else)."""
 
-    __slots__ = ("view", "trace", "task", "is_prompt_phase", "is_stalled", "_mark", "_since")
+    __slots__ = ("view", "trace", "task", "is_waiting", "is_prompt_phase", "is_stalled",
+                 "_mark", "_since")
 
     def __init__(self, view: InstanceView, trace: RequestTrace, is_prompt_phase: bool, now: float):
         self.view = view
         self.trace = trace
         self.task: asyncio.Task | None = asyncio.current_task()
+        self.is_waiting = True
         self.is_prompt_phase = is_prompt_phase
         self.is_stalled = False
         self._mark = trace.num_output_tokens
@@ -319,7 +322,7 @@ class StallWatch:
         assert self.timeout_s is not None
         stalled = []
         for w in list(self._watched):
-            if w.task is None:  # the handoff is handing a delta on, not waiting on the worker
+            if not w.is_waiting or w.task is None:  # handing a delta on, not waiting
                 w._since = None
                 continue
             n = w.trace.num_output_tokens
