@@ -301,10 +301,21 @@ class PoolSizer:
              for n_d in range(st.decode.min_instances, st.decode.max_instances + 1)),
             key=lambda c: (c[0] * self.prefill_config.num_gpus + c[1] * self.decode_config.num_gpus,
                            abs(c[0] - c[1]), c))
-        for n_p, n_d in options:
-            plan = replace(cur, num_prefill=n_p, num_decode=n_d)
-            if s.feasible_layout(plan) and s.passes(plan, rate * st.headroom):
+        within = [(n_p, n_d) for n_p, n_d in options
+                  if n_p * st.prefill_units_per_instance + n_d * st.decode_units_per_instance <= st.max_units
+                  and s.feasible_layout(replace(cur, num_prefill=n_p, num_decode=n_d))]
+        for n_p, n_d in within:
+            if s.passes(replace(cur, num_prefill=n_p, num_decode=n_d), rate * st.headroom):
                 return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s)
-        n_p, n_d = st.prefill.max_instances, st.decode.max_instances
-        return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s,
-                      note="no size within the bounds meets the SLO: the largest is asked for")
+        if not within:
+            n_p, n_d = st.prefill.min_instances, st.decode.min_instances
+            return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s,
+                          note="no size within the bounds fits the unit budget")
+        # Nothing within the budget meets the SLO: the size that comes closest (highest
+        # co-simulated attainment at the observed rate; ties: fewer units), not the largest
+        # size cut down to the budget, which need not be the best split of it.
+        best = max(within, key=lambda c: (
+            s.judge(replace(cur, num_prefill=c[0], num_decode=c[1])).measure(rate).attainment,
+            -options.index(c)))
+        return Sizing(best[0], best[1], now.mean_ttft_s, now.mean_tpot_s,
+                      note="no size within the budget meets the SLO: the one closest to it")

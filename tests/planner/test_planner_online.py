@@ -155,3 +155,25 @@ def test_pool_sizer_follows_a_workload_shift(synthetic_profile_path, tiny_model_
     assert chat[1] > chat[0] and summarise[0] > summarise[1]
     low, high = size(3, 1024, 8), size(12, 1024, 8)
     assert sum(low) < sum(high)
+
+
+def test_pool_sizer_without_a_passing_size_asks_for_the_closest_within_the_budget(
+        synthetic_profile_path, tiny_model_dir):
+    # Decode-bound traffic too heavy for any split of 4 units: the sizer must not ask for the
+    # largest pools (which the budget then cuts to an even split) but for the split whose
+    # co-simulated attainment comes closest: more decodes than prefills.
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.plans import ParallelConfig
+    from cluster.planner.problem import build_problem
+    problem = build_problem(PlanRequest.model_validate({
+        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
+        "slo": {"ttft_s": 0.2, "tpot_s": 0.03, "attainment": 0.9},
+        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
+    settings = ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
+                              decode=PoolBounds(max_instances=3))
+    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    snap = TrafficSnapshot(0, 40, (64,) * 100, (256,) * 100, 0.1, 0.1, 0.2, _instances(2, 2))
+    s = sizer(snap, 1.0)
+    assert "closest" in s.note
+    assert s.num_prefill + s.num_decode <= 4 and s.num_decode > s.num_prefill
