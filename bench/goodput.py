@@ -163,11 +163,15 @@ class Units:
         return f"{self.count:g} {self.name}{'' if self.count == 1 else 's'}"
 
 
-def units_from_config(config: ServeConfig) -> Units:
+def units_from_config(config: ServeConfig, host_cores: int | None = None) -> Units:
     """GPUs (one per tensor/pipeline rank) when any pool reserves GPUs, else CPU cores.
 
     CPU cores are the pinned `cpu_cores` of each instance, or its `num_cpus` reservation
-    when no cores are pinned.
+    when no cores are pinned. With `host_cores` (a deployment started on this host), the
+    core `pdserve serve` keeps for the front end when it places unpinned instances on a host
+    with more cores than instances (pdserve.launcher.with_default_cpu_cores, as vLLM's CPU
+    server keeps one for its API server) counts too: that deployment occupies it, and a
+    per-core comparison with a server given the same cores must say so.
     """
     pools = config.pools().values()
     if any(pool.num_gpus > 0 for pool in pools):
@@ -180,4 +184,8 @@ def units_from_config(config: ServeConfig) -> Units:
             cores += sum(len(instance_cores) for instance_cores in pool.cpu_cores)
         else:
             cores += pool.num_instances * pool.num_cpus
+    num_instances = sum(p.num_instances for p in pools)
+    if (host_cores is not None and num_instances < host_cores
+            and any(p.cpu_cores is None for p in pools)):
+        cores += 1  # the front end's core
     return Units(cores, "core")

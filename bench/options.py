@@ -8,6 +8,7 @@ typo fails in a second.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -223,12 +224,17 @@ def search_from_args(args: argparse.Namespace, slo: SLOConfig) -> SearchSettings
     )
 
 
-def units_from_args(num_units: float | None, config: ServeConfig | None) -> Units | None:
+def units_from_args(num_units: float | None, config: ServeConfig | None,
+                    started_here: bool = True) -> Units | None:
+    """Goodput's divisor: `--num-units`, else from the config; a deployment the benchmark
+    starts on this host also counts the front end's core (bench.goodput.units_from_config)."""
     if num_units is not None:
         if num_units <= 0:
             raise BenchError("--num-units must be positive")
         return Units(num_units, units_from_config(config).name if config else "unit")
-    return units_from_config(config) if config is not None else None
+    if config is None:
+        return None
+    return units_from_config(config, host_cores=len(os.sched_getaffinity(0)) if started_here else None)
 
 
 def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
@@ -295,6 +301,7 @@ def target_from_args(
     label = getattr(args, f"label{key}", None) or (
         config_path.stem if config_path is not None else url)
     target = Target(label=label, config_path=config_path, url=url,
-                    units=units_from_args(getattr(args, f"num_units{key}"), config),
+                    units=units_from_args(getattr(args, f"num_units{key}"), config,
+                                          started_here=url is None),
                     model=getattr(args, f"model{key}"))
     return target, config

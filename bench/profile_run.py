@@ -113,17 +113,31 @@ def _short_name(pid: int, cmdline: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
 
 
-def _wait_busy(router_pid: int, client: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    """Until the router process uses over a third of a core (the load has begun)."""
+def _wait_busy(client: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> None:
+    """Until the client says its timed run began (it builds its prompts first). Watching a
+    process's CPU does not work for every runtime: under Ray Serve the router is a replica
+    process, not the one started here."""
     deadline = time.monotonic() + timeout_s
-    last = _cpu_s(router_pid) or 0.0
     while time.monotonic() < deadline and client.poll() is None:
         time.sleep(0.5)
-        now = _cpu_s(router_pid) or 0.0
-        if now - last > 0.5 / 3:
+        if b"Starting main benchmark run" in log.read_bytes():
             return
-        last = now
     raise SystemExit("profile_run: the load never started (see client.log)")
+
+
+def _deployment_processes(leader: int) -> dict[int, str]:
+    """pid -> command line of the server's processes: its session, and its descendants
+    wherever their session is (Ray's daemons and workers start sessions of their own)."""
+    from cluster.reaper import descendants
+
+    procs = _session_processes(leader)
+    for pid in descendants(leader):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        procs.setdefault(pid, cmd.strip())
+    return procs
 
 
 def _client_argv(args: argparse.Namespace, base_url: str, model: str, tokenizer: str,
@@ -153,9 +167,9 @@ def _profile(args: argparse.Namespace, base_url: str, model: str, tokenizer: str
         args, base_url, model, tokenizer, args.num_prompts, rate, result, max_concurrency),
         stdout=(out / "client.log").open("wb"), stderr=subprocess.STDOUT)
     # The client builds its prompts first (seconds): start recording once the router works.
-    _wait_busy(sid, client)
+    _wait_busy(client, out / "client.log")
     time.sleep(args.settle_s)
-    procs = {pid: cmd for pid, cmd in _session_processes(sid).items()
+    procs = {pid: cmd for pid, cmd in _deployment_processes(sid).items()
              if "python" in cmd or cmd.startswith(("ray::", "VLLM::"))}
     names: dict[int, str] = {}
     for pid, cmd in sorted(procs.items()):

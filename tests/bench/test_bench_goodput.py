@@ -119,3 +119,15 @@ def test_units_from_configs():
     })
     assert units_from_config(gpu) == Units(4.0, "GPU")
     assert str(Units(1.0, "core")) == "1 core" and str(Units(4.0, "GPU")) == "4 GPUs"
+
+
+def test_cpu_units_count_the_front_end_core_a_local_deployment_keeps():
+    one = ServeConfig.model_validate({"mode": "colocated", "colocated": {"num_instances": 1}})
+    assert units_from_config(one) == Units(1.0, "core")  # the engine's reservation alone
+    # pdserve serve on 2 cores puts the engine on one and keeps the other for the front end
+    assert units_from_config(one, host_cores=2) == Units(2.0, "core")
+    two = ServeConfig.model_validate({"mode": "colocated", "colocated": {"num_instances": 2}})
+    assert units_from_config(two, host_cores=2) == Units(2.0, "core")  # no core kept
+    pinned = ServeConfig.model_validate({"mode": "colocated",
+                                         "colocated": {"num_instances": 1, "cpu_cores": [[1]]}})
+    assert units_from_config(pinned, host_cores=2) == Units(1.0, "core")  # the user's choice
