@@ -1,0 +1,50 @@
+"""pdserve serve runs Ray's workers (and so the engines) at nice 0 only where the engines
+leave the front end a core of its own (pdserve/serving.py worker_niceness_env)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ServeConfig
+from pdserve.launcher import with_default_cpu_cores
+from pdserve.serving import worker_niceness_env
+
+
+@pytest.fixture(autouse=True)
+def _no_user_setting(monkeypatch):
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.setattr("pdserve.serving.is_cuda_available", lambda: False)
+
+
+def _placed(raw: dict, cores: list[int]) -> ServeConfig:
+    return with_default_cpu_cores(ServeConfig.model_validate(raw), cores)
+
+
+def test_one_instance_on_two_cores_runs_at_nice_0():
+    config = _placed({"mode": "colocated", "colocated": {"num_instances": 1}}, [0, 1])
+    assert config.colocated.cpu_cores == [[1]]  # core 0 is the front end's
+    assert worker_niceness_env(config, [0, 1]) == {"RAY_worker_niceness": "0"}
+
+
+def test_engines_on_every_core_keep_rays_nice_15():
+    for raw in ({"mode": "colocated", "colocated": {"num_instances": 2}},
+                {"mode": "disaggregated"}):
+        assert worker_niceness_env(_placed(raw, [0, 1]), [0, 1]) == {}
+
+
+def test_pinned_engines_leaving_a_core_free_run_at_nice_0_but_not_on_every_core():
+    free = ServeConfig.model_validate({"mode": "colocated",
+                                       "colocated": {"num_instances": 1, "cpu_cores": [[0]]}})
+    assert worker_niceness_env(free, [0, 1]) == {"RAY_worker_niceness": "0"}
+    full = ServeConfig.model_validate({"mode": "colocated",
+                                       "colocated": {"num_instances": 1, "cpu_cores": [[0, 1]]}})
+    assert worker_niceness_env(full, [0, 1]) == {}
+
+
+def test_a_users_setting_and_gpus_are_left_alone(monkeypatch):
+    config = _placed({"mode": "colocated", "colocated": {"num_instances": 1}}, [0, 1])
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    assert worker_niceness_env(config, [0, 1]) == {}
+    monkeypatch.delenv("RAY_worker_niceness")
+    monkeypatch.setattr("pdserve.serving.is_cuda_available", lambda: True)
+    assert worker_niceness_env(config, [0, 1]) == {}
