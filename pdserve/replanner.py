@@ -36,7 +36,7 @@ from cluster.planner.online import (AddInstances, DrainInstance, Effect, Instanc
 from router.metrics import request_latencies
 
 if TYPE_CHECKING:
-    from router.app import RouterDeps
+    from router.deps import RouterDeps
     from router.pool import WorkerClient, WorkerPool
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from fastapi import FastAPI
 
 from cluster.config import ServeConfig
-from router.app import RouterDeps, create_app
+from router.app import create_app
+from router.deps import RouterDeps
 from router.metrics import Metrics
 from router.pool import WorkerClient, WorkerPool
 from router.tokenizer import ModelTokenizer

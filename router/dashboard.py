@@ -33,7 +33,7 @@ from prometheus_client import Counter
 from router.metrics import SLIDING_WINDOW_S, request_latencies
 
 if TYPE_CHECKING:  # router.app imports this module to mount the routes
-    from router.app import RouterDeps
+    from router.deps import RouterDeps
 
 # Percentiles look at no more than this many of the newest traces: bounds the work per poll
 # (one poll a second per open page) at high request rates, where it is still ample.

@@ -42,7 +42,8 @@ from fastapi.responses import StreamingResponse
 from cluster.wire import EngineRequest, KVHandle, PrefillResult, SamplingSpec
 from router import chat_output
 from router import openai_protocol as oai
-from router.app import RouterDeps, _Generation, _Prepared, _sse, _whole_body
+from router.deps import RouterDeps
+from router.generation import Generation, Prepared, sse, whole_body
 from router.handoff import RequestFailed, RequestState
 from router.pool import InstanceView, RouteRequest
 
@@ -63,11 +64,11 @@ def child_request_id(request_id: str, index: int) -> str:
     return f"{index}_{request_id}"  # vLLM's child request ids
 
 
-class _Choice(_Generation):
-    """One choice: a `_Generation` whose tokens come from a claim on a shared prefill
+class _Choice(Generation):
+    """One choice: a `Generation` whose tokens come from a claim on a shared prefill
     (disaggregated) or from its own whole request (colocated)."""
 
-    def __init__(self, deps: RouterDeps, p: _Prepared, index: int):
+    def __init__(self, deps: RouterDeps, p: Prepared, index: int):
         super().__init__(deps, p)
         self.index = index
         # Disaggregated: this choice's claim and the prefill holding it, until its token
@@ -81,7 +82,7 @@ class _Choice(_Generation):
         self.claim = (prefill, claim)
 
 
-async def serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat: bool):
+async def serve(deps: RouterDeps, p: Prepared, body: oai._SamplingFields, chat: bool):
     n = body.n or 1
     choices: list[_Choice] = []
     try:
@@ -108,7 +109,7 @@ async def serve(deps: RouterDeps, p: _Prepared, body: oai._SamplingFields, chat:
                              headers={"Cache-Control": "no-cache", "X-Request-Id": p.request_id})
 
 
-async def _prefill_once(deps: RouterDeps, p: _Prepared, n: int
+async def _prefill_once(deps: RouterDeps, p: Prepared, n: int
                         ) -> tuple[InstanceView, PrefillResult]:
     """The shared prefill: the prompt computed once, its KV staged in n claims."""
     pool = deps.pool
@@ -175,8 +176,8 @@ async def _start_all(deps: RouterDeps, choices: list[_Choice]) -> None:
         raise
 
 
-async def _whole_bodies(p: _Prepared, choices: list[_Choice], chat: bool) -> dict[str, Any]:
-    tasks = [asyncio.ensure_future(_whole_body(c, chat)) for c in choices]
+async def _whole_bodies(p: Prepared, choices: list[_Choice], chat: bool) -> dict[str, Any]:
+    tasks = [asyncio.ensure_future(whole_body(c, chat)) for c in choices]
     try:
         results = await asyncio.gather(*tasks)
     finally:
@@ -190,7 +191,7 @@ async def _whole_bodies(p: _Prepared, choices: list[_Choice], chat: bool) -> dic
     return merged
 
 
-def _usage(p: _Prepared, choices: list[_Choice]) -> dict[str, int]:
+def _usage(p: Prepared, choices: list[_Choice]) -> dict[str, int]:
     """The prompt once, the choices' completion tokens summed (vLLM's accounting)."""
     return oai.usage(len(p.prompt_token_ids), sum(c.text.num_tokens for c in choices))
 
@@ -202,7 +203,7 @@ def _indexed(event: dict[str, Any], index: int) -> dict[str, Any]:
 
 async def _choice_events(choice: _Choice, rid: str, body: oai._SamplingFields, chat: bool
                          ) -> AsyncIterator[dict[str, Any]]:
-    """One choice's stream events (app._sse_events' per-choice part, with its index)."""
+    """One choice's stream events (generation.sse_events' per-choice part, with its index)."""
     p, model, index = choice.p, choice.deps.model_name, choice.index
     fmt = p.output.logprobs
     continuous = body.include_usage and body.continuous_usage
@@ -254,7 +255,7 @@ async def _pump(choice: _Choice, rid: str, body: oai._SamplingFields, chat: bool
         choice.close()
 
 
-async def _sse_events(deps: RouterDeps, p: _Prepared, choices: list[_Choice],
+async def _sse_events(deps: RouterDeps, p: Prepared, choices: list[_Choice],
                       body: oai._SamplingFields, chat: bool) -> AsyncIterator[str]:
     rid, model = p.request_id, deps.model_name
     queue: asyncio.Queue = asyncio.Queue()
@@ -268,7 +269,7 @@ async def _sse_events(deps: RouterDeps, p: _Prepared, choices: list[_Choice],
                     first["prompt_token_ids"] = list(p.prompt_token_ids)
                 if p.prompt_text is not None:
                     first["prompt_text"] = p.prompt_text
-                yield _sse(first)
+                yield sse(first)
         tasks = [asyncio.ensure_future(_pump(c, rid, body, chat, queue)) for c in choices]
         num_running = len(tasks)
         while num_running:
@@ -276,21 +277,21 @@ async def _sse_events(deps: RouterDeps, p: _Prepared, choices: list[_Choice],
             if item is None:
                 num_running -= 1
             elif isinstance(item, RequestFailed):
-                yield _sse(oai.OpenAIError(500, str(item), "internal_error").body())
+                yield sse(oai.OpenAIError(500, str(item), "internal_error").body())
                 yield "data: [DONE]\n\n"
                 return
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield _sse(item)
+                yield sse(item)
         if body.include_usage:
             use = _usage(p, choices)
             if chat:
-                yield _sse(oai.chat_chunk(rid, model, {}, None, use, with_choice=False))
+                yield sse(oai.chat_chunk(rid, model, {}, None, use, with_choice=False))
             else:
                 final = oai.completion_body(rid, model, "", None, use)
                 final["choices"] = []
-                yield _sse(final)
+                yield sse(final)
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:

@@ -46,7 +46,7 @@ from router.tokenizer import TokenizerError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from router.app import RouterDeps
+    from router.deps import RouterDeps
 
 OPEN_PATHS = frozenset({"/health"})
 METRICS_PREFIXES = ("/metrics", "/dashboard")
