@@ -1,5 +1,8 @@
 """The replica classes of the pdserve Serve application (plain classes; serve_app wraps them).
 
+(Just over ~350 lines: the two replica kinds and the membership protocol they share with
+the registry; `placement.py`, `registry.py` and `serve_app.py` hold the rest.)
+
 - `EngineReplica`: one engine instance of one pool (prefill, decode or colocated). It owns a
   plain worker (`PrefillWorker` / `DecodeWorker`), serves it over a worker channel on its
   node's IP, and publishes itself to the registry once the engine is ready. Serve health

@@ -1,5 +1,9 @@
 """Discrete-event simulation of KV transfer and a pool of decode instances.
 
+(Over ~350 lines on purpose: one event loop. Its events (arrival, transfer done, step
+boundary, preemption) mutate the same per-lane state, and the loop is the planner's hot
+path, inlined for speed; split, the lifecycle below would have no single place to read.)
+
 Request lifecycle on the decode side (push model: decode allocates KV, then prefill writes):
 
     PREFILLED --route(most free KV among allowed instances)--> WAITING (FCFS, per instance)

@@ -9,6 +9,10 @@
        links of the layout, decode memory, joint TTFT+TPOT attainment) and refine the
        instance counts locally with those co-simulations.
 
+(Over ~350 lines on purpose: one search, its branch-and-bound state `_Search` and the
+dominance rule it prunes by. The pure pieces it calls live in their own modules:
+`phase_goodput`, `placement`, `goodput`, `simulator`.)
+
 Objectives: `max_goodput` (no target rate): the highest goodput within the GPU budget;
 goodputs within the bisection tolerance count as equal and then the higher goodput per
 GPU wins. `min_gpus` (target rate): the fewest GPUs whose plan sustains the rate.
