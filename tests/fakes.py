@@ -9,6 +9,7 @@ it holds, so tests can check that every path returns to zero.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -41,7 +42,8 @@ class FakePrefillWorker:
         self.aborted: list[str] = []
         self.running = 0
         self.num_prefills = 0
-        self.requests: list[EngineRequest] = []  # every prefill asked of it
+        # The latest prefills asked of it (bounded: a soak runs these fakes for minutes).
+        self.requests: collections.deque[EngineRequest] = collections.deque(maxlen=64)
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         started = time.time()
@@ -101,7 +103,8 @@ class FakeDecodeWorker:
         self.active: set[str] = set()
         self.aborted: list[str] = []
         self.lose_kv = False  # simulate a handle whose KV is gone: recompute
-        self.requests: list[EngineRequest] = []  # every request asked of it
+        # The latest requests asked of it (bounded, as above).
+        self.requests: collections.deque[EngineRequest] = collections.deque(maxlen=64)
         self.pending_transfers: list[TransferStat] = []
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenDelta]:
