@@ -141,6 +141,9 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     if outcome == "complete":
         if expected is not None and prompt_ids is not None:
             is_exact = token_ids == expected(prompt_ids, max_tokens)
+        # The id the router traces under is the body's (`X-Request-Id` is Ray Serve's own
+        # behind Serve's ingress).
+        request_id = _body_id(text) or request_id
         if request_id is not None:
             outcome, detail = await _recovered(http, request_id, outcome, detail)
     return Ending(outcome, "", seconds, detail, is_exact, prompt, token_ids)
@@ -159,6 +162,16 @@ async def _recovered(http: httpx.AsyncClient, request_id: str, outcome: str,
         return "retried", f"{trace['num_prefill_retries']} retry(ies): " + ",".join(
             trace["prefill_retry_reasons"])
     return outcome, detail
+
+
+def _body_id(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("data: {"):
+            try:
+                return json.loads(line[len("data: "):]).get("id")
+            except ValueError:
+                return None
+    return None
 
 
 def _classify(status: int, text: str) -> tuple[str, str, list[int] | None, list[int]]:
