@@ -2,6 +2,10 @@
 final batch, with one fault injected at a precise moment and every request's ending
 recorded.
 
+(Over ~350 lines on purpose: one command with two forms, over fakes in this process and
+against a live deployment; they share the phases, the per-request outcome rules and the
+checks, which must be the same code for the short form in CI to vouch for the long one.)
+
     python -m bench.faults --fault all                       # short form, fake workers (CI)
     python -m bench.faults --url http://127.0.0.1:8000 --fault kill-decode \\
         --target ServeReplica:pdserve:decode                 # long form, a live deployment

@@ -1,5 +1,8 @@
 """A soak: bounded load against a running pdserve for N minutes, sampling what leaks.
 
+(Just over ~350 lines: one command; its load loop, its samplers (RSS, file descriptors,
+staged segments, Ray's object store) and the flatness verdict share one report.)
+
     python -m bench.soak --url http://127.0.0.1:8000 --minutes 10 --pid <pdserve serve pid>
 
 Load: `--concurrency` closed-loop clients, each sending one request after another (half

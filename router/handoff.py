@@ -1,5 +1,10 @@
 """One request's journey through the pools, as the router drives it.
 
+(Over ~350 lines on purpose: one state machine. Its states, its transition table and every
+move of a request (prefill, retry, handoff, decode, migration, n > 1 claims, clean-up) are
+read together; the policies it consults live elsewhere: `router/recovery.py`,
+`router/pool.py`, `router/fanout.py`.)
+
 Disaggregated (sequential dispatch: decode is chosen once prefill has finished)::
 
     QUEUED ──pick prefill──▶ PREFILLING ──first token──▶ HANDOFF ──pick decode──▶ DECODING

@@ -2,6 +2,10 @@
 decode migration that continues a stream on another instance. Policies only: the handoff
 (router/handoff.py) calls them at the two points described under "Hooks".
 
+(Just over ~350 lines: three small policies that decide together what a fault costs:
+the breaker, the retry loop and the migration budget with the stall watch; most of the
+length is this docstring's account of which faults are recovered and how.)
+
 Which failures are recovered. Only *instance faults*: the connection to the worker broke,
 the worker is gone or timed out (`is_instance_fault`). A worker that reports a failure of
 the request itself (`TokenDelta.error`, a refused input) would fail again anywhere: it is
