@@ -211,17 +211,19 @@ class Handoff:
         self.trace.finish_reason = "stop"
         self.trace.move_to(RequestState.FINISHED)
 
-    async def tokens(self) -> AsyncIterator[TokenDelta]:
+    def tokens(self) -> AsyncIterator[TokenDelta]:
         """Output tokens as deltas, in groups as the workers produce them. Closing the
         iterator early (client gone, stop string) aborts the request on the worker
         computing it."""
+        return self._ended(self._disaggregated() if self.pool.is_disaggregated
+                           else self._colocated())
+
+    async def _ended(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+        """`deltas`, then the request's end: FINISHED, FAILED (a worker's error) or ABORTED
+        (closed early), and the clean-up every way of ending needs."""
         try:
-            if self.pool.is_disaggregated:
-                async for delta in self._disaggregated():
-                    yield delta
-            else:
-                async for delta in self._colocated():
-                    yield delta
+            async for delta in deltas:
+                yield delta
             if not self.state.is_final:
                 self.trace.move_to(RequestState.FINISHED)
         except RequestFailed as e:
@@ -506,7 +508,7 @@ class Handoff:
         self.trace.move_to(resume_state)
         return new, next_req
 
-    async def tokens_from_claim(self, prefill: InstanceView, claim: KVHandle,
+    def tokens_from_claim(self, prefill: InstanceView, claim: KVHandle,
                                 prefill_span_s: tuple[float, float]) -> AsyncIterator[TokenDelta]:
         """n > 1 (`router/fanout.py`): this request is one choice of several whose prompt
         one prefill (on `prefill`, from `prefill_span_s[0]` to `[1]`, its worker's clock)
@@ -516,40 +518,30 @@ class Handoff:
         `_decode` for output-dependent sampling, with no first token to compare: prefill's
         belongs to no choice). Clean-up as `tokens()`: a claim not yet handed to a decode
         is released, a running decode aborted."""
+        return self._ended(self._from_claim(prefill, claim, prefill_span_s))
+
+    async def _from_claim(self, prefill: InstanceView, claim: KVHandle,
+                          prefill_span_s: tuple[float, float]) -> AsyncIterator[TokenDelta]:
         self._held_kv = (prefill, claim)
-        try:
-            self.trace.path, self.trace.path_reason = "disaggregated", "n_choices"
-            self.trace.prefill_instance = prefill.instance_id
-            self.trace.move_to(RequestState.PREFILLING)
-            self.trace.mark(LifecycleEvent.PREFILL_START, prefill_span_s[0])
-            self.trace.mark(LifecycleEvent.PREFILL_END, prefill_span_s[1])
-            self.trace.move_to(RequestState.HANDOFF)
-            view = self.pool.pick_decode(self.route, near=prefill)
-            self.trace.decode_instance = view.instance_id
-            self.pool.begin(view, len(self.prompt_token_ids))
-            self._active = view
-            # From here the decode worker owns the claim (it consumes or frees it).
-            self._handed_kv, self._held_kv = self._held_kv, None
-            self.trace.move_to(RequestState.DECODING)
-            req = EngineRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-                                sampling=self.sampling, kv_handle=claim)
-            async for delta in self._stream(view, req):
-                if self.trace.num_output_tokens == len(delta.token_ids):
-                    self.trace.mark(LifecycleEvent.FIRST_TOKEN)
-                yield delta
-            if not self.state.is_final:
-                self.trace.move_to(RequestState.FINISHED)
-        except RequestFailed as e:
-            self.trace.error = str(e)
-            self.trace.finish_reason = "error"
-            if not self.state.is_final:
-                self.trace.move_to(RequestState.FAILED)
-            raise
-        finally:
-            if not self.state.is_final:
-                self.trace.move_to(RequestState.ABORTED)
-                self.trace.finish_reason = self.trace.finish_reason or "abort"
-            self._clean_up()
+        self.trace.path, self.trace.path_reason = "disaggregated", "n_choices"
+        self.trace.prefill_instance = prefill.instance_id
+        self.trace.move_to(RequestState.PREFILLING)
+        self.trace.mark(LifecycleEvent.PREFILL_START, prefill_span_s[0])
+        self.trace.mark(LifecycleEvent.PREFILL_END, prefill_span_s[1])
+        self.trace.move_to(RequestState.HANDOFF)
+        view = self.pool.pick_decode(self.route, near=prefill)
+        self.trace.decode_instance = view.instance_id
+        self.pool.begin(view, len(self.prompt_token_ids))
+        self._active = view
+        # From here the decode worker owns the claim (it consumes or frees it).
+        self._handed_kv, self._held_kv = self._held_kv, None
+        self.trace.move_to(RequestState.DECODING)
+        req = EngineRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+                            sampling=self.sampling, kv_handle=claim)
+        async for delta in self._stream(view, req):
+            if self.trace.num_output_tokens == len(delta.token_ids):
+                self.trace.mark(LifecycleEvent.FIRST_TOKEN)
+            yield delta
 
 
 def _without_replayed_first(delta: TokenDelta, first_token: int) -> TokenDelta:
