@@ -199,3 +199,21 @@ async def serving(app):
     finally:
         server.should_exit = True
         await task
+
+
+async def settle_pool(pool) -> None:
+    """Let a pool's background clean-up (aborts, KV releases) finish."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if pool._background:
+        await asyncio.wait(list(pool._background), timeout=5)
+
+
+def assert_nothing_held(pool, prefills, decodes) -> None:
+    """The leak check every abort path ends in: no staged KV, no running decode, no
+    in-flight accounting, no background task."""
+    assert all(not p.staged for p in prefills), "staged KV leaked"
+    assert all(not d.active for d in decodes), "a decode still runs the request"
+    for view in pool.all():
+        assert view.inflight_requests == 0 and view.inflight_prompt_tokens == 0, view.instance_id
+    assert not pool._background

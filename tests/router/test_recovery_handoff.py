@@ -18,7 +18,8 @@ from router.handoff import Handoff, RequestFailed, RequestState, RequestTrace
 from router.metrics import Metrics
 from router.pool import WorkerPool
 from router.recovery import BreakerState
-from tests.fakes import FakeDecodeWorker, FakePrefillWorker, next_token
+from tests.fakes import FakeDecodeWorker, FakePrefillWorker, assert_nothing_held, next_token
+from tests.fakes import settle_pool as settle
 
 PROMPT = (5, 6, 7, 8)
 
@@ -112,21 +113,6 @@ async def drain(handoff) -> tuple[list[int], list[RequestState]]:
         out.extend(delta.token_ids)
         states.append(handoff.state)
     return out, states
-
-
-async def settle(pool: WorkerPool) -> None:
-    for _ in range(3):
-        await asyncio.sleep(0)
-    if pool._background:
-        await asyncio.wait(list(pool._background), timeout=5)
-
-
-def assert_nothing_held(pool: WorkerPool, prefills, decodes) -> None:
-    assert all(not p.staged for p in prefills), "staged KV leaked"
-    assert all(not d.active for d in decodes), "a decode still runs the request"
-    for view in pool.all():
-        assert view.inflight_requests == 0 and view.inflight_prompt_tokens == 0, view.instance_id
-    assert not pool._background
 
 
 FAST = dict(retry_backoff_base_s=0.001, retry_backoff_cap_s=0.002)

@@ -15,6 +15,8 @@ from router.handoff import TRANSITIONS, Handoff, InvalidTransition, RequestState
 from router.pool import RouteRequest, WorkerPool
 from router.prefix import PrefixIndex, block_hashes
 from tests.fakes import FakeDecodeWorker, FakePrefillWorker, make_fake_deployment, next_token, serving
+from tests.fakes import assert_nothing_held as _assert_nothing_held
+from tests.fakes import settle_pool as _settle
 
 MODEL = "pdserve-tiny"
 
@@ -68,21 +70,6 @@ def _handoff(pool, max_tokens=6, prompt=(5, 6, 7, 8)):
     trace = RequestTrace("req-1", len(prompt))
     sampling = SamplingSpec(max_tokens=max_tokens, ignore_eos=True)
     return Handoff(pool, frozenset({1}), "req-1", list(prompt), sampling, trace), trace
-
-
-async def _settle(pool: WorkerPool) -> None:
-    for _ in range(3):
-        await asyncio.sleep(0)
-    if pool._background:
-        await asyncio.wait(list(pool._background), timeout=5)
-
-
-def _assert_nothing_held(pool: WorkerPool, prefills, decodes) -> None:
-    assert all(not p.staged for p in prefills), "staged KV leaked"
-    assert all(not d.active for d in decodes), "a decode still runs the request"
-    for view in pool.all():
-        assert view.inflight_requests == 0 and view.inflight_prompt_tokens == 0, view.instance_id
-    assert not pool._background
 
 
 async def test_handoff_runs_the_whole_disaggregated_path():
