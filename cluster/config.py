@@ -182,9 +182,17 @@ class KVTransferSettings(_Strict):
         "staging arena, where each layer's KV is gathered on the device (on a side stream, "
         "after the layer's compute) for transport `cuda_ipc` or `dist` over NCCL. The arena is "
         "bounded: a request that does not fit takes the host path. It comes out of the "
-        "engine's gpu_memory_utilization share (see kvtransfer.memory). Today only the device "
-        "data path's harness and benchmark read it: the serving connector still stages on the "
-        "host, so serving ignores it (docs/STATUS.md, issue 15). CPU engines ignore it.",
+        "engine's gpu_memory_utilization share (see kvtransfer.memory). Used where "
+        "`device_path` puts the prefill's staging on the device.",
+    )
+    device_path: Literal["auto", "off", "force"] = Field(
+        "auto",
+        description="Where a prefill's connector stages KV. auto: in the device staging arena "
+        "when the engine's KV cache is on a GPU and the transport moves device memory "
+        "(`cuda_ipc`, `dist`, or `auto` with a rendezvous store), else in host segments (CPU "
+        "engines: always host); off: always host segments; force: the device path whatever "
+        "device the cache is on, CPU included (tests: the arena in host memory, moved over "
+        "`dist` with gloo). A request that does not fit in the arena takes the host path.",
     )
     dist_store_host: str | None = Field(
         None,
