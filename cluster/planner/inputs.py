@@ -44,6 +44,11 @@ class ClusterSpec(_Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory the engine may use (weights + KV)."
     )
+    device_staging_gib: float = Field(
+        0.0, ge=0, description="GPU memory each instance gives the KV transfer's device staging "
+        "arena (kv_transfer.device_staging_gib where the device path is on), out of the "
+        "gpu_memory_utilization share: the computed KV capacity is net of it."
+    )
     intra_node_bandwidth_gb_s: float = Field(
         300.0, gt=0, description="GPU-to-GPU bandwidth inside a node per GPU pair, GB/s (NVLink)."
     )

@@ -47,8 +47,10 @@ class PlanningProblem:
             # vLLM's CPU backend gives the KV cache exactly its space; weights live outside it.
             block_bytes = self.kv_bytes_per_token * self.request.engine.block_size
             return int(c.gpu_memory_bytes // block_bytes) * self.request.engine.block_size
+        # The device staging arena comes out of the same share (kvtransfer/memory.py).
+        utilization = c.gpu_memory_utilization - c.device_staging_gib * 2**30 / c.gpu_memory_bytes
         return kv_capacity_tokens(self.shape, config.tp, config.pp, c.gpu_memory_bytes,
-                                  c.gpu_memory_utilization, self.request.engine.block_size)
+                                  utilization, self.request.engine.block_size)
 
     def exclusion(self, config: ParallelConfig) -> str | None:
         """Why an instance of this shape cannot serve, or None."""
