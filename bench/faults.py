@@ -77,6 +77,14 @@ class HarnessResult:
     stall_timeout_s: float | None = None
     elapsed_s: float = 0.0
     capacity_back_s: float | None = None  # fault to every instance routable again
+    # Long form: each live engine's KV-cache use (0..1 of its blocks) once the load is over
+    # and idle, from the router's polled stats (/dashboard/data). None: not measured.
+    kv_usage_left: dict[str, float] | None = None
+    # Every answer has exactly this many tokens (greedy with ignore_eos). None: not checked.
+    num_tokens_expected: int | None = None
+    # Long form: complete answers (not recovered) re-run as a control of the greedy re-run
+    # comparison: (equal, compared).
+    control_exact: tuple[int, int] | None = None
 
     def table(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -100,6 +108,13 @@ class HarnessResult:
         final = [e for e in self.endings if e.phase == "final"]
         held = {} if self.left_on_workers is None else {
             "no_request_left_on_a_worker": self.left_on_workers == 0}
+        if self.kv_usage_left is not None:
+            held["no_kv_blocks_left_on_an_engine"] = all(
+                u == 0 for u in self.kv_usage_left.values())
+        if self.num_tokens_expected is not None:
+            held["every_answer_has_every_token"] = all(
+                len(e.token_ids) == self.num_tokens_expected for e in self.endings
+                if e.outcome in ("complete", "retried", "migrated"))
         return held | {
             "no_broken_stream": all(e.outcome != "broken" for e in self.endings),
             "nothing_waited_past_the_timeout": all(e.seconds <= self.timeout_s for e in self.endings),
@@ -113,7 +128,9 @@ class HarnessResult:
         return {"fault": self.fault, "timeout_s": self.timeout_s,
                 "stall_timeout_s": self.stall_timeout_s, "elapsed_s": round(self.elapsed_s, 2),
                 "capacity_back_s": self.capacity_back_s, "leaked_staged": self.leaked_staged,
-                "left_on_workers": self.left_on_workers,
+                "left_on_workers": self.left_on_workers, "kv_usage_left": self.kv_usage_left,
+                "num_tokens_expected": self.num_tokens_expected,
+                "control_exact": self.control_exact,
                 "by_phase": self.table(), "by_outcome": self.by_outcome(), "checks": self.checks,
                 "endings": [asdict(e) for e in self.endings]}
 
@@ -137,6 +154,11 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                 text = (await r.aread()).decode(errors="replace")
                 status = r.status_code
         outcome, detail, prompt_ids, token_ids = _classify(status, text)
+    except httpx.ConnectError as e:
+        # No connection was made (nothing listens: a killed router before its replacement);
+        # nothing was sent or half-received, and the client knows it at once.
+        return Ending("clean_error", "", time.monotonic() - t0,
+                      f"connection refused ({type(e).__name__})", prompt=prompt)
     except (TimeoutError, httpx.HTTPError) as e:
         return Ending("broken", "", time.monotonic() - t0,
                       f"{type(e).__name__}: client gave up or connection failed")
@@ -209,12 +231,16 @@ async def drive(url: str, model: str, inject: Callable[[Callable[[str], None]], 
                 num_requests: int, concurrency: int, timeout_s: float, max_tokens: int,
                 expected: Expected | None, is_back: Callable[[], object],
                 headers: dict[str, str] | None = None, final_batch: int | None = None,
-                stable_s: float = 0.0) -> tuple[list[Ending], float | None]:
+                stable_s: float = 0.0, prompt_words: int = 8,
+                pause_after_error_s: float = 0.0) -> tuple[list[Ending], float | None]:
     """Closed-loop load of at least `num_requests`, and on until `inject(set_phase)` has
     returned (so the load spans the fault and the start of recovery); then, once
-    `is_back()` (awaitable -> bool) has held for `stable_s`, a final batch. Returns the
-    endings and how long after the start of the fault phase capacity was back (None:
-    never, within 120 s)."""
+    `is_back()` (awaitable -> bool) has held for `stable_s`, a final batch. Request i's
+    prompt is "request i " `prompt_words` times. A client that got anything but a complete
+    answer waits `pause_after_error_s` before its next request (as a client backing off
+    does; without it, clean 503s in ~5 ms spin the load and take the cores the replacement
+    needs). Returns the endings and how long after the start of the fault phase capacity
+    was back (None: never, within 120 s)."""
     endings: list[Ending] = []
     phase = {"now": "steady", "fault_at": None}
 
@@ -225,9 +251,12 @@ async def drive(url: str, model: str, inject: Callable[[Callable[[str], None]], 
 
     async def one(http, i: int, tag: str | None = None) -> None:
         at = tag or phase["now"]
-        ending = await one_request(http, model, f"request {i} " * 8, max_tokens, timeout_s, expected)
+        ending = await one_request(http, model, f"request {i} " * prompt_words, max_tokens,
+                                   timeout_s, expected)
         ending.phase = at
         endings.append(ending)
+        if ending.outcome not in ("complete", "retried", "migrated") and pause_after_error_s:
+            await asyncio.sleep(pause_after_error_s)
 
     back_after = None
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 5, headers=headers) as http:
@@ -504,15 +533,34 @@ async def _instances_ready(http: httpx.AsyncClient) -> dict[str, int]:
     return ready
 
 
+async def _engines_idle(http: httpx.AsyncClient) -> tuple[int | None, dict[str, float] | None]:
+    """(requests the live engines still run or queue, each engine's KV-cache use) from the
+    router's latest stats poll (`/dashboard/data`); (None, None) if it cannot be read.
+    vLLM counts a freed block, prefix-cached or not, as free: an idle engine reads 0.0."""
+    try:
+        rows = (await http.get("/dashboard/data")).json()["pool"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None, None
+    rows = [r for r in rows if r["is_healthy"] and r["kv_cache_usage"] is not None]
+    held = sum(r["num_running_reqs"] + r["num_waiting_reqs"] for r in rows)
+    return held, {f'{r["role"]}/{r["instance_id"]}': r["kv_cache_usage"] for r in rows}
+
+
 async def run_live(url: str, model: str, fault: str, target: str, *, num_requests: int = 60,
                    concurrency: int = 4, fault_at_s: float = 5.0, timeout_s: float = 60.0,
                    stall_timeout_s: float | None = None, max_tokens: int = 32,
-                   api_key: str | None = None, settle_s: float = 10.0) -> HarnessResult:
-    """The same phases against a running deployment; the fault is a signal to `target`."""
+                   api_key: str | None = None, settle_s: float = 10.0, prompt_words: int = 8,
+                   num_controls: int = 8) -> HarnessResult:
+    """The same phases against a running deployment; the fault is a signal to `target`.
+    Once idle: staged segments in /dev/shm and each engine's KV-cache use (the router's
+    polled engine stats), then every retried or migrated answer, and `num_controls`
+    answers that were not, compared token for token with the same greedy request sent
+    again."""
     if fault not in LIVE_FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(LIVE_FAULTS)}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    result = HarnessResult(fault=fault, timeout_s=timeout_s, stall_timeout_s=stall_timeout_s)
+    result = HarnessResult(fault=fault, timeout_s=timeout_s, stall_timeout_s=stall_timeout_s,
+                           num_tokens_expected=max_tokens)
     hold_s = timeout_s + 1.5
     async with httpx.AsyncClient(base_url=url, timeout=10, headers=headers) as http:
         before = await _instances_ready(http)
@@ -553,15 +601,25 @@ async def run_live(url: str, model: str, fault: str, target: str, *, num_request
         result.endings, result.capacity_back_s = await drive(
             url, model, inject, num_requests=num_requests, concurrency=concurrency,
             timeout_s=timeout_s, max_tokens=max_tokens, expected=None, is_back=is_back,
-            headers=headers, stable_s=10.0)
+            headers=headers, stable_s=10.0, prompt_words=prompt_words, pause_after_error_s=0.2)
         await asyncio.sleep(settle_s)
         result.leaked_staged = max(0, staged_on_host() - staged_before)
-        # Recovered answers against the same greedy request on the healthy deployment.
+        result.left_on_workers, result.kv_usage_left = await _engines_idle(http)
+        # Recovered answers against the same greedy request on the healthy deployment; a
+        # few that were not recovered as a control (greedy on these engines is
+        # deterministic, so a difference in a recovered one is the recovery's).
+        controls = [e for e in result.endings if e.outcome == "complete"][:num_controls]
+        equal = 0
         async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers) as again:
             for e in result.endings:
-                if e.outcome in ("retried", "migrated"):
+                if e.outcome in ("retried", "migrated") or any(e is c for c in controls):
                     rerun = await one_request(again, model, e.prompt, max_tokens, timeout_s)
-                    e.is_exact = rerun.token_ids == e.token_ids if rerun.outcome == "complete" else None
+                    is_exact = rerun.token_ids == e.token_ids if rerun.outcome == "complete" else None
+                    if e.outcome == "complete":
+                        equal += bool(is_exact)
+                    else:
+                        e.is_exact = is_exact
+        result.control_exact = (equal, len(controls))
         result.elapsed_s = time.monotonic() - started
     return result
 
@@ -571,7 +629,9 @@ def _print(result: HarnessResult) -> None:
     waits = [e.seconds for e in result.endings] or [0.0]
     print(f"{result.fault}: {json.dumps(result.table())}  by outcome "
           f"{json.dumps(result.by_outcome())}  longest wait {max(waits):.2f} s  "
-          f"staged left {result.leaked_staged}  capacity back after "
+          f"staged left {result.leaked_staged}  engine KV use left "
+          f"{json.dumps(result.kv_usage_left)}  requests left on engines {result.left_on_workers}  "
+          f"control reruns equal {result.control_exact}  capacity back after "
           f"{result.capacity_back_s if result.capacity_back_s is None else round(result.capacity_back_s, 1)} s  "
           f"checks {json.dumps(result.checks)}", flush=True)
 
@@ -589,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="long form: command-line substring of the process to signal")
     p.add_argument("--fault-at-s", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--prompt-words", type=int, default=8,
+                   help="long form: request i's prompt is 'request i ' this many times")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"))
     p.add_argument("--output", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
@@ -601,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             args.url, args.model, args.fault, args.target, num_requests=args.requests,
             concurrency=args.concurrency, timeout_s=args.timeout_s,
             fault_at_s=args.fault_at_s if args.fault_at_s is not None else 5.0,
-            max_tokens=args.max_tokens or 32, api_key=args.api_key))
+            max_tokens=args.max_tokens or 32, api_key=args.api_key,
+            prompt_words=args.prompt_words))
         results.append(result)
         _print(result)
         ok = all(result.checks.values())

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Real-engine fault run: `pdserve serve` (Ray Serve, direct ingress, embedded tiny model,
-# 1 prefill + 2 decodes, config.yaml), then one fault at a time from bench/faults.py's long
+# config.yaml: 1 prefill + 2 decodes), then one fault at a time from bench/faults.py's long
 # form, each waiting until Serve has replaced what was killed. Results: faults.txt (one
-# line per fault), <fault>.json (every request), serve.log.
+# line per fault), <fault><tag>.json (every request), serve<tag>.log.
 #
-#   flock /tmp/pdserve-heavy.lock bash bench/results/faults-cpu-2core/run.sh
-#   FAULTS=kill-router INGRESS=proxy flock ... run.sh   # a subset, Serve's HTTP proxy in front
+#   pdmeasure bash bench/results/faults-cpu-2core/run.sh      # every fault, config.yaml
+#   FAULTS="kill-prefill stop-prefill" CONFIG=config-2prefill.yaml TAG=-2prefill \
+#     PROMPT_WORDS=300 MAX_TOKENS=16 pdmeasure bash bench/results/faults-cpu-2core/run.sh
+#   FAULTS=kill-router INGRESS=proxy pdmeasure ... run.sh        # Serve's HTTP proxy in front
+# (pdmeasure holds the machine's heavy lock itself: no flock inside.)
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=bench/results/faults-cpu-2core
 URL=http://127.0.0.1:8741
 PY=.venv/bin/python
 FAULTS=${FAULTS:-kill-decode stop-decode kill-prefill stop-prefill kill-router}
-TAG=${INGRESS:+-$INGRESS}
-echo "== $(date -u +%FT%TZ) faults: $FAULTS ingress: ${INGRESS:-default}" | tee -a $OUT/faults.txt
-.venv/bin/pdserve serve --config $OUT/config.yaml ${INGRESS:+--ingress $INGRESS} > $OUT/serve$TAG.log 2>&1 &
+CONFIG=${CONFIG:-config.yaml}
+TAG=${TAG:-}${INGRESS:+-$INGRESS}
+PROMPT_WORDS=${PROMPT_WORDS:-8}   # request i's prompt: "request i " this many times
+MAX_TOKENS=${MAX_TOKENS:-128}
+echo "== $(date -u +%FT%TZ) faults: $FAULTS config: $CONFIG ingress: ${INGRESS:-default}" \
+  "prompt words: $PROMPT_WORDS max tokens: $MAX_TOKENS" | tee -a $OUT/faults.txt
+.venv/bin/pdserve serve --config $OUT/$CONFIG ${INGRESS:+--ingress $INGRESS} > $OUT/serve$TAG.log 2>&1 &
 SERVE=$!
 cleanup() {
   kill -INT $SERVE 2>/dev/null
@@ -34,7 +41,8 @@ store() {  # Ray object-store use of this deployment's Ray (bench/soak.py's read
 echo "object store MiB at start: $(store)" | tee -a $OUT/faults.txt
 run() {  # fault target
   $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 60 --concurrency 4 \
-    --timeout-s 30 --max-tokens 128 --fault-at-s 4 --output $OUT/$1$TAG.json 2>&1 \
+    --timeout-s 30 --max-tokens $MAX_TOKENS --prompt-words $PROMPT_WORDS --fault-at-s 4 \
+    --output $OUT/$1$TAG.json 2>&1 \
     | grep -v "^WARNING\|PDDBG" | tee -a $OUT/faults.txt
 }
 for fault in $FAULTS; do
