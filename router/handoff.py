@@ -294,19 +294,24 @@ class Handoff:
             self._held_kv = (view, result.kv_handle)
         self.trace.move_to(RequestState.HANDOFF)
         first = result.first_token_id
+        finish = self._ends_at_first_token(first)
+        # The decode is chosen before the first token goes out: with none available the
+        # client gets a clean 503 (WorkerUnavailable), not a token and then a dropped
+        # stream; the clean-up releases the staged KV.
+        decode = None if finish is not None or self._held_kv is None else \
+            self.pool.pick_decode(self.route, near=view)
         self.trace.mark(LifecycleEvent.FIRST_TOKEN)
         self.trace.num_output_tokens = 1
         first_logprobs = (result.first_token_logprob,) if result.first_token_logprob else None
         yield TokenDelta(token_ids=(first,), logprobs=first_logprobs)
 
-        finish = self._ends_at_first_token(first)
         if finish is not None:
             self.trace.finish_reason = finish
             self.trace.served_by = "prefill_only"
             return  # tokens()'s clean-up releases the staged KV
-        if self._held_kv is None:
+        if decode is None:
             raise RequestFailed(f"prefill on {view.instance_id} staged no KV")
-        async for delta in self._decode(first):
+        async for delta in self._decode(first, decode):
             yield delta
 
     async def _prefill_on(self, view: InstanceView):
@@ -345,9 +350,9 @@ class Handoff:
         self.trace.prefill_retry_reasons += (fault_reason(fault),)
         self.trace.move_to(RequestState.RETRYING)
 
-    async def _decode(self, first_token: int) -> AsyncIterator[TokenDelta]:
+    async def _decode(self, first_token: int, view: InstanceView) -> AsyncIterator[TokenDelta]:
         assert self._held_kv is not None
-        producer, handle = self._held_kv
+        _, handle = self._held_kv
         s = self.sampling
         # Every sampling field carries over; only the budget shrinks by the first token.
         decode_sampling = msgspec.structs.replace(
@@ -359,7 +364,6 @@ class Handoff:
             # gets the prompt alone (KV for all but its last token), samples the first token
             # again under the same seed and constraint, and the router drops that copy.
             decode_sampling, prompt, replayed_first = s, self.prompt_token_ids, first_token
-        view = self.pool.pick_decode(self.route, near=producer)
         self.trace.decode_instance = view.instance_id
         self.pool.begin(view, len(prompt))  # what _stream will count done: this request's prompt
         self._active = view

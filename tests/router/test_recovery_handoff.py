@@ -418,3 +418,62 @@ async def test_no_available_instance_still_means_503_before_any_token():
     handoff, trace = make(pool)
     with pytest.raises(WorkerUnavailable):
         await drain(handoff)
+
+
+class UnreachableDecode(FakeDecodeWorker):
+    """Fails its stats poll (frozen, or gone from the registry): never available."""
+
+    async def stats(self):
+        raise ChannelLost("the channel to decode was lost (IncompleteReadError)")
+
+
+async def test_no_decode_available_after_the_prefill_is_a_503_before_any_token():
+    # The fault run on real engines: both decodes out of routing for a moment (one frozen,
+    # the other's registry entry expired) while a prefill computed a prompt. The decode is
+    # chosen before the first token goes out, so the client gets a clean 503, not a token
+    # followed by a dropped connection, and the staged KV goes back to its producer.
+    prefill = FakePrefillWorker()
+    decode = UnreachableDecode(prefills=[prefill])
+    pool = await ready_pool(RouterConfig(), prefill=[prefill], decode=[decode])
+    assert not any(v.is_available for v in pool.decode) and pool.prefill[0].is_available
+    handoff, trace = make(pool)
+    deltas = handoff.tokens()
+    with pytest.raises(WorkerUnavailable):
+        await deltas.__anext__()
+    assert prefill.num_prefills == 1 and trace.state == RequestState.ABORTED
+    await settle(pool)
+    assert_nothing_held(pool, [prefill], [decode])
+
+
+class HealingPrefill(FakePrefillWorker):
+    """Loses every prefill while `is_lost` (a frozen instance's requests, retried
+    elsewhere or failed), answers its polls throughout."""
+
+    is_lost = True
+
+    async def prefill(self, req):
+        if self.is_lost:
+            raise ChannelLost("the channel to prefill was lost (IncompleteReadError)")
+        return await super().prefill(req)
+
+
+async def test_an_instance_back_from_a_fault_takes_every_request_once_it_answers_a_poll():
+    # The fault run on real engines: the only prefill frozen past the stall timeout opened
+    # its breaker; once thawed and polled ready, 7 of the next 8 requests got 503 "no
+    # prefill instance is available" (HALF_OPEN lets one trial through). An answered poll
+    # after open_s is that trial.
+    prefill = HealingPrefill()
+    decode = FakeDecodeWorker(prefills=[prefill])
+    config = RouterConfig(breaker_failure_threshold=1, breaker_open_s=0.05, **FAST)
+    pool = await ready_pool(config, prefill=[prefill], decode=[decode])
+    with pytest.raises((WorkerUnavailable, RequestFailed)):
+        await drain(make(pool)[0])
+    assert pool.recovery.breakers.state("prefill-0", time.monotonic()) == BreakerState.OPEN
+    prefill.is_lost = False
+    await asyncio.sleep(0.06)
+    await pool.refresh()
+    results = await asyncio.gather(*(drain(make(pool, rid=f"after-{i}")[0]) for i in range(8)),
+                                   return_exceptions=True)
+    assert [r[0] if isinstance(r, tuple) else r for r in results] == [reference(12)] * 8
+    await settle(pool)
+    assert_nothing_held(pool, [prefill], [decode])
