@@ -312,6 +312,7 @@ class WorkerPool:
             return
         view.stats = stats
         view.is_healthy = True
+        self.recovery.breakers.poll_answered(view.instance_id, time.monotonic())
         view.blocks_reserved_since_poll = 0
         if view.prefixes is not None and view.prefixes.capacity_blocks != stats.num_kv_blocks:
             view.prefixes.resize(stats.num_kv_blocks)

@@ -23,7 +23,10 @@ Circuit breaker, per instance::
       ▲                                                ▲                 │
       └──────────── a success ─────────────────────────┼─────────────────┤
                                                        └──── a fault ────┘
-    OPEN instances are skipped by routing; HALF_OPEN lets one trial request through.
+    OPEN instances are skipped by routing; HALF_OPEN lets one trial request through, and
+    an answered stats poll in HALF_OPEN counts as a successful trial (the poll crosses the
+    same channel): without it, an instance back from a freeze with every client waiting
+    took one request and refused the rest with 503 until that one ended.
 
 Decode migration (after tokens reached the client). The stream continues on another decode
 with `continuation(req, emitted)`: the prompt grows by the tokens the client already has
@@ -142,6 +145,11 @@ class CircuitBreaker:
         self._opened_at = None
         self._trial_out = False
 
+    def poll_answered(self, now: float) -> None:
+        """The instance answered a stats poll: a successful trial once open_s is over."""
+        if self.state(now) == BreakerState.HALF_OPEN:
+            self.record_success()
+
     def record_failure(self, now: float) -> None:
         self._failures += 1
         self._trial_out = False
@@ -173,6 +181,11 @@ class Breakers:
         breaker = self._by_instance.get(instance_id)
         if breaker is not None:
             breaker.record_success()
+
+    def poll_answered(self, instance_id: str, now: float) -> None:
+        breaker = self._by_instance.get(instance_id)
+        if breaker is not None:
+            breaker.poll_answered(now)
 
     def on_attempt(self, instance_id: str, now: float) -> None:
         """Routing chose `instance_id`: a HALF_OPEN breaker's one trial is out."""

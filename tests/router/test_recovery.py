@@ -71,6 +71,17 @@ def test_breaker_opens_after_consecutive_faults_and_lets_one_trial_through():
     assert b.state(12.4) == BreakerState.CLOSED and b.allows(12.4)
 
 
+def test_an_answered_poll_closes_a_half_open_breaker_but_not_an_open_one():
+    b = CircuitBreaker(failure_threshold=1, open_s=5.0)
+    b.record_failure(0.0)
+    b.poll_answered(1.0)  # still within open_s: the faults are recent
+    assert b.state(1.0) == BreakerState.OPEN
+    b.poll_answered(5.5)  # the poll is the trial: every request may go again
+    assert b.state(5.5) == BreakerState.CLOSED and b.allows(5.5)
+    b.on_attempt(5.6)
+    assert b.allows(5.6)  # no single-trial limit once closed
+
+
 def test_backoff_is_full_jitter_and_capped():
     policy = RetryPolicy(max_attempts=5, backoff_base_s=0.1, backoff_cap_s=0.3)
     assert [policy.delay_s(n, rng=lambda: 1.0) for n in (1, 2, 3, 4)] == \
