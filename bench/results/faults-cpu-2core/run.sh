@@ -6,7 +6,7 @@
 #
 #   pdmeasure bash bench/results/faults-cpu-2core/run.sh      # every fault, config.yaml
 #   FAULTS="kill-prefill stop-prefill" CONFIG=config-2prefill.yaml TAG=-2prefill \
-#     PROMPT_WORDS=300 MAX_TOKENS=16 pdmeasure bash bench/results/faults-cpu-2core/run.sh
+#     PROMPT_WORDS=300 MAX_TOKENS=16 CONCURRENCY=8 pdmeasure bash bench/results/faults-cpu-2core/run.sh
 #   FAULTS=kill-router INGRESS=proxy pdmeasure ... run.sh        # Serve's HTTP proxy in front
 # (pdmeasure holds the machine's heavy lock itself: no flock inside.)
 set -u
@@ -19,8 +19,9 @@ CONFIG=${CONFIG:-config.yaml}
 TAG=${TAG:-}${INGRESS:+-$INGRESS}
 PROMPT_WORDS=${PROMPT_WORDS:-8}   # request i's prompt: "request i " this many times
 MAX_TOKENS=${MAX_TOKENS:-128}
+CONCURRENCY=${CONCURRENCY:-4}
 echo "== $(date -u +%FT%TZ) faults: $FAULTS config: $CONFIG ingress: ${INGRESS:-default}" \
-  "prompt words: $PROMPT_WORDS max tokens: $MAX_TOKENS" | tee -a $OUT/faults.txt
+  "prompt words: $PROMPT_WORDS max tokens: $MAX_TOKENS concurrency: $CONCURRENCY" | tee -a $OUT/faults.txt
 .venv/bin/pdserve serve --config $OUT/$CONFIG ${INGRESS:+--ingress $INGRESS} > $OUT/serve$TAG.log 2>&1 &
 SERVE=$!
 cleanup() {
@@ -40,7 +41,7 @@ store() {  # Ray object-store use of this deployment's Ray (bench/soak.py's read
 }
 echo "object store MiB at start: $(store)" | tee -a $OUT/faults.txt
 run() {  # fault target
-  $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 60 --concurrency 4 \
+  $PY -m bench.faults --url $URL --fault "$1" --target "$2" --requests 60 --concurrency $CONCURRENCY \
     --timeout-s 30 --max-tokens $MAX_TOKENS --prompt-words $PROMPT_WORDS --fault-at-s 4 \
     --output $OUT/$1$TAG.json 2>&1 \
     | grep -v "^WARNING\|PDDBG" | tee -a $OUT/faults.txt
