@@ -373,6 +373,20 @@ class RayConfig(_Strict):
         description="Ray Serve: a replica being removed (scale-down, redeploy) takes no new "
         "requests and waits at most this long for the ones it holds before it stops.",
     )
+    front_end_cores: list[int] | None = Field(
+        None,
+        description="CPU host with a local Ray: the cores pdserve's front end runs on (the "
+        "router and worker replicas, Serve's controller, Ray's own processes). Engines run "
+        "on their pool's cpu_cores, so a core that is in no front_end_cores list belongs to "
+        "its engines alone. Unset: pdserve chooses (docs/serve.md, 'CPU layout').",
+    )
+
+    @field_validator("front_end_cores")
+    @classmethod
+    def _cores(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("front_end_cores must be a non-empty list of core ids >= 0")
+        return value
 
 
 class PlacementConfig(_Strict):

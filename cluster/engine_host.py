@@ -19,6 +19,7 @@ from typing import Any
 
 from cluster import reaper
 from cluster.config import ModelConfig, PoolConfig
+from cluster.cpu_affinity import spawn_on
 from cluster.engine_args import pool_engine_kwargs
 from cluster.wire import SamplingSpec, TokenLogprob, TransferStat
 
@@ -170,6 +171,12 @@ class EngineHost:
             kwargs["kv_transfer_config"] = KVTransferConfig(**self.spec.kv_transfer_config)
         return AsyncEngineArgs(**kwargs)
 
+    def _cpu_cores(self) -> list[int] | None:
+        pool = self.spec.pool
+        if is_cuda_available() or pool.cpu_cores is None:
+            return None
+        return pool.cpu_cores[self.spec.instance_index]
+
     def _cpu_env(self) -> dict[str, str]:
         """What the CPU backend reads at start-up, in the engine processes AsyncLLM spawns."""
         if is_cuda_available():
@@ -185,7 +192,9 @@ class EngineHost:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         factory = _make_load_logger_factory(self)
-        with engine_env(self._cpu_env()):  # its lock also keeps other engines' processes out of the diff
+        # Its lock also keeps other engines' processes out of the diff. spawn_on: the engine
+        # may use its cores even where the front end is pinned elsewhere (cluster/cpu_affinity.py).
+        with engine_env(self._cpu_env()), spawn_on(self._cpu_cores()):
             before = set(reaper.descendants(os.getpid()))
             self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
             spawned = [p for p in reaper.descendants(os.getpid()) if p not in before]

@@ -18,6 +18,7 @@ from typing import Any
 
 from cluster.channel import WorkerChannelClient
 from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.cpu_affinity import pin_front_end
 from cluster.engine_host import EngineSpec, is_cuda_available
 from cluster.tiny_model import ensure_tiny_model
 
@@ -116,6 +117,8 @@ def init_ray(config: ServeConfig) -> None:
         needed = sum(p.num_cpus * p.num_instances for p in config.pools().values())
         kwargs.update(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                       object_store_memory=config.ray.object_store_memory_bytes)
+        if not is_cuda_available():
+            pin_front_end(config.ray.front_end_cores)  # and so Ray's processes
     else:
         kwargs["address"] = config.ray.address
     ray.init(**kwargs)

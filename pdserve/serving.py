@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from cluster.config import ConfigError, ServeConfig
+from cluster.cpu_affinity import pin_front_end
 from cluster.engine_host import is_cuda_available
 
 log = logging.getLogger("pdserve")
@@ -68,7 +69,8 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
     engine runs at nice 0). So when `pdserve serve` starts Ray on a CPU host and the
     engines' cores leave at least one core to the front end (as
     pdserve.launcher.with_default_cpu_cores does when there are more cores than
-    instances), workers run at nice 0. Where engines must share every core with the front
+    instances), or the front end is pinned (`ray.front_end_cores`) off some engine's
+    cores, workers run at nice 0. Where engines must share every core with the front
     end, nice 15 stays: an engine at nice 0 would then starve the router (the issue-10 run
     with `RAY_worker_niceness=0` and engines on both cores lost half its throughput). A
     value set by the user is never overridden. `config` has its CPU cores assigned."""
@@ -78,8 +80,11 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
     if any(p.num_instances > 0 and p.cpu_cores is None for p in pools):
         return {}  # engines may run anywhere
     engine_cores = {c for p in pools for cores in (p.cpu_cores or ()) for c in cores}
+    front_end = config.ray.front_end_cores
     if engine_cores and set(host_cores) - engine_cores:
-        return {"RAY_worker_niceness": "0"}
+        return {"RAY_worker_niceness": "0"}  # the front end has a core without engines
+    if front_end is not None and engine_cores - set(front_end):
+        return {"RAY_worker_niceness": "0"}  # an engine has a core without the front end
     return {}
 
 
@@ -111,6 +116,8 @@ def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
             started_here = True
             # Ray's processes inherit this environment (the local raylet starts them).
             os.environ.update(worker_niceness_env(config, sorted(os.sched_getaffinity(0))))
+            if not is_cuda_available():
+                pin_front_end(config.ray.front_end_cores)  # and so Ray's processes
             if ingress == "direct" and config.router.port != 0:
                 # Ray's processes inherit this environment (the local raylet starts them).
                 os.environ.update(direct_ingress_env(config))

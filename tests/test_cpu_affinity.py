@@ -1,0 +1,67 @@
+"""Front-end and engine cores on a CPU host (cluster/cpu_affinity.py, ray.front_end_cores)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.cpu_affinity import pin_front_end, spawn_on
+from pdserve.serving import worker_niceness_env
+
+HOST = sorted(os.sched_getaffinity(0))
+two_cores = pytest.mark.skipif(len(HOST) < 2, reason="needs two cores")
+
+
+def _child_cores() -> set[int]:
+    out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(eval(out))
+
+
+@two_cores
+def test_a_pinned_front_end_spawns_its_children_on_its_cores_and_an_engine_adds_its_own():
+    front, engine = HOST[0], HOST[1]
+    code = f"""
+import os, subprocess, sys
+from cluster.cpu_affinity import pin_front_end, spawn_on
+pin_front_end([{front}])
+def child():
+    return subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+print(child())
+with spawn_on([{engine}]):
+    print(child())
+print(child(), sorted(os.sched_getaffinity(0)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.splitlines()
+    assert out[0] == f"[{front}]"                      # Ray's processes: the front end's core
+    assert out[1] == str(sorted({front, engine}))      # an engine: its own core as well
+    assert out[2] == f"[{front}] [{front}]"            # restored for what starts after
+
+
+def test_without_front_end_cores_nothing_changes():
+    before = os.sched_getaffinity(0)
+    pin_front_end(None)
+    with spawn_on(None):
+        assert _child_cores() == before
+    assert os.sched_getaffinity(0) == before
+
+
+def test_front_end_cores_are_validated():
+    with pytest.raises(ConfigError, match="front_end_cores"):
+        load_config(overrides={"ray": {"front_end_cores": []}})
+    with pytest.raises(ConfigError, match="front_end_cores"):
+        load_config(overrides={"ray": {"front_end_cores": [-1]}})
+
+
+def test_an_engine_with_a_core_free_of_the_front_end_runs_at_nice_0(monkeypatch):
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.setattr("pdserve.serving.is_cuda_available", lambda: False)
+    pinned = {"prefill": {"cpu_cores": [[0]]}, "decode": {"cpu_cores": [[1]]}}
+    shared = load_config(overrides=pinned)
+    assert worker_niceness_env(shared, [0, 1]) == {}  # engines and front end share both cores
+    fenced = load_config(overrides={**pinned, "ray": {"front_end_cores": [0]}})
+    assert worker_niceness_env(fenced, [0, 1]) == {"RAY_worker_niceness": "0"}
