@@ -5,6 +5,7 @@ Request lifecycle on this worker::
     received ──engine prefill (max_tokens=1), KV saved layer by layer──▶ STAGED
     STAGED ──decode fetches / loads the segment──▶ (ownership passes to decode)
     STAGED ──release_kv (request ended at its first token, or was cancelled)──▶ freed
+    STAGED ──abort (the router gave up before the answer reached it)──▶ freed
     STAGED ──nobody claims it within the lease──▶ reclaimed by ProducerService's sweeper
                                                    (recorded as an "expired" transfer)
     received ──abort──▶ aborted (partial segment discarded by the connector; the result
@@ -16,15 +17,24 @@ A plain class: the launcher wraps it with ``ray.remote``; tests drive it directl
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
 from cluster.config import KVTransferSettings
-from cluster.engine_host import EngineHost, EngineSpec, to_sampling_params, token_logprobs
+from cluster.engine_host import (
+    EngineHost,
+    EngineSpec,
+    is_cuda_available,
+    to_sampling_params,
+    token_logprobs,
+)
 from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenLogprob, WorkerStats
 from kvtransfer.service import ProducerService
 
 log = logging.getLogger(__name__)
+
+MAX_ANSWERED_REMEMBERED = 4096  # answered prefills whose staged KV a late abort can release
 
 
 class PrefillAborted(RuntimeError):
@@ -43,11 +53,18 @@ class PrefillWorker:
             model_path=spec.model_path, model=spec.model, pool=spec.pool,
             instance_index=spec.instance_index,
             kv_transfer_config=self._kv.engine_kv_config(),
+            device_arena_bytes=self._kv.engine_arena_bytes(on_gpu=is_cuda_available()),
         )
         self._engine = EngineHost(spec)
         self._queued_prompt_tokens = 0
         self._in_flight: set[str] = set()
         self._aborted: set[str] = set()  # aborted while their prefill was in flight
+        # The latest answered prefills' staged KV, by request id: an abort that arrives once
+        # the answer was computed (the router gave up on a frozen instance, whose reply was
+        # ready or became ready as it thawed) releases it at once instead of leaving it to
+        # the lease (kv_transfer.lease_s). The router never aborts a prefill whose answer it
+        # received, so no decode holds such a handle. Bounded: most entries are never asked for.
+        self._answered: collections.OrderedDict[str, KVHandle] = collections.OrderedDict()
         self._channel = None  # cluster.channel.ChannelServer once open_channel ran
 
     async def start(self) -> str:
@@ -98,6 +115,10 @@ class PrefillWorker:
                 self._kv.release(handle)
                 raise
             handle = None
+        if handle is not None:
+            self._answered[req.request_id] = handle
+            while len(self._answered) > MAX_ANSWERED_REMEMBERED:
+                self._answered.popitem(last=False)
         return PrefillResult(
             request_id=req.request_id,
             first_token_id=first_token,
@@ -117,6 +138,9 @@ class PrefillWorker:
     async def abort(self, request_id: str) -> None:
         if request_id in self._in_flight:
             self._aborted.add(request_id)
+        answered = self._answered.pop(request_id, None)
+        if answered is not None and self._kv.release(answered):
+            log.info("[%s] aborted after its prefill was answered; staged KV released", request_id)
         await self._engine.abort(f"{request_id}-prefill")
 
     def num_staged_segments(self) -> int:
