@@ -10,6 +10,8 @@ core in `cluster.planner.online` (STYLE.md, principle 7).
     ReplanTask                        the asyncio loop in the router's process: tick, act,
                                       and record every decision in the router's metrics
                                       (`pdserve_replan_*`) and dashboard
+    replan_task(config, deps, act)    the loop of a serve config's `replan` section (None when
+                                      it is off); the Serve application's router starts it
 
 The loop runs where the live figures are: in the router process, which holds the request
 traces (lengths, TTFT, TPOT of every request that ended in the window) and the pool (every
@@ -36,6 +38,7 @@ from cluster.planner.online import (AddInstances, DrainInstance, Effect, Instanc
 from router.metrics import request_latencies
 
 if TYPE_CHECKING:
+    from cluster.config import ServeConfig
     from router.deps import RouterDeps
     from router.pool import WorkerClient, WorkerPool
 
@@ -92,8 +95,9 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
                        v.inflight_requests)
         for v in deps.pool.all() if v.role in ("prefill", "decode"))
     return TrafficSnapshot(
-        time_s=now, arrival_rate_rps=arrived / span, input_lens=tuple(ins), output_lens=tuple(outs),
-        attainment=met / len(ins) if ins else 1.0,
+        time_s=now, window_s=window_s, arrival_rate_rps=arrived / span, input_lens=tuple(ins),
+        output_lens=tuple(outs), attainment=met / len(ins) if ins else 1.0,
+        attainment_target=deps.slo.attainment,
         mean_ttft_s=sum(ttfts) / len(ttfts) if ttfts else 0.0,
         mean_tpot_s=sum(tpots) / len(tpots) if tpots else 0.0,
         instances=instances)
@@ -105,13 +109,28 @@ class ServeActuator:
 
     `set_replicas(role, n)` is the one call into Serve; the default asks the Serve
     controller for `n` replicas of deployment `role` (what `pdserve scale` does, without
-    waiting for the replicas: the loop sees them join in its next snapshots)."""
+    waiting for the replicas: the loop sees them join in its next snapshots). Without
+    `initial` counts, a pool's count is read from Serve's status the first time it changes
+    (the router replica is built without pool sizes, so that a resize does not restart it)."""
 
-    def __init__(self, app_name: str, initial: dict[Role, int],
-                 set_replicas: Callable[[Role, int], None] | None = None):
+    def __init__(self, app_name: str, initial: dict[Role, int] | None = None,
+                 set_replicas: Callable[[Role, int], None] | None = None,
+                 get_replicas: Callable[[Role], int] | None = None):
         self.app_name = app_name
-        self.replicas: dict[Role, int] = dict(initial)
+        self.replicas: dict[Role, int] = dict(initial or {})
         self._set = set_replicas or self._serve_set_replicas
+        self._get = get_replicas or self._serve_replicas
+
+    def _serve_replicas(self, role: Role) -> int:
+        from ray import serve
+
+        states = serve.status().applications[self.app_name].deployments[role].replica_states
+        return sum(n for state, n in states.items() if str(state).split(".")[-1] != "STOPPING")
+
+    def _count(self, role: Role) -> int:
+        if role not in self.replicas:
+            self.replicas[role] = self._get(role)
+        return self.replicas[role]
 
     def _serve_set_replicas(self, role: Role, num_instances: int) -> None:
         import ray
@@ -123,13 +142,13 @@ class ServeActuator:
             DeploymentID(name=role, app_name=self.app_name), num_instances))
 
     def add(self, role: Role, count: int) -> None:
-        self.replicas[role] += count
+        self.replicas[role] = self._count(role) + count
         self._set(role, self.replicas[role])
 
     def drain(self, role: Role, instance_id: str) -> None:
         # Serve picks the replica that leaves and drains it (graceful shutdown) before it
         # stops it; the router's pool forgets it once it is gone.
-        self.replicas[role] = max(0, self.replicas[role] - 1)
+        self.replicas[role] = max(0, self._count(role) - 1)
         self._set(role, self.replicas[role])
 
     def remove(self, role: Role, instance_id: str) -> None:
@@ -221,3 +240,43 @@ class ReplanTask:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+
+def replan_task(config: "ServeConfig", deps: "RouterDeps", actuator: object) -> ReplanTask | None:
+    """The loop that `config.replan` asks for, over the router `deps`, acting through
+    `actuator`; None when `replan.enabled` is off. The sizer plans with the plan config's
+    profile, cluster and engine settings, the deployment's SLO and its pools' parallel
+    configurations (only instance counts change online). Raises ValueError (one line) for a
+    plan config that cannot be read."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.online import PoolBounds, PoolSizer, ReplanSettings
+    from cluster.planner.plans import ParallelConfig
+    from cluster.planner.problem import build_problem
+
+    rc = config.replan
+    if not rc.enabled:
+        return None
+    path = Path(rc.plan_config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        request = PlanRequest.model_validate({**data, "slo": config.slo.model_dump()})
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise ValueError(f"replan.plan_config {path}: {' '.join(str(e).split())[:300]}") from None
+    problem = build_problem(request)
+    configs = {role: ParallelConfig(config.pools()[role].tensor_parallel_size,
+                                    config.pools()[role].pipeline_parallel_size)
+               for role in ("prefill", "decode")}
+    settings = ReplanSettings(
+        observe_only=rc.observe_only, interval_s=rc.interval_s,
+        prefill=PoolBounds(**rc.prefill.model_dump()), decode=PoolBounds(**rc.decode.model_dump()),
+        max_units=rc.max_units or request.cluster.gpu_budget,
+        prefill_units_per_instance=configs["prefill"].num_gpus,
+        decode_units_per_instance=configs["decode"].num_gpus,
+        min_requests=rc.min_requests, headroom=rc.headroom)
+    sizer = PoolSizer(problem, configs["prefill"], configs["decode"], settings)
+    return ReplanTask(deps, Replanner(settings, sizer), actuator, tick_s=rc.tick_s, window_s=rc.window_s)

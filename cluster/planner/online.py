@@ -24,8 +24,21 @@ Per tick, at most every `interval_s`:
 Correction factors: the sizer also predicts the current deployment's mean TTFT/TPOT at the
 observed rate; measured / predicted (clamped) scales the latency profile of the next sizing,
 so a deployment slower than its profile (shared CPUs, a noisy neighbour) is sized for what
-it really does. The imperative shell that reads metrics and calls the deployment's scaling
-interface is `ReplanLoop` with a `ScalingActuator`.
+it really does. The ratio measures the step-time model only where latency is mostly service
+time, so it is learnt only from a window that
+
+- saw one deployment: no change of the serving instances since the window began (a window
+  that straddles a resize holds the backlog of the old sizes, which the new ones are then
+  blamed for);
+- is not overloaded on both sides: when the deployment misses its attainment target and
+  the model also predicts it to (`Sizing.predicted_overloaded`), both latencies are mostly
+  queueing and their ratio grows with how long the backlog has built, not with the
+  profile's error. Overloaded on one side only, the model is wrong in the direction the
+  ratio says, by less than the ratio: the step limit below makes that a bounded move;
+
+and it moves by at most `max_correction_step` per window, within `max_correction`. The
+imperative shell that reads metrics and calls the deployment's scaling interface is
+`ReplanLoop` with a `ScalingActuator`.
 """
 
 from __future__ import annotations
@@ -62,6 +75,8 @@ class ReplanSettings(BaseModel):
     min_requests: int = Field(50, ge=1, description="Requests a window needs before it sizes.")
     headroom: float = Field(1.1, ge=1.0, le=3.0, description="Size for this many times the rate.")
     max_correction: float = Field(4.0, ge=1.0, description="Largest measured/predicted factor used.")
+    max_correction_step: float = Field(
+        1.5, ge=1.0, description="Most the correction factor moves (up or down, as a ratio) per window.")
 
 
 @dataclass(frozen=True)
@@ -75,10 +90,12 @@ class InstanceStatus:
 @dataclass(frozen=True)
 class TrafficSnapshot:
     time_s: float
+    window_s: float  # the figures below cover (time_s - window_s, time_s]
     arrival_rate_rps: float
     input_lens: tuple[int, ...]  # sample of the window's requests
     output_lens: tuple[int, ...]
     attainment: float
+    attainment_target: float  # the SLO's: the share of requests the deployment must serve in time
     mean_ttft_s: float
     mean_tpot_s: float
     instances: tuple[InstanceStatus, ...]
@@ -96,6 +113,9 @@ class Sizing:
     num_decode: int
     predicted_ttft_s: float
     predicted_tpot_s: float
+    # The current deployment misses the SLO at the observed rate in the model's own
+    # account: its predicted latencies are queueing, not service (no correction learnt).
+    predicted_overloaded: bool
     note: str = ""
 
 
@@ -145,9 +165,15 @@ class Replanner:
     _last_sizing_s: float | None = None
     _correction: float = 1.0
     _draining: dict[str, Role] = field(default_factory=dict)
+    _serving_ids: frozenset[str] | None = None
+    _changed_s: float | None = None  # when the serving instances last changed
 
     def observe(self, snap: TrafficSnapshot) -> list[Effect]:
         effects: list[Effect] = self._finish_drains(snap)
+        serving = frozenset(i.instance_id for i in snap.instances if i.state == "serving")
+        if self._serving_ids is not None and serving != self._serving_ids:
+            self._changed_s = snap.time_s
+        self._serving_ids = serving
         s = self.settings
         if self._last_sizing_s is not None and snap.time_s - self._last_sizing_s < s.interval_s:
             return effects
@@ -159,18 +185,19 @@ class Replanner:
                          "too few to size on")
             return effects
         sizing = self.sizer(snap, self._correction)
-        self._correction = self._update_correction(snap, sizing)
+        self._correction, learnt = self._update_correction(snap, sizing)
         target_p, target_d, why = self._clamp(sizing.num_prefill, sizing.num_decode)
         reason = (f"{snap.arrival_rate_rps:.2f} req/s observed (sized for x{s.headroom:g}), "
                   f"attainment {100 * snap.attainment:.1f}%, needs {sizing.num_prefill} prefill + "
                   f"{sizing.num_decode} decode{why}; measured/predicted latency x{self._correction:.2f}"
-                  + (f"; {sizing.note}" if sizing.note else ""))
+                  f" ({learnt})" + (f"; {sizing.note}" if sizing.note else ""))
         if (target_p, target_d) == (cur_p, cur_d):
             self._decide(snap, "hold", (cur_p, target_p), (cur_d, target_d), reason)
             return effects
         self._decide(snap, "resize", (cur_p, target_p), (cur_d, target_d), reason)
         if s.observe_only:
             return effects
+        self._changed_s = snap.time_s  # the deployment changes from now on
         for role, cur, target in (("prefill", cur_p, target_p), ("decode", cur_d, target_d)):
             if target > cur:
                 effects.append(AddInstances(role, target - cur))
@@ -215,15 +242,22 @@ class Replanner:
             notes.append(f"cut to the unit budget of {s.max_units}")
         return p, d, (" (" + ", ".join(notes) + ")") if notes else ""
 
-    def _update_correction(self, snap: TrafficSnapshot, sizing: Sizing) -> float:
-        """measured / predicted mean latency of the current deployment, clamped."""
+    def _update_correction(self, snap: TrafficSnapshot, sizing: Sizing) -> tuple[float, str]:
+        """measured / predicted mean latency of the current deployment, stepped and clamped,
+        and why it was or was not learnt from this window (module docstring)."""
+        if self._changed_s is not None and snap.time_s - snap.window_s < self._changed_s:
+            return self._correction, "kept: the window spans a resize"
+        if sizing.predicted_overloaded and snap.attainment < snap.attainment_target:
+            return self._correction, "kept: overloaded, measured and predicted latencies are queueing"
         ratios = [m / p for m, p in ((snap.mean_ttft_s, sizing.predicted_ttft_s),
                                      (snap.mean_tpot_s, sizing.predicted_tpot_s))
                   if p > 0 and m > 0 and p != float("inf")]
         if not ratios:
-            return self._correction
-        ratio = max(ratios) * self._correction  # predictions were made with the old factor
-        return min(max(ratio, 1.0 / self.settings.max_correction), self.settings.max_correction)
+            return self._correction, "kept: nothing measured"
+        s = self.settings
+        step = min(max(max(ratios), 1.0 / s.max_correction_step), s.max_correction_step)
+        ratio = step * self._correction  # predictions were made with the old factor
+        return min(max(ratio, 1.0 / s.max_correction), s.max_correction), "learnt"
 
     def _decide(self, snap, action, p, d, reason) -> None:
         self.decisions.append(ScalingDecision(snap.time_s, action, p, d, reason, self._correction,
@@ -304,18 +338,28 @@ class PoolSizer:
         within = [(n_p, n_d) for n_p, n_d in options
                   if n_p * st.prefill_units_per_instance + n_d * st.decode_units_per_instance <= st.max_units
                   and s.feasible_layout(replace(cur, num_prefill=n_p, num_decode=n_d))]
+        slo = request.slo
+        overloaded = now.attainment < slo.attainment
         for n_p, n_d in within:
             if s.passes(replace(cur, num_prefill=n_p, num_decode=n_d), rate * st.headroom):
-                return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s)
+                return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s, overloaded)
         if not within:
             n_p, n_d = st.prefill.min_instances, st.decode.min_instances
-            return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s,
+            return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s, overloaded,
                           note="no size within the bounds fits the unit budget")
-        # Nothing within the budget meets the SLO: the size that comes closest (highest
-        # co-simulated attainment at the observed rate; ties: fewer units), not the largest
-        # size cut down to the budget, which need not be the best split of it.
-        best = max(within, key=lambda c: (
-            s.judge(replace(cur, num_prefill=c[0], num_decode=c[1])).measure(rate).attainment,
-            -options.index(c)))
-        return Sizing(best[0], best[1], now.mean_ttft_s, now.mean_tpot_s,
+
+        # Nothing within the budget meets the SLO: the size that comes closest, not the
+        # largest size cut down to the budget, which need not be the best split of it.
+        # Closest: highest co-simulated attainment at the observed rate; among equal ones
+        # (typically all 0% when overloaded) the one whose worse phase is least over its
+        # target (mean TTFT / ttft_s vs mean TPOT / tpot_s), which gives the units to the
+        # starved phase; then more units (short of the SLO, a unit left idle helps nobody).
+        def closeness(c: tuple[int, int]) -> tuple[float, float, int]:
+            m = s.judge(replace(cur, num_prefill=c[0], num_decode=c[1])).measure(rate)
+            over = max(m.mean_ttft_s / slo.ttft_s, m.mean_tpot_s / slo.tpot_s)
+            return (m.attainment, -over, c[0] * st.prefill_units_per_instance
+                    + c[1] * st.decode_units_per_instance)
+
+        best = max(within, key=closeness)
+        return Sizing(best[0], best[1], now.mean_ttft_s, now.mean_tpot_s, overloaded,
                       note="no size within the budget meets the SLO: the one closest to it")

@@ -20,12 +20,13 @@ def _instances(num_prefill, num_decode, draining=(), in_flight=None):
     return tuple(out)
 
 
-def _snap(t, instances, rate=10.0, n=100, ttft=0.1, tpot=0.02):
-    return TrafficSnapshot(t, rate, (500,) * n, (100,) * n, 0.95, ttft, tpot, instances)
+def _snap(t, instances, rate=10.0, n=100, ttft=0.1, tpot=0.02, attainment=0.95, window_s=10.0):
+    return TrafficSnapshot(t, window_s, rate, (500,) * n, (100,) * n, attainment, 0.9, ttft, tpot, instances)
 
 
 class FakeSizer:
-    """Returns scripted sizes and records the correction it was given."""
+    """Returns scripted sizes and records the correction it was given; predicts TTFT 0.1 s
+    and TPOT 0.02 s times that correction (as a sizer with the scaled profile would)."""
 
     def __init__(self, *sizes):
         self.sizes = list(sizes)
@@ -34,7 +35,8 @@ class FakeSizer:
     def __call__(self, snap, correction):
         self.corrections.append(correction)
         n_p, n_d = self.sizes.pop(0)
-        return Sizing(n_p, n_d, predicted_ttft_s=0.1, predicted_tpot_s=0.02)
+        return Sizing(n_p, n_d, predicted_ttft_s=0.1 * correction, predicted_tpot_s=0.02 * correction,
+                      predicted_overloaded=False)
 
 
 SETTINGS = ReplanSettings(observe_only=False, interval_s=60, max_units=8,
@@ -95,15 +97,86 @@ def test_too_few_requests_holds_without_sizing():
     assert sizer.corrections == []
 
 
-def test_measured_slower_than_predicted_corrects_the_next_sizing():
-    sizer = FakeSizer((1, 1), (1, 1), (1, 1))
+def test_measured_slower_than_predicted_corrects_the_next_sizing_by_bounded_steps():
+    sizer = FakeSizer(*[(1, 1)] * 6)
     core = Replanner(SETTINGS, sizer)
-    core.observe(_snap(0, _instances(1, 1), tpot=0.04))  # 2x the predicted 0.02
-    core.observe(_snap(60, _instances(1, 1), tpot=0.04))
-    core.observe(_snap(120, _instances(1, 1), tpot=1.0))  # 50x: clamped
-    assert sizer.corrections[:2] == [1.0, pytest.approx(2.0)]
+    core.observe(_snap(0, _instances(1, 1), tpot=0.03))  # 1.5x the predicted 0.02
+    core.observe(_snap(60, _instances(1, 1), tpot=0.02 * 1.5 * 1.2))  # then 1.2x what x1.5 predicts
+    for t in (120, 180, 240):
+        core.observe(_snap(t, _instances(1, 1), tpot=1.0))  # 50x: one step per window, then clamped
+    assert sizer.corrections[:3] == [1.0, pytest.approx(1.5), pytest.approx(1.8)]
+    assert sizer.corrections[3:] == [pytest.approx(2.7), pytest.approx(4.0)]
     assert core.decisions[-1].correction == SETTINGS.max_correction
-    assert all(d.action == "hold" for d in core.decisions)
+    assert all(d.action == "hold" and "(learnt)" in d.reason for d in core.decisions)
+
+
+def _overload_sizer(*sizes, overloaded):
+    """Scripted sizes; predicts TTFT 0.1 s, TPOT 0.02 s for the deployment as it runs."""
+    script = list(zip(sizes, overloaded))
+    corrections = []
+
+    def sizer(snap, correction):
+        corrections.append(correction)
+        (n_p, n_d), over = script.pop(0)
+        return Sizing(n_p, n_d, 0.1, 0.02, predicted_overloaded=over)
+    return sizer, corrections
+
+
+def test_no_correction_from_a_window_that_spans_a_resize():
+    sizer, corrections = _overload_sizer((2, 2), (2, 2), (2, 2), overloaded=(False,) * 3)
+    core = Replanner(SETTINGS.model_copy(update={"interval_s": 6}), sizer)
+    core.observe(_snap(0, _instances(1, 3), ttft=0.1))  # steady: learnt (x1.0)
+    # The resize applies at t=0; the new prefill joins at t=2. The window (t-10, t] at t=6
+    # holds the old sizes' backlog: TTFT 4x the prediction for the new sizes.
+    core.observe(_snap(2, _instances(2, 2)))
+    core.observe(_snap(6, _instances(2, 2), ttft=0.4))
+    assert "spans a resize" in core.decisions[-1].reason
+    core.observe(_snap(12, _instances(2, 2), ttft=0.12))  # window (2, 12]: one deployment
+    assert corrections == [1.0, 1.0, 1.0] and core.decisions[-1].correction == pytest.approx(1.2)
+
+
+def test_no_correction_from_a_window_overloaded_in_fact_and_in_the_model():
+    sizer, corrections = _overload_sizer((1, 1), (1, 1), (1, 1), overloaded=(True, False, True))
+    core = Replanner(SETTINGS, sizer)
+    core.observe(_snap(0, _instances(1, 1), ttft=2.0, attainment=0.3))  # both: kept
+    assert "overloaded" in core.decisions[-1].reason and core.decisions[-1].correction == 1.0
+    core.observe(_snap(60, _instances(1, 1), ttft=2.0, attainment=0.3))  # only measured: one step
+    core.observe(_snap(120, _instances(1, 1), ttft=0.05, tpot=0.01, attainment=0.99))  # only predicted: down
+    assert corrections == [1.0, 1.0, pytest.approx(1.5)]
+    assert core.decisions[-1].correction == pytest.approx(1.0)
+
+
+def test_after_a_shift_to_long_prompts_the_loop_moves_to_prefill_and_stays():
+    # Issue 16's phase 2, as it broke (tests/planner/shift_deployment.py): 1 prefill +
+    # 3 decodes when the traffic turns prefill-bound. The first window is overloaded (TTFT
+    # 10x), the loop asks for 2+2; the next window spans that resize (TTFT still 4x from
+    # the backlog); the loop must not learn x4 from it (which made every size miss the SLO
+    # and the fallback pick 1+1) but size 3+1 with the correction it had, and hold there.
+    sized_with = []
+
+    def sizer(snap, correction):
+        sized_with.append(correction)
+        n_p = len(snap.serving("prefill"))
+        # As the real sizer answered in that run at 12.5 req/s of 1024-token prompts: one
+        # prefill cannot keep up; 3+1 meets the SLO; at x4 nothing within 4 units did and
+        # the fallback then picked 1+1.
+        size = (3, 1) if correction < 2 else (1, 1)
+        return Sizing(*size, 0.15 if n_p > 1 else 3.0, 0.012, predicted_overloaded=n_p == 1)
+
+    core = Replanner(SETTINGS.model_copy(update={"interval_s": 6, "max_units": 4,
+                                                 "prefill": PoolBounds(max_instances=3),
+                                                 "decode": PoolBounds(max_instances=3)}), sizer)
+    window = 8.0
+    effects = core.observe(_snap(0, _instances(1, 3, in_flight={"d0": 0, "d1": 1, "d2": 2}),
+                                 ttft=1.5, attainment=0.3, window_s=window))
+    assert effects == [AddInstances("prefill", 2), DrainInstance("decode", "d0"), DrainInstance("decode", "d1")]
+    assert "kept: overloaded" in core.decisions[-1].reason
+    core.observe(_snap(1, _instances(3, 1), window_s=window))  # joined and drained
+    core.observe(_snap(6, _instances(3, 1), ttft=0.6, attainment=0.6, window_s=window))
+    assert core.decisions[-1].action == "hold" and "spans a resize" in core.decisions[-1].reason
+    core.observe(_snap(12, _instances(3, 1), ttft=0.16, tpot=0.012, attainment=0.97, window_s=window))
+    assert core.decisions[-1].action == "hold" and "(learnt)" in core.decisions[-1].reason
+    assert sized_with == [1.0, 1.0, 1.0] and core.decisions[-1].correction == pytest.approx(0.16 / 0.15)
 
 
 def test_loop_applies_effects_through_the_actuator():
@@ -146,7 +219,7 @@ def test_pool_sizer_follows_a_workload_shift(synthetic_profile_path, tiny_model_
     inst = _instances(2, 2)
 
     def size(rate, prompt, output):
-        snap = TrafficSnapshot(0, rate, (prompt,) * 100, (output,) * 100, 1.0, 0.1, 0.02, inst)
+        snap = TrafficSnapshot(0, 10.0, rate, (prompt,) * 100, (output,) * 100, 1.0, 0.9, 0.1, 0.02, inst)
         s = sizer(snap, 1.0)
         return s.num_prefill, s.num_decode
 
@@ -173,7 +246,30 @@ def test_pool_sizer_without_a_passing_size_asks_for_the_closest_within_the_budge
     settings = ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
                               decode=PoolBounds(max_instances=3))
     sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
-    snap = TrafficSnapshot(0, 40, (64,) * 100, (256,) * 100, 0.1, 0.1, 0.2, _instances(2, 2))
+    snap = TrafficSnapshot(0, 10.0, 40, (64,) * 100, (256,) * 100, 0.1, 0.9, 0.1, 0.2, _instances(2, 2))
     s = sizer(snap, 1.0)
     assert "closest" in s.note
     assert s.num_prefill + s.num_decode <= 4 and s.num_decode > s.num_prefill
+
+
+def test_pool_sizer_with_every_split_at_zero_gives_the_units_to_the_starved_phase(
+        synthetic_profile_path, tiny_model_dir):
+    # Prefill-bound traffic with every latency x4 (the correction the loop once learnt from an
+    # overloaded window): no split of 4 units meets the SLO and every one predicts 0%. The
+    # sizer must not fall back to the fewest units (1+1, which left prefill starved in the
+    # workload-shift run) but to the split closest to the SLO: most prefills, all units used.
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.plans import ParallelConfig
+    from cluster.planner.problem import build_problem
+    problem = build_problem(PlanRequest.model_validate({
+        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
+        "slo": {"ttft_s": 0.2, "tpot_s": 0.03, "attainment": 0.9},
+        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
+    settings = ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
+                              decode=PoolBounds(max_instances=3))
+    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    snap = TrafficSnapshot(0, 10.0, 12, (1024,) * 100, (8,) * 100, 0.3, 0.9, 1.5, 0.01, _instances(1, 3))
+    s = sizer(snap, 4.0)
+    assert "closest" in s.note and s.predicted_overloaded
+    assert (s.num_prefill, s.num_decode) == (3, 1)

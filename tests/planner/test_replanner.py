@@ -92,7 +92,7 @@ def test_loop_resizes_drains_then_removes_and_reports(monkeypatch):
     now = clock[0]
     for i in range(10):
         deps.remember(_trace(f"r{i}", now - 5 + 0.4 * i, 0.1, 0.01, 50, 20))
-    task = _loop(deps, Sizing(1, 3, 0.1, 0.01))
+    task = _loop(deps, Sizing(1, 3, 0.1, 0.01, predicted_overloaded=False))
 
     async def scenario():
         await _poll(deps)
@@ -120,7 +120,7 @@ def test_observe_only_reports_and_leaves_the_pool_alone():
     deps, _, _ = _deployment()
     for i in range(10):
         deps.remember(_trace(f"r{i}", clock[0] - 5 + 0.4 * i, 0.1, 0.01, 50, 20))
-    task = _loop(deps, Sizing(1, 3, 0.1, 0.01))
+    task = _loop(deps, Sizing(1, 3, 0.1, 0.01, predicted_overloaded=False))
     task.replanner.settings = task.replanner.settings.model_copy(update={"observe_only": True})
     effects = asyncio.run(task.tick())
     assert effects == [] and len(deps.pool.prefill) == 2 and len(deps.pool.decode) == 2
