@@ -405,6 +405,42 @@ class PlacementConfig(_Strict):
     )
 
 
+class ReplanBounds(_Strict):
+    min_instances: int = Field(1, ge=1, description="Fewest instances the loop keeps in this pool.")
+    max_instances: int = Field(8, ge=1, description="Most instances the loop asks for in this pool.")
+
+
+class ReplanConfig(_Strict):
+    """The online re-planning loop in the router (pdserve/replanner.py, docs/planner.md)."""
+
+    enabled: bool = Field(False, description="Run the loop in the router (Ray Serve application).")
+    observe_only: bool = Field(
+        True, description="Decide and report (metrics, dashboard), never resize a pool.")
+    plan_config: Path | None = Field(
+        None, description="The `pdserve plan --config` YAML the deployment was planned with: its "
+        "profile, cluster and engine settings size the pools; the SLO and the workload are "
+        "the live ones. Required when enabled.")
+    interval_s: float = Field(60.0, gt=0, description="Seconds between two sizing decisions.")
+    window_s: float = Field(60.0, gt=0, description="Seconds of live traffic each decision reads.")
+    tick_s: float = Field(5.0, gt=0, description="Seconds between two looks at the live figures.")
+    min_requests: int = Field(50, ge=1, description="Requests a window needs before it sizes.")
+    headroom: float = Field(1.1, ge=1.0, le=3.0, description="Size for this many times the rate.")
+    max_units: int | None = Field(
+        None, ge=2, description="Units (GPUs or cores) both pools may use; unset: the plan "
+        "config's budget.")
+    prefill: ReplanBounds = Field(default_factory=ReplanBounds)
+    decode: ReplanBounds = Field(default_factory=ReplanBounds)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "ReplanConfig":
+        if self.enabled and self.plan_config is None:
+            raise ValueError("replan.enabled needs replan.plan_config (a pdserve plan YAML)")
+        for name, b in (("prefill", self.prefill), ("decode", self.decode)):
+            if b.min_instances > b.max_instances:
+                raise ValueError(f"replan.{name}: min_instances must be <= max_instances")
+        return self
+
+
 class ServeConfig(_Strict):
     mode: Mode = Field("disaggregated", description="Disaggregated P/D pools or colocated instances.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -416,6 +452,7 @@ class ServeConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    replan: ReplanConfig = Field(default_factory=ReplanConfig)
 
     @model_validator(mode="after")
     def _pools_present(self) -> "ServeConfig":
@@ -436,6 +473,11 @@ class ServeConfig(_Strict):
                 and (p.node_resources or p.node_labels):
             raise ValueError("placement.affinity 'low' puts prefill and decode on different "
                              "nodes: give the pools different node_resources or node_labels")
+        if self.replan.enabled and self.mode != "disaggregated":
+            raise ValueError("replan sizes prefill and decode pools: it needs mode disaggregated")
+        if self.replan.enabled and self.ray.router_replicas != 1:
+            raise ValueError("replan runs in the router and reads its traffic: it needs "
+                             "ray.router_replicas 1 (each replica sees only its share)")
         return self
 
     def pools(self) -> dict[Role, PoolConfig]:

@@ -61,13 +61,23 @@ class EngineDeployment(EngineReplica):
 @serve.ingress()
 class RouterDeployment(RouterIngress):
     async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+        from pdserve.replanner import ServeActuator, replan_task
+
         RouterIngress.__init__(self, settings, registry)
+        self.replan = None
         await self.start()
+        # The re-planning loop (config `replan`: off unless enabled, observe-only unless
+        # told otherwise) sizes this application's pools from the router's live traffic.
+        self.replan = replan_task(self.config, self.deps, ServeActuator(self.config.ray.app_name))
+        if self.replan is not None:
+            self.replan.start()
 
     async def __serve_build_asgi_app__(self):
         return self.build_app()
 
     async def __del__(self):
+        if self.replan is not None:
+            await self.replan.stop()
         await self.stop()
         # Serve's ASGI wrapper (next in the MRO) runs the app's lifespan shutdown.
         parent = getattr(super(), "__del__", None)
