@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster import reaper
 from cluster.config import ModelConfig, PoolConfig
-from cluster.cpu_affinity import spawn_on
+from cluster.cpu_affinity import renice, spawn_on
 from cluster.engine_args import pool_engine_kwargs
 from cluster.wire import SamplingSpec, TokenLogprob, TransferStat
 
@@ -198,6 +198,8 @@ class EngineHost:
             before = set(reaper.descendants(os.getpid()))
             self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
             spawned = [p for p in reaper.descendants(os.getpid()) if p not in before]
+        if not is_cuda_available():
+            renice(spawned, self.spec.pool.cpu_nice)
         # The engine core does not outlive us by design, only by accident: see cluster/reaper.py.
         self._reaper = reaper.guard(spawned)
         cache = self._engine.vllm_config.cache_config

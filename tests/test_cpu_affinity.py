@@ -3,11 +3,12 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.cpu_affinity import pin_front_end, spawn_on
+from cluster.cpu_affinity import pin_front_end, renice, spawn_on
 from pdserve.serving import worker_niceness_env
 
 HOST = sorted(os.sched_getaffinity(0))
@@ -21,11 +22,11 @@ def _child_cores() -> set[int]:
 
 
 @two_cores
-def test_a_pinned_front_end_spawns_its_children_on_its_cores_and_an_engine_adds_its_own():
+def test_a_pinned_front_end_spawns_its_children_on_its_cores_and_an_engine_on_its_own():
     front, engine = HOST[0], HOST[1]
     code = f"""
 import os, subprocess, sys
-from cluster.cpu_affinity import pin_front_end, spawn_on
+from cluster.cpu_affinity import pin_front_end, renice, spawn_on
 pin_front_end([{front}])
 def child():
     return subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
@@ -33,13 +34,16 @@ def child():
 print(child())
 with spawn_on([{engine}]):
     print(child())
+with spawn_on([{front}, {engine}]):
+    print(child())
 print(child(), sorted(os.sched_getaffinity(0)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.splitlines()
     assert out[0] == f"[{front}]"                      # Ray's processes: the front end's core
-    assert out[1] == str(sorted({front, engine}))      # an engine: its own core as well
-    assert out[2] == f"[{front}] [{front}]"            # restored for what starts after
+    assert out[1] == f"[{engine}]"                     # an engine off the front end's cores
+    assert out[2] == str(sorted({front, engine}))      # one that shares them: both
+    assert out[3] == f"[{front}] [{front}]"            # restored for what starts after
 
 
 def test_without_front_end_cores_nothing_changes():
@@ -65,3 +69,19 @@ def test_an_engine_with_a_core_free_of_the_front_end_runs_at_nice_0(monkeypatch)
     assert worker_niceness_env(shared, [0, 1]) == {}  # engines and front end share both cores
     fenced = load_config(overrides={**pinned, "ray": {"front_end_cores": [0]}})
     assert worker_niceness_env(fenced, [0, 1]) == {"RAY_worker_niceness": "0"}
+
+
+def test_renice_sets_every_thread_of_the_engine_processes():
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        renice([child.pid, 2**22 + 7], 7)  # a pid that does not exist is skipped
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) >= 2
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {7}
+    finally:
+        child.kill()
+        child.wait()
