@@ -46,13 +46,42 @@ def engine_kwargs(
     return kwargs
 
 
-def pool_engine_kwargs(model_path: Path | str, model, pool, *, on_gpu: bool) -> dict[str, Any]:
+GIB = 1 << 30
+
+
+def engine_memory_utilization(requested: float, arena_nbytes: int, device_total_bytes: int) -> float:
+    """The `gpu_memory_utilization` to hand vLLM so that the engine's share plus a buffer of
+    `arena_nbytes` that vLLM does not count (the KV transfer's device staging arena,
+    `kvtransfer/memory.py`) stay within `requested` of the device. Raises ValueError when
+    the arena alone takes the whole share."""
+    if not 0 < requested <= 1:
+        raise ValueError(f"gpu_memory_utilization {requested} is outside (0, 1]")
+    if device_total_bytes <= 0:
+        raise ValueError("device_total_bytes must be positive")
+    engine = requested - arena_nbytes / device_total_bytes
+    if engine <= 0:
+        raise ValueError(f"the device staging arena ({arena_nbytes / GIB:.2f} GiB) takes the whole "
+                         f"gpu_memory_utilization share ({requested:.2f} of "
+                         f"{device_total_bytes / GIB:.1f} GiB)")
+    return engine
+
+
+def pool_engine_kwargs(model_path: Path | str, model, pool, *, on_gpu: bool,
+                       device_arena_bytes: int = 0, device_total_bytes: int | None = None
+                       ) -> dict[str, Any]:
     """`engine_kwargs` of one serving instance: a `ModelConfig` and its `PoolConfig`
-    (GPU memory utilisation only applies on a GPU; the CPU backend sizes KV by kv_cache_gib)."""
+    (GPU memory utilisation only applies on a GPU; the CPU backend sizes KV by kv_cache_gib).
+    On a GPU, a connector's device arena of `device_arena_bytes` (on a device of
+    `device_total_bytes`) comes out of the pool's gpu_memory_utilization share."""
+    utilization = pool.gpu_memory_utilization if on_gpu else None
+    if utilization is not None and device_arena_bytes > 0:
+        if device_total_bytes is None:
+            raise ValueError("device_total_bytes is needed to account for a device arena")
+        utilization = engine_memory_utilization(utilization, device_arena_bytes, device_total_bytes)
     return engine_kwargs(
         model_path, dtype=model.dtype, seed=model.seed, served_model_name=model.served_model_name,
         max_model_len=model.max_model_len, block_size=model.block_size,
         tensor_parallel_size=pool.tensor_parallel_size, pipeline_parallel_size=pool.pipeline_parallel_size,
         max_num_seqs=pool.max_num_seqs, max_num_batched_tokens=pool.max_num_batched_tokens,
         enable_prefix_caching=pool.enable_prefix_caching,
-        gpu_memory_utilization=pool.gpu_memory_utilization if on_gpu else None)
+        gpu_memory_utilization=utilization)

@@ -11,6 +11,10 @@ dispatches vLLM's calls to them:
     worker_side.py      ProducerWorker / ConsumerWorker: staging and loading
     block_copy.py       the gather and scatter kernels between paged blocks and staged bytes
 
+Where it stages is decided once, in `device_path.staging_medium` (host segments on CPU
+engines by default; a device arena slab on CUDA engines whose decodes reach it over a
+device transport, or where `device_path: force` says so).
+
 Handoff model: **pull through a staging segment** (see docs/kvtransfer.md). The engine's
 blocks are free to go as soon as a request finishes (the segment holds its own copy), so
 ``request_finished`` never delays the free. Lease sweeping is not done here: the
@@ -31,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kvtransfer.device_path import StagingMedium, staging_medium
 from kvtransfer.metadata import LoadSpec, PdserveConnectorMetadata, PdserveConnectorStats, SaveSpec
 from kvtransfer.params import PARAM_NUM_TOKENS, PARAM_SEGMENT, ConnectorSettings
 from kvtransfer.scheduler_side import ConsumerScheduler, ProducerScheduler
@@ -72,6 +77,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._recorder = TransferRecorder()
         self._producer: ProducerWorker | None = None
         self._consumer: ConsumerWorker | None = None
+        self.staging_medium: StagingMedium = "host"  # decided in register_kv_caches
 
     # ================================================================================
     # Scheduler half
@@ -117,9 +123,19 @@ class PdserveConnector(KVConnectorBase_V1):
         caches = KVCaches(kv_caches, self._block_size)
         if self._producer is not None:
             self._producer.close()
+        cache_is_cuda = any(kv.is_cuda for kv in kv_caches.values())
+        self.staging_medium = staging_medium(self.settings, cache_is_cuda)
         self._producer = (ProducerWorker(self.settings, self._staging_dir, self._engine_id,
-                                         caches, self._recorder) if self._is_producer else None)
-        self._consumer = ConsumerWorker(caches, self._recorder) if self._is_consumer else None
+                                         caches, self._recorder, self.staging_medium)
+                          if self._is_producer else None)
+        self._consumer = (ConsumerWorker(caches, self._recorder, self.settings)
+                          if self._is_consumer else None)
+        log.info("KV connector (%s) stages on the %s path", self._engine_id, self.staging_medium)
+
+    @property
+    def device_producer(self):
+        """The producer's device arena and slabs (`DeviceProducer`), or None (host path)."""
+        return self._producer.device if self._producer is not None else None
 
     @property
     def pool(self):
@@ -136,6 +152,7 @@ class PdserveConnector(KVConnectorBase_V1):
         if self._producer is not None:
             for path in meta.discards:
                 self._producer.discard(path)
+            self._producer.poll_slabs()
         if self._consumer is not None:
             for load in meta.loads:
                 self._consumer.load(load)
@@ -156,6 +173,7 @@ class PdserveConnector(KVConnectorBase_V1):
         if not self.settings.layerwise:
             self._producer.save_all_layers(saves)
         self._producer.finish_step(saves)
+        self._producer.poll_slabs()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._consumer.take_failed_block_ids() if self._consumer is not None else set()

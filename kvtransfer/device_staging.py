@@ -256,15 +256,23 @@ class LayerwiseStager:
 
     def save_layer(self, slab: ArenaSlab, layer_name: str, kv_layer: torch.Tensor) -> None:
         """Gather this layer's blocks into the slab once the compute stream wrote them."""
-        out = region_view(slab.view, self._regions[layer_name])
+        self.save_blocks(slab, self._regions[layer_name], kv_layer, self._block_ids, 0)
+
+    def save_blocks(self, slab: ArenaSlab, region: LayerRegion, kv_layer: torch.Tensor,
+                    block_ids: Sequence[int], first_block: int) -> None:
+        """Gather `block_ids` of one layer into slab blocks [first_block, first_block + n) of
+        its `region` once the compute stream wrote them (a chunked prefill stages each
+        chunk's new blocks as it computes them; the connector's path)."""
+        # out: [n, *block_shape], a contiguous run of the slab's layer region
+        out = region_view(slab.view, region)[first_block : first_block + len(block_ids)]
         if self.stream is None:
-            gather_blocks(kv_layer, self._block_ids, out)
+            gather_blocks(kv_layer, block_ids, out)
             return
         written = torch.cuda.Event()
         written.record(torch.cuda.current_stream(kv_layer.device))  # after this layer's compute
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(written)
-            gather_blocks(kv_layer, self._block_ids, out)
+            gather_blocks(kv_layer, block_ids, out)
         # The cache tensor is used on the staging stream: keep the allocator from reusing it
         # early (it is the engine's long-lived KV cache, so this only documents the rule).
         kv_layer.record_stream(self.stream)

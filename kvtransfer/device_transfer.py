@@ -69,14 +69,19 @@ def describe(slab: ArenaSlab, caches: Mapping[str, torch.Tensor], num_blocks: in
 
 def scatter_slab(buf: torch.Tensor, desc: SlabDescriptor, caches: Mapping[str, torch.Tensor],
                  dst_block_ids: Sequence[int], head_slice: HeadSlice | None = None,
-                 heads_axis: int = 1) -> None:
+                 heads_axis: int = 1, first_block: int = 0) -> None:
     """Copy a slab's blocks (`buf`: the slab's bytes, mapped or received) into blocks
     `dst_block_ids` of every layer of `caches`; with `head_slice`, only this decode rank's
-    heads (decode TP > prefill TP)."""
-    if len(dst_block_ids) != desc.num_blocks:
-        raise ValueError(f"{len(dst_block_ids)} destination blocks for a slab of {desc.num_blocks}")
+    heads (decode TP > prefill TP). Slab blocks from `first_block` on are copied (a decode
+    whose own prefix cache held the first ones loads the rest)."""
+    if first_block < 0 or first_block + len(dst_block_ids) > desc.num_blocks:
+        raise ValueError(f"{len(dst_block_ids)} destination blocks from block {first_block} "
+                         f"for a slab of {desc.num_blocks}")
+    if set(caches) != {e.name for e in desc.layers}:
+        raise ValueError("the slab's layers are not this engine's")
+    end = first_block + len(dst_block_ids)
     for name, region in desc.regions().items():
-        src = region_view(buf, region)  # [num_blocks, *prefill block shape]
+        src = region_view(buf, region)[first_block:end]  # [n, *prefill block shape]
         kv = caches[name]
         if head_slice is None:
             scatter_blocks(src, kv, dst_block_ids)
@@ -97,7 +102,7 @@ def lend_over_ipc(arena: DeviceArena, slab: ArenaSlab, caches: Mapping[str, torc
 
 def load_from_ipc(desc: SlabDescriptor, caches: Mapping[str, torch.Tensor],
                   dst_block_ids: Sequence[int], head_slice: HeadSlice | None = None,
-                  heads_axis: int = 1) -> None:
+                  heads_axis: int = 1, first_block: int = 0) -> None:
     """Map the producer's slab and scatter from it in place (no intermediate copy);
     returns once the copies are done and the mapping released: then ack."""
     from kvtransfer.cuda_ipc import CudaIpcDescriptor, open_lent
@@ -105,7 +110,7 @@ def load_from_ipc(desc: SlabDescriptor, caches: Mapping[str, torch.Tensor],
     ipc = msgspec.convert(desc.ipc, CudaIpcDescriptor) if not isinstance(
         desc.ipc, CudaIpcDescriptor) else desc.ipc
     with open_lent(ipc) as shared:
-        scatter_slab(shared, desc, caches, dst_block_ids, head_slice, heads_axis)
+        scatter_slab(shared, desc, caches, dst_block_ids, head_slice, heads_axis, first_block)
 
 
 # ------------------------------------------------------------------------------ dist
@@ -132,10 +137,11 @@ def send_over_dist(dist: Any, arena: DeviceArena, slab: ArenaSlab,
 
 def load_from_dist(dist: Any, peer_id: str, transfer_id: str, desc: SlabDescriptor,
                    caches: Mapping[str, torch.Tensor], dst_block_ids: Sequence[int],
-                   head_slice: HeadSlice | None = None, heads_axis: int = 1) -> None:
+                   head_slice: HeadSlice | None = None, heads_axis: int = 1,
+                   first_block: int = 0) -> None:
     """Receive a slab on the caches' device and scatter it into `dst_block_ids`."""
     device = next(iter(caches.values())).device
     buf = dist.recv(peer_id, transfer_id, device=device)
     if buf.numel() != desc.nbytes:
         raise ValueError(f"received {buf.numel()} bytes, the slab has {desc.nbytes}")
-    scatter_slab(buf, desc, caches, dst_block_ids, head_slice, heads_axis)
+    scatter_slab(buf, desc, caches, dst_block_ids, head_slice, heads_axis, first_block)

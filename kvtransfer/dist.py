@@ -319,6 +319,13 @@ class DistTransport:
         _raise_if_refused(status, peer_id, transfer_id)
         return out
 
+    def refuse(self, peer_id: str, transfer_id: str) -> None:
+        """Answer `peer_id`'s `recv` under `transfer_id` with a refusal (what it asked for is
+        gone): its `recv` raises KVTransferError, the pair's group stays usable."""
+        with self.pool.lease(peer_id, transfer_id) as comm:
+            self._authenticate(comm, peer_id)
+            self._send_frame(comm, _Status.REFUSED, None)
+
     # -- staged segments --------------------------------------------------------------
     def send_segment(self, peer_id: str, transfer_id: str, path: Path) -> int:
         """Send a complete staged segment; unlink it once the peer acks. Returns bytes sent.

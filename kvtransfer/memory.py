@@ -7,31 +7,24 @@ allocated by the connector outside vLLM's accounting, so the engine must be give
 utilization reduced by the arena's share; the KV capacity the planner counts on is then
 what vLLM reports with that reduced share (or, estimated beforehand, the KV bytes minus
 the arena). Pure functions: no torch, no CUDA.
+
+Where it is applied: `cluster.engine_args.engine_memory_utilization` (defined there, since
+`cluster` sits below `kvtransfer`; re-exported here) reduces a prefill engine's
+gpu_memory_utilization by its arena (`cluster/engine_host.py`, with the arena size from
+`device_path.engine_arena_bytes` through `ProducerService.engine_arena_bytes`); the
+planner's computed KV capacity subtracts `ClusterSpec.device_staging_gib`
+(`cluster/planner/problem.py`).
 """
 
 from __future__ import annotations
 
-GIB = 1 << 30
+from cluster.engine_args import GIB, engine_memory_utilization
+
+__all__ = ["GIB", "arena_bytes", "engine_memory_utilization", "kv_capacity_bytes"]
 
 
 def arena_bytes(device_staging_gib: float) -> int:
     return int(device_staging_gib * GIB)
-
-
-def engine_memory_utilization(requested: float, arena_nbytes: int, device_total_bytes: int) -> float:
-    """The `gpu_memory_utilization` to hand vLLM so that the engine's share plus the arena
-    stay within `requested` of the device. Raises ValueError when the arena alone takes it."""
-    if not 0 < requested <= 1:
-        raise ValueError(f"gpu_memory_utilization {requested} is outside (0, 1]")
-    if device_total_bytes <= 0:
-        raise ValueError("device_total_bytes must be positive")
-    share = arena_nbytes / device_total_bytes
-    engine = requested - share
-    if engine <= 0:
-        raise ValueError(f"the device staging arena ({arena_nbytes / GIB:.2f} GiB) takes the whole "
-                         f"gpu_memory_utilization share ({requested:.2f} of "
-                         f"{device_total_bytes / GIB:.1f} GiB)")
-    return engine
 
 
 def kv_capacity_bytes(kv_bytes_without_arena: int, arena_nbytes: int) -> int:

@@ -13,24 +13,10 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kvtransfer.specs import LoadSpec, SaveSpec
 
+__all__ = ["LoadSpec", "PdserveConnectorMetadata", "PdserveConnectorStats", "SaveSpec"]
 
-@dataclass(frozen=True)
-class SaveSpec:
-    request_id: str
-    segment_path: str
-    block_ids: tuple[int, ...]  # all of the request's blocks so far
-    first_block: int  # first block whose bytes change this step
-    end_token: int  # prompt tokens computed once this step ends
-    num_prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    request_id: str
-    segment_path: str
-    dst_block_ids: tuple[int, ...]  # decode blocks to fill, in prompt order
-    first_block: int  # index of dst_block_ids[0] within the segment
 
 
 @dataclass

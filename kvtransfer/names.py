@@ -13,6 +13,7 @@ from pathlib import Path
 
 SEGMENT_PREFIX = "pdserve-kv-"
 POOL_PREFIX = "pdserve-pool-"
+SLAB_PREFIX = "pdserve-slab-"  # device path: a slab's record (device_connector.py), not a segment
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -29,6 +30,13 @@ def is_segment_name(name: str) -> bool:
 
 def segment_path(staging_dir: Path, engine_id: str, request_id: str) -> Path:
     return Path(staging_dir) / f"{SEGMENT_PREFIX}{owner_tag(engine_id)}-{_UNSAFE.sub('_', request_id)}"
+
+
+def slab_record_path(segment_path: Path) -> Path:
+    """Where the device path publishes the slab of the request whose segment would be
+    `segment_path` (same directory and owner tag; never matched by `list_segments`)."""
+    segment_path = Path(segment_path)
+    return segment_path.with_name(SLAB_PREFIX + segment_path.name.removeprefix(SEGMENT_PREFIX))
 
 
 def list_segments(staging_dir: Path, tag: str = "") -> list[Path]:

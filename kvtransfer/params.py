@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import base64
+
 import msgspec
 
 from cluster.config import KVTransferSettings
@@ -33,19 +35,28 @@ TransportName = Literal["shm", "tcp", "dist", "cuda_ipc"]
 PARAM_SEGMENT = "pdserve_segment_path"
 PARAM_NUM_TOKENS = "pdserve_num_tokens"
 PARAM_LOAD_REPORT = "pdserve_kv_load"
+PARAM_SLAB = "pdserve_slab"  # the device path: a `device_connector.SlabTicket`, msgpack, base64
+PARAM_SLAB_TRANSPORT = "pdserve_slab_transport"  # which device transport the decode loads over
 
 CONNECTOR_NAME = "PdserveConnector"
 CONNECTOR_MODULE = "kvtransfer.connector"
 
 
 class StagedKV(msgspec.Struct, frozen=True):
-    """A request's prompt KV staged in a segment that the reading side can open."""
+    """A request's prompt KV staged in a segment that the reading side can open, or (the
+    device path) in a slab of the prefill's device arena that `slab` describes."""
 
     segment_path: str
     num_tokens: int  # prompt tokens whose KV the segment holds
+    slab: bytes | None = None  # a msgpack `device_connector.SlabTicket`; None: host segment
+    slab_transport: Literal["cuda_ipc", "dist"] | None = None  # set by the decode's service
 
     def to_params(self) -> dict[str, Any]:
-        return {PARAM_SEGMENT: self.segment_path, PARAM_NUM_TOKENS: self.num_tokens}
+        params: dict[str, Any] = {PARAM_SEGMENT: self.segment_path, PARAM_NUM_TOKENS: self.num_tokens}
+        if self.slab is not None:  # vLLM's params travel as msgpack/JSON: text, not bytes
+            params[PARAM_SLAB] = base64.b64encode(self.slab).decode("ascii")
+            params[PARAM_SLAB_TRANSPORT] = self.slab_transport
+        return params
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> StagedKV | None:
@@ -53,10 +64,13 @@ class StagedKV(msgspec.Struct, frozen=True):
         if not params or PARAM_SEGMENT not in params:
             return None
         try:
+            slab = params.get(PARAM_SLAB)
             return msgspec.convert({"segment_path": params[PARAM_SEGMENT],
-                                    "num_tokens": params.get(PARAM_NUM_TOKENS, 0)},
+                                    "num_tokens": params.get(PARAM_NUM_TOKENS, 0),
+                                    "slab": base64.b64decode(slab) if slab is not None else None,
+                                    "slab_transport": params.get(PARAM_SLAB_TRANSPORT)},
                                    cls, strict=False)
-        except msgspec.ValidationError as e:
+        except (msgspec.ValidationError, ValueError) as e:
             raise KVTransferError(f"malformed staged-KV parameters: {e}") from e
 
 
@@ -107,14 +121,27 @@ class ConnectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     pool_bytes: int = _gib(_default("staging_pool_gib"))  # recycled files per producer; 0: off
     layerwise: bool = _default("layerwise")  # stage each layer in save_kv_layer
     checksums: Literal["crc32", "xxh3_64"] | None = _default("checksums")
-    device_arena_bytes: int = _gib(_default("device_staging_gib"))  # CUDA engines only
+    device_arena_bytes: int = _gib(_default("device_staging_gib"))  # device path only
+    device_path: Literal["auto", "off", "force"] = _default("device_path")
+    # What the device path needs to know of the transport (device_path.py decides with it;
+    # the prefill's slab responder and the decode's slab loads connect with it).
+    transport: Literal["auto", "shm", "tcp", "dist", "cuda_ipc"] = _default("transport")
+    dist_store_host: str | None = None
+    dist_store_port: int | None = None
+    dist_backend: Literal["gloo", "nccl"] = _default("dist_backend")
+    connect_timeout_s: float = _default("connect_timeout_s")
 
     @classmethod
     def from_settings(cls, settings: KVTransferSettings, staging_dir: Path | str) -> ConnectorSettings:
         return cls(staging_dir=str(staging_dir), lease_s=settings.lease_s,
                    pool_bytes=_gib(settings.staging_pool_gib), layerwise=settings.layerwise,
                    checksums=settings.checksums,
-                   device_arena_bytes=_gib(settings.device_staging_gib))
+                   device_arena_bytes=_gib(settings.device_staging_gib),
+                   device_path=settings.device_path, transport=settings.transport,
+                   dist_store_host=settings.dist_store_host,
+                   dist_store_port=settings.dist_store_port,
+                   dist_backend=settings.dist_backend,
+                   connect_timeout_s=settings.connect_timeout_s)
 
     def to_extra_config(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

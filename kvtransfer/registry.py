@@ -107,6 +107,16 @@ TRANSPORTS = TransportRegistry({
 })
 
 
+# Transports that can move device memory: the device path (`device_path.py`) is taken only
+# where a decode will reach the prefill over one of these (cuda_ipc on one host; dist,
+# NCCL or gloo, anywhere in the rendezvous). shm and tcp move host segments only.
+DEVICE_TRANSPORTS: frozenset[str] = frozenset({"cuda_ipc", "dist"})
+
+
+def is_device_transport(name: str) -> bool:
+    return name in DEVICE_TRANSPORTS
+
+
 def register_transport(name: str, target: str, *, replace: bool = False) -> None:
     TRANSPORTS.register(name, target, replace=replace)
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.v1.request import RequestStatus
 
+from cluster.wire import KVTransferError
+from kvtransfer.handle import decode_ticket
 from kvtransfer.lifecycle import LOAD_TRANSITIONS, SAVE_TRANSITIONS, Lifecycle, LoadState, SaveState
 from kvtransfer.metadata import LoadSpec, PdserveConnectorMetadata, SaveSpec
 from kvtransfer.names import segment_path
@@ -154,13 +156,29 @@ class ConsumerScheduler:
         # least the last prompt token is computed here, so it loads at most num_prompt - 1.
         if not 0 < staged.num_tokens <= num_prompt:
             return 0
-        if not segment_is_usable(Path(staged.segment_path), staged.num_tokens, self.block_size):
+        if staged.slab is not None:
+            # The device path: the slab sits in the prefill's device memory and is checked
+            # when loaded (a load error then takes the recompute-or-fail path).
+            if not self._slab_is_usable(staged, request.request_id):
+                return 0
+        elif not segment_is_usable(Path(staged.segment_path), staged.num_tokens, self.block_size):
             log.info("[%s] staged KV unusable (gone, incomplete or another layout); recomputing",
                      request.request_id)
             return 0  # recompute; no state, so the report says recomputed
         self.requests[request.request_id] = ConsumerRequest(
             request.request_id, staged, num_local_tokens=num_computed_tokens)
         return max(0, min(staged.num_tokens, num_prompt - 1) - num_computed_tokens)
+
+    def _slab_is_usable(self, staged: StagedKV, request_id: str) -> bool:
+        try:
+            ticket = decode_ticket(staged.slab or b"")
+        except KVTransferError as e:
+            log.info("[%s] %s; recomputing", request_id, e)
+            return False
+        if ticket.block_size != self.block_size or ticket.num_tokens != staged.num_tokens:
+            log.info("[%s] staged slab has another block size or length; recomputing", request_id)
+            return False
+        return staged.slab_transport is not None
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -180,7 +198,8 @@ class ConsumerScheduler:
         req.lifecycle.move_to(LoadState.PLANNED)
         self._planned.append(LoadSpec(
             request_id=req.request_id, segment_path=req.staged.segment_path,
-            dst_block_ids=req.dst_block_ids, first_block=first_block))
+            dst_block_ids=req.dst_block_ids, first_block=first_block,
+            slab=req.staged.slab, slab_transport=req.staged.slab_transport))
 
     def build(self, meta: PdserveConnectorMetadata) -> None:
         meta.loads, self._planned = self._planned, []

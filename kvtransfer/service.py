@@ -6,8 +6,12 @@ Transport choice, per handle (so per prefill/decode pair), from `KVTransferSetti
   shm      - the segment is on this host: the engine reads it in place (one copy, into blocks).
   tcp      - fetch the segment from the producer node's TransferServer into local staging first.
   dist     - fetch it over a torch.distributed pair group (the prefill's `DistResponder` sends).
-  cuda_ipc - registered; fails at start-up on this path (host staging has no device arena to
-             lend; the device path is `device_staging.py`, see docs/kvtransfer.md).
+  cuda_ipc - registered; fails at start-up on the host path (host staging has no device
+             arena to lend).
+A handle whose KV the prefill staged on the device path (`device_path.py`) carries a
+`SlabTicket` instead of a segment: `materialize` then moves nothing itself, it picks the
+device transport (`device_path.device_transport_for`: cuda_ipc on this host, dist across)
+and the decode's connector loads the slab and acks it.
 An explicit name forces that transport for every handle. The transports themselves live
 behind `kvtransfer.registry`'s lazy registry; this module only picks one by name.
 """
@@ -28,13 +32,16 @@ from cluster.config import KVTransferSettings
 from cluster.wire import KVHandle, KVTransferError, TransferStat
 from kvtransfer import auth as kv_auth
 from kvtransfer import claims
+from kvtransfer.device_path import device_transport_for, engine_arena_bytes
 from kvtransfer.handle import (
     TransferDescriptor,
     decode_handle,
+    decode_ticket,
     encode_handle,
+    encode_ticket,
     local_node_id,
 )
-from kvtransfer.names import is_segment_name, list_segments, owner_tag
+from kvtransfer.names import is_segment_name, list_segments, owner_tag, slab_record_path
 from kvtransfer.params import KVLoadReport, StagedKV, vllm_kv_transfer_config
 from kvtransfer.reclaim import Sweeper
 from kvtransfer.dist_channel import DistResponder
@@ -87,6 +94,12 @@ class ProducerService:
         return vllm_kv_transfer_config("kv_producer", self.settings, self.engine_id,
                                        self.staging_dir)
 
+    def engine_arena_bytes(self, on_gpu: bool) -> int:
+        """The device staging arena this prefill's engine will allocate outside vLLM's own
+        accounting (0 on the host path): `cluster.engine_host` takes it out of the
+        engine's gpu_memory_utilization share."""
+        return engine_arena_bytes(self.engine_kv_config(), cache_is_cuda=on_gpu)
+
     def handle_for(self, kv_transfer_params: dict[str, Any] | None,
                    request_id: str | None = None) -> KVHandle | None:
         """The handle to a finished prefill's staged KV, from its final output's
@@ -99,6 +112,11 @@ class ProducerService:
         if request_id is not None:
             log.debug("[%s] staged %d prompt tokens in %s", request_id, staged.num_tokens,
                       Path(staged.segment_path).name)
+        slab = None
+        try:  # the device path published a slab record instead of a segment
+            slab = decode_ticket(slab_record_path(Path(staged.segment_path)).read_bytes())
+        except OSError:
+            pass  # no record: a host segment (or nothing, and the decode recomputes)
         return encode_handle(TransferDescriptor(
             segment_path=staged.segment_path,
             num_tokens=staged.num_tokens,
@@ -107,6 +125,7 @@ class ProducerService:
             tcp_port=self._server.port,
             producer_id=self.producer_id,
             producer_epoch=self.epoch,
+            slab=slab,
         ))
 
     def claims_for(self, handle: KVHandle, num_claims: int,
@@ -122,6 +141,8 @@ class ProducerService:
         desc = decode_handle(handle)
         if desc.producer_epoch != self.epoch or Path(desc.segment_path).parent != self.staging_dir:
             raise KVTransferError(f"handle of {desc.producer_id} is not this producer's to split")
+        if desc.slab is not None:
+            raise KVTransferError("KV staged in a device slab serves one decode (no claims)")
         paths = claims.split(Path(desc.segment_path), num_claims)
         if request_id is not None:
             log.debug("[%s] staged KV split into %d claims", request_id, num_claims)
@@ -138,6 +159,9 @@ class ProducerService:
         path = Path(desc.segment_path)
         if path.parent != self.staging_dir:
             return False
+        if desc.slab is not None:
+            # The slab's record: its engine frees the slab once the record is gone unclaimed.
+            path = slab_record_path(path)
         existed = path.exists()
         path.unlink(missing_ok=True)
         return existed
@@ -213,6 +237,8 @@ class ConsumerService:
         """Make the handle's KV local. Raises KVTransferError when it cannot be had."""
         rid = request_id or "-"
         desc = decode_handle(handle)
+        if desc.slab is not None:
+            return self._slab(desc, request_id)
         name = self._select(desc)
         transport = self._transport(name)
         started = time.perf_counter()
@@ -231,6 +257,20 @@ class ConsumerService:
         stat = TransferStat(transport=name, direction="fetch", num_bytes=nbytes,
                             duration_s=duration, outcome="ok", request_id=request_id)
         return MaterializedKV(StagedKV(segment_path=str(path), num_tokens=desc.num_tokens), stat)
+
+    def _slab(self, desc: TransferDescriptor, request_id: str | None) -> MaterializedKV:
+        """A device-path handle: nothing moves here; the decode's connector loads the slab
+        over the device transport chosen now."""
+        assert desc.slab is not None
+        s = self.settings
+        name = device_transport_for(s.transport, s.dist_store_host is not None
+                                    and s.dist_store_port is not None,
+                                    arena_is_cuda=desc.slab.device_type == "cuda",
+                                    same_node=desc.slab.node_id == local_node_id())
+        stat = TransferStat(transport=name, direction="fetch", num_bytes=0, duration_s=0.0,
+                            outcome="ok", request_id=request_id)
+        return MaterializedKV(StagedKV(segment_path=desc.segment_path, num_tokens=desc.num_tokens,
+                                       slab=encode_ticket(desc.slab), slab_transport=name), stat)
 
     def failed_fetch(self, handle: KVHandle, error: KVTransferError,
                      request_id: str | None = None) -> TransferStat:

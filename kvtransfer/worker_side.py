@@ -13,6 +13,12 @@ when the segment carries them, then recycles the segment file: the consumer owns
 the moment it opens it. A failed load reports the blocks through
 ``get_block_ids_with_load_errors``; output is never computed on partial KV.
 
+The device path (`device_path.staging_medium` says "device": a CUDA engine whose decodes
+reach it over a device transport, or `device_path: force`): the producer stages into a
+slab of its device arena instead (`device_connector.DeviceProducer`; a request that does
+not fit takes the host path above), the consumer loads a handle's slab over CUDA IPC or
+dist (`device_connector.DeviceConsumer`) and acks it.
+
 Every save and load is recorded as a `TransferStat` dict (request id, the staging medium
 the copy went through: "shm" for host staging, and the error text of a failure); the
 decode's fetch of a segment from another host is recorded by `ConsumerService` with its
@@ -32,9 +38,11 @@ import torch
 from cluster.wire import KVTransferError
 from kvtransfer.block_copy import byte_rows, bytes_per_block, gather_blocks, scatter_blocks
 from kvtransfer.checksum import check_segment, trailer_nbytes, write_checksums
+from kvtransfer.device_connector import DeviceConsumer, DeviceProducer
+from kvtransfer.device_path import StagingMedium
 from kvtransfer.lifecycle import SEGMENT_WRITE_TRANSITIONS, Lifecycle, SegmentWriteState
 from kvtransfer.mapping import MappingCache
-from kvtransfer.metadata import LoadSpec, PdserveConnectorStats, SaveSpec
+from kvtransfer.specs import LoadSpec, SaveSpec
 from kvtransfer.params import ConnectorSettings, TransportName
 from kvtransfer.pool import SegmentPool
 from kvtransfer.recycle import recycle
@@ -62,26 +70,30 @@ class KVCaches:
 
 
 class TransferRecorder:
-    """The worker half's transfer records, collected by vLLM as connector stats."""
+    """The worker half's transfer records, collected by vLLM as connector stats (built on
+    `take`, so this module imports no vLLM: the GPU check runs it where vLLM is absent)."""
 
     def __init__(self) -> None:
-        self.stats = PdserveConnectorStats()
-        self.stats.reset()
+        self.records: list[dict] = []
 
     def record(self, direction: str, transport: TransportName, num_bytes: int, started: float,
                outcome: str, request_id: str, error: str | None = None) -> None:
-        self.stats.data.setdefault("transfers", []).append({
+        self.records.append({
             "transport": transport, "direction": direction, "num_bytes": num_bytes,
             "duration_s": time.perf_counter() - started, "outcome": outcome,
             "request_id": request_id, "error": error,
         })
 
-    def take(self) -> PdserveConnectorStats | None:
-        if self.stats.is_empty():
-            return None
-        stats, self.stats = self.stats, PdserveConnectorStats()
-        self.stats.reset()
-        return stats
+    def take_records(self) -> list[dict]:
+        records, self.records = self.records, []
+        return records
+
+    def take(self):
+        """The records since the last call as a `PdserveConnectorStats`, or None."""
+        from kvtransfer.metadata import PdserveConnectorStats
+
+        records = self.take_records()
+        return PdserveConnectorStats(data={"transfers": records}) if records else None
 
 
 @dataclass
@@ -98,7 +110,8 @@ class SegmentWrite:
 
 class ProducerWorker:
     def __init__(self, settings: ConnectorSettings, staging_dir: Path, engine_id: str,
-                 caches: KVCaches, recorder: TransferRecorder):
+                 caches: KVCaches, recorder: TransferRecorder, medium: StagingMedium = "host",
+                 slab_poll_interval_s: float | None = 0.05):
         self.settings = settings
         self.staging_dir = staging_dir
         self.engine_id = engine_id
@@ -106,9 +119,29 @@ class ProducerWorker:
         self.recorder = recorder
         self.pool: SegmentPool | None = None  # recycled segment files, made on first use
         self.writes: dict[str, SegmentWrite] = {}  # by segment path
+        self.device = (DeviceProducer(settings, engine_id, staging_dir, caches.tensors,
+                                      caches.block_size, poll_interval_s=slab_poll_interval_s)
+                       if medium == "device" else None)
+
+    @property
+    def _device_label(self) -> TransportName:
+        # TransferStat names a transport: a CUDA slab leaves over cuda_ipc or NCCL, a host
+        # one (device_path force on a CPU engine) over dist only.
+        assert self.device is not None
+        return "cuda_ipc" if self.device.device.type == "cuda" else "dist"
+
+    def poll_slabs(self, now: float | None = None) -> None:
+        """Settle published slabs (acks, claims, leases); records each expired one."""
+        if self.device is None:
+            return
+        for request_id in self.device.poll(now):
+            self.recorder.record("save", self._device_label, 0, time.perf_counter(), "expired",
+                                 request_id)
 
     def discard(self, path: str) -> None:
         """Give back a segment that will never be published (the request ended early)."""
+        if self.device is not None and self.device.discard(path):
+            return  # its slab, WRITING, is free again; there is no segment
         write = self.writes.pop(path, None)
         if write is not None:
             write.lifecycle.move_to(SegmentWriteState.DISCARDED)
@@ -120,15 +153,19 @@ class ProducerWorker:
         if layer is None:
             return
         for save in saves:
-            self._gather(save, layer, kv_layer)
+            self._gather(save, layer, layer_name, kv_layer)
 
     def save_all_layers(self, saves: list[SaveSpec]) -> None:
         for name, kv in self.caches.tensors.items():
             for save in saves:
-                self._gather(save, self.caches.index[name], kv)
+                self._gather(save, self.caches.index[name], name, kv)
 
-    def _gather(self, save: SaveSpec, layer: int, kv_layer: torch.Tensor) -> None:
-        """Copy this step's new blocks of one layer into the request's segment."""
+    def _gather(self, save: SaveSpec, layer: int, layer_name: str, kv_layer: torch.Tensor) -> None:
+        """Copy this step's new blocks of one layer into the request's slab (device path)
+        or segment."""
+        if (self.device is not None and save.segment_path not in self.writes
+                and self.device.gather(save, layer_name, kv_layer)):
+            return
         write = self._write_for(save)
         if write is None:
             return
@@ -174,6 +211,15 @@ class ProducerWorker:
         for save in saves:
             if save.end_token < save.num_prompt_tokens:
                 continue
+            if self.device is not None:
+                published = self.device.finish(save)
+                if published is not None:
+                    slab_write, ok = published
+                    self.recorder.record(
+                        "save", self._device_label, slab_write.slab.nbytes, slab_write.started_s,
+                        "ok" if ok else "failed", save.request_id,
+                        error=None if ok else "the slab could not be published")
+                    continue
             write = self.writes.pop(save.segment_path, None)
             if write is None:
                 continue
@@ -193,16 +239,25 @@ class ProducerWorker:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
 
 
 class ConsumerWorker:
-    def __init__(self, caches: KVCaches, recorder: TransferRecorder):
+    def __init__(self, caches: KVCaches, recorder: TransferRecorder,
+                 settings: ConnectorSettings | None = None):
         self.caches = caches
         self.recorder = recorder
+        self.settings = settings or ConnectorSettings()
         self.maps = MappingCache()  # mappings of segment files, kept
         self.failed_block_ids: set[int] = set()
+        self.device: DeviceConsumer | None = None  # made on the first slab load
 
     def load(self, load: LoadSpec) -> None:
+        if load.slab is not None:
+            self._load_slab(load)
+            return
         started = time.perf_counter()
         num_bytes = 0
         try:
@@ -252,9 +307,28 @@ class ConsumerWorker:
                 scatter_blocks(src_t[load.first_block : load.first_block + n], kv, load.dst_block_ids)
         return n * sum(caches.layer_bytes)
 
+    def _load_slab(self, load: LoadSpec) -> None:
+        """The device path: the handle named a slab of the prefill's arena."""
+        started = time.perf_counter()
+        transport: TransportName = "cuda_ipc" if load.slab_transport == "cuda_ipc" else "dist"
+        if self.device is None:
+            self.device = DeviceConsumer(self.settings, self.caches.tensors)
+        try:
+            num_bytes = self.device.load(load)
+        except (KVTransferError, RuntimeError) as e:
+            self.failed_block_ids.update(load.dst_block_ids)
+            log.warning("[%s] KV slab load over %s failed: %s", load.request_id, transport, e)
+            self.recorder.record("load", transport, 0, started, "failed", load.request_id,
+                                 error=str(e))
+            return
+        self.recorder.record("load", transport, num_bytes, started, "ok", load.request_id)
+
     def take_failed_block_ids(self) -> set[int]:
         failed, self.failed_block_ids = self.failed_block_ids, set()
         return failed
 
     def close(self) -> None:
         self.maps.close()
+        if self.device is not None:
+            self.device.close()
+            self.device = None
