@@ -51,6 +51,13 @@ def is_cuda_available() -> bool:
         return False
 
 
+def device_total_bytes() -> int:
+    """Memory of this process's GPU: what vLLM's gpu_memory_utilization is a share of."""
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything needed to build one engine instance."""
@@ -60,6 +67,10 @@ class EngineSpec:
     pool: PoolConfig
     instance_index: int  # within its pool, selects cpu_cores
     kv_transfer_config: dict[str, Any] | None = None
+    # GPU memory the engine's KV connector allocates outside vLLM (a prefill's device staging
+    # arena: ProducerService.engine_arena_bytes); on a GPU it comes out of the pool's
+    # gpu_memory_utilization share (engine_args.engine_memory_utilization).
+    device_arena_bytes: int = 0
 
 
 def to_sampling_params(spec: SamplingSpec, *, max_tokens: int | None = None,
@@ -165,8 +176,11 @@ class EngineHost:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        on_gpu = is_cuda_available()
+        arena = self.spec.device_arena_bytes if on_gpu else 0
         kwargs = pool_engine_kwargs(self.spec.model_path, self.spec.model, self.spec.pool,
-                                    on_gpu=is_cuda_available())
+                                    on_gpu=on_gpu, device_arena_bytes=arena,
+                                    device_total_bytes=device_total_bytes() if arena else None)
         if self.spec.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = KVTransferConfig(**self.spec.kv_transfer_config)
         return AsyncEngineArgs(**kwargs)
