@@ -35,7 +35,15 @@ for _ in $(seq 900); do
   kill -0 $SERVE 2>/dev/null || { echo "pdserve serve exited"; tail -30 $OUT/serve$TAG.log; exit 1; }
   sleep 1
 done
-echo "ready after ${SECONDS} s" | tee -a $OUT/faults.txt
+# /health is 200 once one instance of each role is up: wait for every configured instance,
+# or the harness's "capacity back" would compare against a deployment not yet whole.
+EXPECTED=$($PY -c "import yaml; c = yaml.safe_load(open('$OUT/$CONFIG')); print(sum(c[r]['num_instances'] for r in ('prefill', 'decode')))")
+for _ in $(seq 300); do
+  READY=$(curl -sf $URL/metrics | awk '/^pdserve_instances\{/ && /state="ready"/ {n += $2} END {print n + 0}')
+  [ "$READY" -ge "$EXPECTED" ] && break
+  sleep 1
+done
+echo "ready after ${SECONDS} s ($READY of $EXPECTED instances)" | tee -a $OUT/faults.txt
 store() {  # Ray object-store use of this deployment's Ray (bench/soak.py's reading)
   $PY -c "from bench.soak import *; print(object_store_mib(gcs_address(pdserve_processes([$SERVE]))))"
 }
