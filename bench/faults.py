@@ -161,7 +161,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                       f"connection refused ({type(e).__name__})", prompt=prompt)
     except (TimeoutError, httpx.HTTPError) as e:
         return Ending("broken", "", time.monotonic() - t0,
-                      f"{type(e).__name__}: client gave up or connection failed")
+                      f"{type(e).__name__}: client gave up or connection failed ({e})"[:160])
     seconds = time.monotonic() - t0
     is_exact = None
     if outcome == "complete":
