@@ -4,11 +4,14 @@ Two rules, both needed because Linux processes inherit their parent's affinity:
 - `pin_front_end` pins the process that starts a local Ray to `ray.front_end_cores` before
   `ray.init`, so Ray's processes (GCS, raylet, the Serve controller, the router and worker
   replicas) start, and stay, there.
-- `spawn_on` starts an engine's processes on its cores: on those alone when the front end
-  is pinned off them (the engine then has its cores to itself: its scheduler process, its
-  OpenMP threads and its socket I/O), on the front end's cores as well when they overlap
-  (or when the front end is not pinned, as in vLLM's own server, where only the OpenMP
-  threads are bound by vLLM's CPU worker, among the cores its process may use).
+- `spawn_on` adds an engine's cores to the calling thread's while it spawns that engine's
+  processes, so the engine may use them even when the front end is pinned elsewhere
+  (vLLM's CPU worker binds its OpenMP threads among the cores its process may use; its
+  model-runner process ends up on the engine's cores, while its scheduler process may also
+  run on the front end's, as in vLLM's own server). Pinning the scheduler process to the
+  engine's one core as well was measured and is worse: p50 TPOT 24-27 ms against 20-22 ms
+  on the small model (bench/results/serving-vs-vllm-cpu-2core, runs -fe and -fe2): the
+  scheduler then waits behind the model runner's busy-polling thread on that core.
 - `renice` sets the niceness of a pool's engine processes (`cpu_nice`), every thread of
   them: a prefill engine that shares its core with the front end can be told to yield to it.
 
@@ -30,16 +33,15 @@ def pin_front_end(cores: Iterable[int] | None) -> None:
 
 @contextlib.contextmanager
 def spawn_on(cores: Iterable[int] | None) -> Iterator[None]:
-    """Children started inside the block run on `cores`, or on `cores` and the calling
-    thread's cores when the two overlap; the thread's cores are restored after. On Linux
+    """`cores` added to the calling thread's inside the block (children started there
+    inherit the union), its previous cores restored after. On Linux
     `sched_setaffinity(0, ...)` names the calling thread only, so the process's other
     threads keep theirs."""
     if cores is None:
         yield
         return
     before = os.sched_getaffinity(0)
-    own = set(cores)
-    os.sched_setaffinity(0, own if not own & before else own | before)
+    os.sched_setaffinity(0, before | set(cores))
     try:
         yield
     finally:
