@@ -53,8 +53,12 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
     """What the router saw over the last `window_s` seconds.
 
     Arrival rate: requests that arrived in the window / its length (the first window is as
-    long as the oldest trace). Lengths, attainment and mean TTFT/TPOT: requests that ended
-    in the window (their prompt and output token counts, `cluster.slo` definitions).
+    long as the oldest trace). Attainment and mean TTFT/TPOT: requests that ended in the
+    window (`cluster.slo` definitions). Length sample: the (prompt, output) token counts of
+    the requests that ended in the window and also arrived in it, the traffic as it is now
+    (after a shift, what ends first is the old traffic, and in an overload the new requests
+    are the ones still queued); all that ended in the window when those are under half of
+    them (requests longer than the window).
     Instances: every pool member, `draining` once its stats say so, else `serving`, with
     the router's own count of its requests in flight.
     """
@@ -66,6 +70,8 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
     oldest = now
     ins: list[int] = []
     outs: list[int] = []
+    new_ins: list[int] = []  # of those, the ones that arrived in the window
+    new_outs: list[int] = []
     met = 0
     ttfts: list[float] = []
     tpots: list[float] = []
@@ -83,6 +89,9 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
             continue  # failed before its first token: no lengths to learn from
         ins.append(max(1, trace.num_prompt_tokens))
         outs.append(trace.num_output_tokens)
+        if trace.arrival_s >= start:
+            new_ins.append(ins[-1])
+            new_outs.append(outs[-1])
         ttfts.append(ttft)
         tpots.append(tpot or 0.0)
         met += slo_math.meets_slo(ttft, tpot or 0.0, deps.slo)
@@ -94,9 +103,10 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
                        "draining" if v.stats is not None and v.stats.is_draining else "serving",
                        v.inflight_requests)
         for v in deps.pool.all() if v.role in ("prefill", "decode"))
+    sample_ins, sample_outs = (new_ins, new_outs) if 2 * len(new_ins) >= len(ins) else (ins, outs)
     return TrafficSnapshot(
-        time_s=now, window_s=window_s, arrival_rate_rps=arrived / span, input_lens=tuple(ins),
-        output_lens=tuple(outs), attainment=met / len(ins) if ins else 1.0,
+        time_s=now, window_s=window_s, arrival_rate_rps=arrived / span, input_lens=tuple(sample_ins),
+        output_lens=tuple(sample_outs), attainment=met / len(ins) if ins else 1.0,
         attainment_target=deps.slo.attainment,
         mean_ttft_s=sum(ttfts) / len(ttfts) if ttfts else 0.0,
         mean_tpot_s=sum(tpots) / len(tpots) if tpots else 0.0,

@@ -11,8 +11,9 @@ Per tick, at most every `interval_s`:
 
 1. `sizer(snapshot, correction)` returns the pool sizes (prefill, decode) the live traffic
    needs: by default `PoolSizer`, the planner's co-simulation at the observed rate
-   (times `headroom`) over the observed lengths, with the deployment's own parallel
-   configurations; only instance counts change online.
+   (times `headroom`, plus any backlog to clear within an interval) over the observed
+   lengths, with the deployment's own parallel configurations; only instance counts
+   change online.
 2. The sizes are clamped to each pool's [min, max] and to the unit budget (prefill and
    decode compete for it: a change of the prefill:decode ratio is ONE decision with both
    targets, never two autoscalers pulling against each other).
@@ -340,9 +341,18 @@ class PoolSizer:
                   and s.feasible_layout(replace(cur, num_prefill=n_p, num_decode=n_d))]
         slo = request.slo
         overloaded = now.attainment < slo.attainment
+        # A backlog (after a shift the old sizes could not serve) is work on top of the
+        # arrivals: requests in flight beyond what the deployment holds at this rate when
+        # every request meets the SLO (Little's law) must be cleared within one interval,
+        # so the sizing rate carries them as extra arrivals of the same lengths.
+        mean_output = sum(snap.output_lens) / len(snap.output_lens) if snap.output_lens else 1.0
+        in_slo = rate * (slo.ttft_s + slo.tpot_s * max(mean_output - 1.0, 0.0))
+        backlog = max(0.0, sum(i.num_in_flight for i in snap.instances) - in_slo)
+        sizing_rate = rate * st.headroom + backlog / st.interval_s
+        note = f"backlog of {backlog:.0f} requests" if backlog >= 1 else ""
         for n_p, n_d in within:
-            if s.passes(replace(cur, num_prefill=n_p, num_decode=n_d), rate * st.headroom):
-                return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s, overloaded)
+            if s.passes(replace(cur, num_prefill=n_p, num_decode=n_d), sizing_rate):
+                return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s, overloaded, note=note)
         if not within:
             n_p, n_d = st.prefill.min_instances, st.decode.min_instances
             return Sizing(n_p, n_d, now.mean_ttft_s, now.mean_tpot_s, overloaded,
@@ -362,4 +372,5 @@ class PoolSizer:
 
         best = max(within, key=closeness)
         return Sizing(best[0], best[1], now.mean_ttft_s, now.mean_tpot_s, overloaded,
-                      note="no size within the budget meets the SLO: the one closest to it")
+                      note="; ".join(filter(None, (
+                          note, "no size within the budget meets the SLO: the one closest to it"))))

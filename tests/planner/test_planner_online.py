@@ -273,3 +273,29 @@ def test_pool_sizer_with_every_split_at_zero_gives_the_units_to_the_starved_phas
     s = sizer(snap, 4.0)
     assert "closest" in s.note and s.predicted_overloaded
     assert (s.num_prefill, s.num_decode) == (3, 1)
+
+
+def test_pool_sizer_sizes_to_clear_a_backlog_within_an_interval(synthetic_profile_path, tiny_model_dir):
+    # Right after a shift to long prompts the old sizes left requests queued: the loop must
+    # size for the arrivals plus that backlog (cleared within an interval), not the arrivals
+    # alone, which left the backlog to drain for many seconds in the workload-shift run.
+    from cluster.planner.inputs import PlanRequest
+    from cluster.planner.plans import ParallelConfig
+    from cluster.planner.problem import build_problem
+    problem = build_problem(PlanRequest.model_validate({
+        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
+        "slo": {"ttft_s": 0.4, "tpot_s": 0.03, "attainment": 0.9},
+        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
+    settings = ReplanSettings(max_units=6, interval_s=10, prefill=PoolBounds(max_instances=4),
+                              decode=PoolBounds(max_instances=2))
+    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+
+    def size(in_flight):
+        inst = _instances(1, 1, in_flight={"p0": in_flight, "d0": 0})
+        return sizer(TrafficSnapshot(0, 10.0, 2, (1024,) * 100, (8,) * 100, 0.5, 0.9, 2.0, 0.01, inst), 1.0)
+
+    calm, queued = size(0), size(60)  # 60 queued: ~6 req/s more for the next 10 s
+    assert calm.num_prefill == 1 and "backlog" not in calm.note
+    # 60 in flight, less the 2 x (0.4 + 7 x 0.03) = 1.2 that 2 req/s holds within the SLO
+    assert queued.num_prefill >= 2 and "backlog of 59 requests" in queued.note

@@ -49,6 +49,28 @@ def test_snapshot_reads_the_window_from_traces_and_pool():
         ("decode-0", "decode", "serving"), ("decode-1", "decode", "serving")}
 
 
+def test_snapshot_samples_the_lengths_of_the_traffic_that_arrived_in_the_window():
+    # A shift inside the window: old short-prompt requests still ending, new long-prompt
+    # ones arriving. The sizer must see the new traffic; the deployment's figures (here the
+    # attainment) still cover everything that ended in the window.
+    deps, _, _ = _deployment()
+    now = 1000.0
+    for i in range(10):  # arrived before the window, ended in it
+        deps.remember(_trace(f"old{i}", now - 12 + 0.1 * i, 0.1, 0.08, 32, 64))  # TPOT missed
+    for i in range(15):
+        deps.remember(_trace(f"new{i}", now - 9 + 0.5 * i, 0.1, 0.01, 1024, 8))
+    snap = snapshot_from_router(deps, now, window_s=10.0)
+    assert set(snap.input_lens) == {1024} and len(snap.input_lens) == 15
+    assert snap.attainment == pytest.approx(15 / 25)
+    # Requests longer than the window: under half of what ended arrived in it, so all count.
+    deps2, _, _ = _deployment()
+    for i in range(10):
+        deps2.remember(_trace(f"long{i}", now - 30 + 0.1 * i, 0.1, 0.01, 500, 2500))
+    for i in range(3):
+        deps2.remember(_trace(f"short{i}", now - 5 + i, 0.1, 0.01, 100, 10))
+    assert len(snapshot_from_router(deps2, now, window_s=10.0).input_lens) == 13
+
+
 def test_serve_actuator_sets_each_pool_replica_count():
     calls = []
     act = ServeActuator("pdserve", {"prefill": 2, "decode": 2}, lambda role, n: calls.append((role, n)))
