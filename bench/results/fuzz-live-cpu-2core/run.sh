@@ -56,4 +56,17 @@ print("afterwards: /health", h, "| a completion", r.status_code, r.json().get("u
       "| in flight", d["num_in_flight"], "| engine KV use",
       {p["instance_id"]: p["kv_cache_usage"] for p in d["pool"]})
 PY
+echo "== reachable: positive cases with the unstated rules repaired, so they reach the engines" | tee -a $OUT/run.txt
+START=$SECONDS
+PDSERVE_FUZZ_URL=$URL PDSERVE_FUZZ_EXAMPLES=${REACHABLE_EXAMPLES:-100} timeout 400 .venv/bin/python -m pytest \
+  bench/fuzz_live.py -q -s -p no:cacheprovider 2>&1 | grep -v "^WARNING" | tail -8 | tee -a $OUT/run.txt
+echo "reachable run: $((SECONDS - START)) s" | tee -a $OUT/run.txt
+.venv/bin/python - $URL <<'PY' | tee -a $OUT/run.txt
+import sys, httpx
+url = sys.argv[1]
+d = httpx.get(url + "/dashboard/data").json()
+print("after both: /health", httpx.get(url + "/health").status_code, "| in flight", d["num_in_flight"],
+      "| engine KV use", {p["instance_id"]: p["kv_cache_usage"] for p in d["pool"]},
+      "| requests by outcome", d["totals"]["requests_by_outcome"])
+PY
 echo "staged segments in /dev/shm: $(ls /dev/shm | grep -c '^pdserve-kv-')" | tee -a $OUT/run.txt
