@@ -29,10 +29,7 @@ rename(2) is the one atomic claim:
 an idle prefill frees acked slabs too). A LENT slab is freed only by its ack or its
 claimant's death, never by the lease: no free while a copy is in flight.
 
-Consumer (the decode's worker half, `DeviceConsumer.load`): cuda_ipc claims the record,
-maps the arena and scatters straight out of it, unmaps, acks; dist asks the prefill's slab
-responder through the rendezvous store and receives the slab, then scatters. Either way
-into the request's own blocks with `device_transfer.scatter_slab`.
+The decode's side of the protocol is `device_consumer.DeviceConsumer`.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -54,25 +50,16 @@ import torch
 from cluster.wire import KVTransferError
 from kvtransfer import auth as kv_auth
 from kvtransfer.device_staging import ArenaSlab, DeviceArena, LayerRegion, LayerwiseStager, SlabState, slab_layout, slab_nbytes
-from kvtransfer.device_transfer import SlabDescriptor, describe, load_from_dist, load_from_ipc, send_over_dist
-from kvtransfer.handle import SlabTicket, decode_ticket, encode_ticket, local_node_id
-from kvtransfer.specs import LoadSpec, SaveSpec
+from kvtransfer.device_transfer import describe, send_over_dist
+from kvtransfer.handle import SlabTicket, encode_ticket, local_node_id
+from kvtransfer.specs import SaveSpec
 from kvtransfer.names import SLAB_PREFIX, process_alive, slab_record_path
 from kvtransfer.params import ConnectorSettings
 
 log = logging.getLogger(__name__)
 
 _QUEUE_PREFIX = "pdserve-kv/slab"
-_CLAIMED = ".claimed-"
-
-
-def read_ticket(segment_path: Path | str) -> bytes | None:
-    """The published slab ticket of a request staged on the device path (its bytes), or None
-    (host path: the segment file holds the KV)."""
-    try:
-        return slab_record_path(Path(segment_path)).read_bytes()
-    except OSError:
-        return None
+CLAIMED_SUFFIX = ".claimed-"
 
 
 class SlabFetchRequest(msgspec.Struct, frozen=True, tag="slab"):
@@ -88,15 +75,15 @@ class _Stop(msgspec.Struct, frozen=True, tag="stop"):
     """Wakes a closing responder (pushed by itself onto its own queue)."""
 
 
-def _queue_key(peer_id: str) -> str:
+def slab_queue_key(peer_id: str) -> str:
     return f"{_QUEUE_PREFIX}/{peer_id}"
 
 
-def _has_store(settings: ConnectorSettings) -> bool:
+def has_store(settings: ConnectorSettings) -> bool:
     return settings.dist_store_host is not None and settings.dist_store_port is not None
 
 
-def _connect_store(settings: ConnectorSettings) -> Any:
+def connect_store(settings: ConnectorSettings) -> Any:
     from torch.distributed import TCPStore  # deferred: only where dist is used
 
     try:
@@ -138,7 +125,7 @@ class DeviceProducer:
         self._sending: set[Path] = set()  # records the responder claimed and is sending
         self._lock = threading.RLock()  # engine thread, timer thread, responder thread
         self._closed = threading.Event()
-        self._responder = _SlabResponder(self) if _has_store(settings) else None
+        self._responder = _SlabResponder(self) if has_store(settings) else None
         self._timer = None
         if poll_interval_s is not None:
             self._timer = threading.Thread(target=self._poll_forever, args=(poll_interval_s,),
@@ -247,7 +234,7 @@ class DeviceProducer:
                 expired.unlink(missing_ok=True)
                 self.arena.free(slab)  # READY -> FREE: nobody claimed it within the lease
                 return "expired"
-        claims = list(record.parent.glob(record.name + _CLAIMED + "*"))
+        claims = list(record.parent.glob(record.name + CLAIMED_SUFFIX + "*"))
         if claims:
             if slab.state is SlabState.READY:
                 self.arena.lend(slab)  # a decode on this host claimed it: it may be reading
@@ -289,7 +276,7 @@ class DeviceProducer:
 
     @staticmethod
     def _claimed(record: Path) -> Path:
-        return record.with_name(record.name + _CLAIMED + str(os.getpid()))
+        return record.with_name(record.name + CLAIMED_SUFFIX + str(os.getpid()))
 
     def _poll_forever(self, interval_s: float) -> None:
         while not self._closed.wait(interval_s):
@@ -331,7 +318,7 @@ class _SlabResponder:
         self.producer = producer
         settings = producer.settings
         self.peer_id = producer.engine_id
-        self._store = _connect_store(settings)
+        self._store = connect_store(settings)
         self._queue = self._store.clone()
         self._queue.set_timeout(timedelta(hours=1))
         self._secret = kv_auth.kv_secret()
@@ -347,7 +334,7 @@ class _SlabResponder:
         decoder = msgspec.msgpack.Decoder(SlabFetchRequest | _Stop)
         while not self._closed.is_set():
             try:
-                raw = self._queue.queue_pop(_queue_key(self.peer_id))
+                raw = self._queue.queue_pop(slab_queue_key(self.peer_id))
             except RuntimeError:
                 self._closed.wait(0.5)
                 continue
@@ -385,91 +372,8 @@ class _SlabResponder:
     def close(self) -> None:
         self._closed.set()
         try:
-            self._store.queue_push(_queue_key(self.peer_id), msgspec.msgpack.encode(_Stop()))
+            self._store.queue_push(slab_queue_key(self.peer_id), msgspec.msgpack.encode(_Stop()))
         except RuntimeError:
             pass
         self._thread.join(timeout=5)
         self._dist.close()
-
-
-class DeviceConsumer:
-    """A decode engine's loads of slabs into its own blocks."""
-
-    def __init__(self, settings: ConnectorSettings, caches: Mapping[str, torch.Tensor],
-                 consumer_id: str | None = None):
-        self.settings = settings
-        self.caches = dict(caches)
-        self.consumer_id = consumer_id or f"slab-consumer-{uuid.uuid4().hex[:12]}"
-        self._store: Any = None
-        self._dist: Any = None
-
-    def load(self, load: LoadSpec) -> int:
-        """Copy the slab's blocks from `load.first_block` into `load.dst_block_ids`, then
-        ack; returns the bytes loaded. Raises KVTransferError (the caller reports the
-        blocks as load errors)."""
-        assert load.slab is not None
-        ticket = decode_ticket(load.slab)
-        try:
-            desc = msgspec.msgpack.decode(ticket.slab, type=SlabDescriptor)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise KVTransferError(f"malformed slab descriptor: {e}") from e
-        try:
-            if load.slab_transport == "cuda_ipc":
-                self._load_ipc(ticket, desc, load)
-            elif load.slab_transport == "dist":
-                self._load_dist(ticket, desc, load)
-            else:
-                raise KVTransferError(f"no device transport named {load.slab_transport!r}")
-        except ValueError as e:  # another layout: layers, block counts
-            raise KVTransferError(f"slab of {desc.request_id}: {e}") from e
-        per_block = sum(r.nbytes // r.num_blocks for r in desc.regions().values())
-        return len(load.dst_block_ids) * per_block
-
-    def _load_ipc(self, ticket: SlabTicket, desc: SlabDescriptor, load: LoadSpec) -> None:
-        record = Path(ticket.record_path)
-        claimed = record.with_name(record.name + _CLAIMED + str(os.getpid()))
-        try:
-            os.rename(record, claimed)  # the claim: from now on the producer waits for our ack
-        except FileNotFoundError:
-            raise KVTransferError(f"slab of {desc.request_id} is gone (lease expired, "
-                                  f"released, or the prefill restarted)") from None
-        try:
-            load_from_ipc(desc, self.caches, load.dst_block_ids,
-                          first_block=load.first_block)  # synchronized and unmapped on return
-        finally:
-            claimed.unlink(missing_ok=True)  # the ack: the slab is the producer's again
-
-    def _load_dist(self, ticket: SlabTicket, desc: SlabDescriptor, load: LoadSpec) -> None:
-        store, dist = self._connect()
-        record_name = Path(ticket.record_path).name
-        transfer_id = uuid.uuid4().hex
-        secret = kv_auth.kv_secret()
-        request = SlabFetchRequest(
-            record_name=record_name, decode_id=self.consumer_id, transfer_id=transfer_id,
-            mac=kv_auth.sign_request(secret, record_name, self.consumer_id, transfer_id))
-        try:
-            store.queue_push(_queue_key(ticket.producer_peer_id), msgspec.msgpack.encode(request))
-        except RuntimeError as e:
-            raise KVTransferError(f"asking {ticket.producer_peer_id} for its slab failed: {e}") from e
-        # A completed receive is the ack: the producer frees the slab when its send completes.
-        load_from_dist(dist, ticket.producer_peer_id, transfer_id, desc, self.caches,
-                       load.dst_block_ids, first_block=load.first_block)
-
-    def _connect(self) -> tuple[Any, Any]:
-        if self._dist is None:
-            if not _has_store(self.settings):
-                raise KVTransferError("a dist slab load needs the rendezvous store "
-                                      "(kv_transfer.dist_store_host, dist_store_port)")
-            from kvtransfer.dist import DistTransport
-
-            self._store = _connect_store(self.settings)
-            self._dist = DistTransport(self.consumer_id, "decode", self._store,
-                                       backend=self.settings.dist_backend,
-                                       timeout_s=self.settings.connect_timeout_s,
-                                       secret=kv_auth.kv_secret())
-        return self._store, self._dist
-
-    def close(self) -> None:
-        if self._dist is not None:
-            self._dist.close()
-        self._dist = self._store = None

@@ -17,7 +17,7 @@ The device path (`device_path.staging_medium` says "device": a CUDA engine whose
 reach it over a device transport, or `device_path: force`): the producer stages into a
 slab of its device arena instead (`device_connector.DeviceProducer`; a request that does
 not fit takes the host path above), the consumer loads a handle's slab over CUDA IPC or
-dist (`device_connector.DeviceConsumer`) and acks it.
+dist (`device_consumer.DeviceConsumer`) and acks it.
 
 Every save and load is recorded as a `TransferStat` dict (request id, the staging medium
 the copy went through: "shm" for host staging, and the error text of a failure); the
@@ -38,7 +38,8 @@ import torch
 from cluster.wire import KVTransferError
 from kvtransfer.block_copy import byte_rows, bytes_per_block, gather_blocks, scatter_blocks
 from kvtransfer.checksum import check_segment, trailer_nbytes, write_checksums
-from kvtransfer.device_connector import DeviceConsumer, DeviceProducer
+from kvtransfer.device_connector import DeviceProducer
+from kvtransfer.device_consumer import DeviceConsumer
 from kvtransfer.device_path import StagingMedium
 from kvtransfer.lifecycle import SEGMENT_WRITE_TRANSITIONS, Lifecycle, SegmentWriteState
 from kvtransfer.mapping import MappingCache
