@@ -111,9 +111,10 @@ class EngineModelSpec(_Strict):
         "DistServe's real traces needs it (docs/planner.md, 'Fidelity')."
     )
     decode_memory: Literal["paged", "reserve"] = Field(
-        "paged", description="paged: decode allocates KV as tokens are generated and preempts "
-        "the newest request (recompute) when the cache runs out, as vLLM and DistServe do; "
-        "reserve: admission reserves prompt + output up front (never preempts, pessimistic)."
+        "paged", description="paged: decode (and colocated) instances allocate KV as tokens "
+        "are generated and preempt the newest request (recompute) when the cache runs out, as "
+        "vLLM and DistServe do; reserve: admission reserves prompt + output up front (never "
+        "preempts, pessimistic)."
     )
     admission_watermark: float = Field(
         0.01, ge=0, lt=0.5, description="Share of the decode KV cache kept free when admitting "

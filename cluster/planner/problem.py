@@ -96,7 +96,8 @@ class PlanningProblem:
             for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
         timing = EngineTiming(lane, 1, e.framework_overhead)
         return ColocatedPool(num_instances, timing, self.kv_capacity(config), scheduler,
-                             e.prefill_token_budget, e.max_num_seqs, pp)
+                             e.prefill_token_budget, e.max_num_seqs, pp, e.decode_memory,
+                             e.block_size, e.admission_watermark)
 
 
 def scale_profile(profile: LatencyProfile, scale: float) -> LatencyProfile:

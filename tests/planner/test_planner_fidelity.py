@@ -12,7 +12,8 @@ arrivals and lengths to the simulator and compares the share of requests meeting
 The engine settings are the ones DistServe ran with (context batch 8192 tokens, decode batch
 1024, 0.95 of GPU memory: `max_num_tokens.csv`). `kv_load_gb_s: 50` is the one number
 fitted to these traces (DistServe migrates KV inside its decode loop); the rest is the
-published profile, framework overhead on, paged decode memory and per-stage fixed cost.
+published profile, framework overhead on, paged decode (and colocated) memory and
+per-stage fixed cost.
 """
 
 from __future__ import annotations

@@ -166,6 +166,30 @@ def test_colocated_chunked_prefill_closed_form():
     assert np.isfinite(r.e2e_s).all()
 
 
+def test_colocated_paged_memory_preempts_the_newest_request_and_recomputes_it():
+    # vLLM's block manager on a colocated instance: two 100-token prompts, 11 output tokens
+    # each, 215 tokens of KV. Paged, both are admitted (prompt KV only) and prefill as one
+    # batch; after 8 decode steps the cache holds 216 tokens, the newer request is
+    # preempted, waits for the older one, then recomputes prompt + its 9 tokens (109) in one
+    # prefill that yields its 10th token, and decodes its last one.
+    from cluster.planner.colocated import simulate_colocated_pool
+    timing = EngineTiming(PROFILE)
+    arrival, ins, outs = _arrays((0.0, 100, 11), (0.0, 100, 11))
+    paged = ColocatedPool(1, timing, 215, "prefill_priority", memory="paged")
+    out = simulate_colocated_pool(arrival, ins, outs, paged)
+    prefill = timing.prefill_latency_s(200, 2 * 100 * 100)
+    first_done = (prefill + sum(timing.decode_step_s(2, 2 * (100 + k)) for k in range(8))
+                  + timing.decode_step_s(1, 108) + timing.decode_step_s(1, 109))
+    second_done = first_done + timing.prefill_latency_s(109, 109 * 109) + timing.decode_step_s(1, 109)
+    assert out.num_preemptions == 1
+    assert out.first_token_s.tolist() == pytest.approx([prefill, prefill])
+    assert out.finish_s.tolist() == pytest.approx([first_done, second_done])
+    # Reserving prompt + output up front (2 x 111 > 215): the second waits from the start.
+    reserve = simulate_colocated_pool(arrival, ins, outs, ColocatedPool(1, timing, 215, memory="reserve"))
+    assert reserve.num_preemptions == 0
+    assert reserve.first_token_s[1] == pytest.approx(reserve.finish_s[0] + timing.prefill_latency_s(100, 10_000))
+
+
 def test_runs_are_deterministic_and_stop_early_when_lost():
     trace = make_trace(FixedLengths(input_len=500, output_len=50), ArrivalSpec(), 2000, seed=7)
     system = _system(_one_link(25e9))
