@@ -7,7 +7,9 @@ Each `TrafficSnapshot` carries what the running deployment measured over the las
 arrival rate, a sample of (prompt, output) lengths from the request traces, attainment,
 measured mean TTFT/TPOT, and every instance with its state and in-flight requests.
 
-Per tick, at most every `interval_s`:
+Per tick, every `interval_s`, or sooner when the attainment collapses (it met its target at
+the last decision and has fallen `early_margin` below it since, over a window of one
+deployment: a workload shift should not wait out the interval):
 
 1. `sizer(snapshot, correction)` returns the pool sizes (prefill, decode) the live traffic
    needs: by default `PoolSizer`, the planner's co-simulation at the observed rate
@@ -78,6 +80,10 @@ class ReplanSettings(BaseModel):
     max_correction: float = Field(4.0, ge=1.0, description="Largest measured/predicted factor used.")
     max_correction_step: float = Field(
         1.5, ge=1.0, description="Most the correction factor moves (up or down, as a ratio) per window.")
+    early_margin: float | None = Field(
+        0.1, gt=0, le=1, description="Size before the interval is up when the attainment, at or "
+        "above its target at the last decision, falls this far below it (a workload shift); "
+        "None: only every interval.")
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class Replanner:
     _draining: dict[str, Role] = field(default_factory=dict)
     _serving_ids: frozenset[str] | None = None
     _changed_s: float | None = None  # when the serving instances last changed
+    _last_attainment: float | None = None  # measured at the last sizing
 
     def observe(self, snap: TrafficSnapshot) -> list[Effect]:
         effects: list[Effect] = self._finish_drains(snap)
@@ -176,7 +183,8 @@ class Replanner:
             self._changed_s = snap.time_s
         self._serving_ids = serving
         s = self.settings
-        if self._last_sizing_s is not None and snap.time_s - self._last_sizing_s < s.interval_s:
+        due = self._last_sizing_s is None or snap.time_s - self._last_sizing_s >= s.interval_s
+        if not due and not self._collapsed(snap):
             return effects
         self._last_sizing_s = snap.time_s
         cur_p, cur_d = len(snap.serving("prefill")), len(snap.serving("decode"))
@@ -186,6 +194,7 @@ class Replanner:
                          "too few to size on")
             return effects
         sizing = self.sizer(snap, self._correction)
+        self._last_attainment = snap.attainment
         self._correction, learnt = self._update_correction(snap, sizing)
         target_p, target_d, why = self._clamp(sizing.num_prefill, sizing.num_decode)
         reason = (f"{snap.arrival_rate_rps:.2f} req/s observed (sized for x{s.headroom:g}), "
@@ -208,6 +217,17 @@ class Replanner:
                     self._draining[inst.instance_id] = role
                     effects.append(DrainInstance(role, inst.instance_id))
         return effects
+
+    def _collapsed(self, snap: TrafficSnapshot) -> bool:
+        """Between intervals: the attainment met its target at the last decision and has
+        fallen `early_margin` below it since, over a full window of one deployment (a window
+        that spans a resize holds the old sizes' backlog, which the resize already answers)."""
+        m = self.settings.early_margin
+        return (m is not None and self._last_attainment is not None
+                and self._last_attainment >= snap.attainment_target
+                and snap.attainment < snap.attainment_target - m
+                and len(snap.input_lens) >= self.settings.min_requests
+                and (self._changed_s is None or snap.time_s - snap.window_s >= self._changed_s))
 
     def _finish_drains(self, snap: TrafficSnapshot) -> list[Effect]:
         """Remove draining instances once they are idle (drain before remove)."""

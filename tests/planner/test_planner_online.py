@@ -299,3 +299,17 @@ def test_pool_sizer_sizes_to_clear_a_backlog_within_an_interval(synthetic_profil
     assert calm.num_prefill == 1 and "backlog" not in calm.note
     # 60 in flight, less the 2 x (0.4 + 7 x 0.03) = 1.2 that 2 req/s holds within the SLO
     assert queued.num_prefill >= 2 and "backlog of 59 requests" in queued.note
+
+
+def test_a_collapse_of_attainment_is_sized_before_the_interval_is_up():
+    sizer = FakeSizer((2, 2), (3, 1), (3, 1))
+    core = Replanner(SETTINGS.model_copy(update={"interval_s": 60}), sizer)
+    core.observe(_snap(0, _instances(2, 2)))  # 95%: holds at 2+2
+    core.observe(_snap(5, _instances(2, 2), attainment=0.85))  # under target, not 10 points: waits
+    assert len(core.decisions) == 1
+    effects = core.observe(_snap(8, _instances(2, 2, in_flight={"d0": 0, "d1": 4}), attainment=0.5))
+    assert effects == [AddInstances("prefill", 1), DrainInstance("decode", "d0")]
+    # The next window spans that resize and the attainment has not met the target since:
+    # no early sizing again, the interval rules.
+    core.observe(_snap(20, _instances(3, 1), attainment=0.3))
+    assert len(core.decisions) == 2 and len(sizer.corrections) == 2
