@@ -135,10 +135,11 @@ class DeviceProducer:
     # -- staging (the engine's thread) ----------------------------------------------------
     def gather(self, save: SaveSpec, layer_name: str, kv_layer: torch.Tensor) -> bool:
         """Stage this step's new blocks of one layer; False: the request is not on the
-        device path (its first chunk found no room, or it began on the host)."""
+        device path (its first chunk found no room, it began on the host, or it asks for the
+        host: n > 1)."""
         write = self._writes.get(save.segment_path)
         if write is None:
-            if save.first_block != 0:
+            if save.first_block != 0 or save.host_only:
                 return False  # a request's first chunk decides its path, for good
             write = self._begin(save)
             if write is None:

@@ -37,6 +37,17 @@ PARAM_NUM_TOKENS = "pdserve_num_tokens"
 PARAM_LOAD_REPORT = "pdserve_kv_load"
 PARAM_SLAB = "pdserve_slab"  # the device path: a `device_connector.SlabTicket`, msgpack, base64
 PARAM_SLAB_TRANSPORT = "pdserve_slab_transport"  # which device transport the decode loads over
+# Set by the prefill worker on a request whose KV several decodes will claim (n > 1): a slab
+# serves one decode, so such a request is staged on the host path, in a segment.
+PARAM_HOST_STAGING = "pdserve_host_staging"
+
+
+def wants_host_staging(sampling_params: Any) -> bool:
+    """Whether a request's sampling params (vLLM carries kv_transfer_params in their
+    extra_args) ask for the host path."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    params = extra.get("kv_transfer_params") or {}
+    return bool(params.get(PARAM_HOST_STAGING))
 
 CONNECTOR_NAME = "PdserveConnector"
 CONNECTOR_MODULE = "kvtransfer.connector"

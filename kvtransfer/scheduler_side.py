@@ -28,7 +28,7 @@ from kvtransfer.handle import decode_ticket
 from kvtransfer.lifecycle import LOAD_TRANSITIONS, SAVE_TRANSITIONS, Lifecycle, LoadState, SaveState
 from kvtransfer.metadata import LoadSpec, PdserveConnectorMetadata, SaveSpec
 from kvtransfer.names import segment_path
-from kvtransfer.params import KVLoadReport, StagedKV
+from kvtransfer.params import KVLoadReport, StagedKV, wants_host_staging
 from kvtransfer.segment import segment_is_usable
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class ProducerRequest:
     request_id: str
     num_prompt_tokens: int
     block_ids: list[int]  # all of the request's blocks so far
+    host_only: bool = False  # params.PARAM_HOST_STAGING
     lifecycle: Lifecycle[SaveState] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +72,8 @@ class ProducerScheduler:
         for new_req in out.scheduled_new_reqs:
             prompt_len = len(new_req.prompt_token_ids or ())
             req = self.requests[new_req.req_id] = ProducerRequest(
-                new_req.req_id, prompt_len, list(new_req.block_ids[0]))
+                new_req.req_id, prompt_len, list(new_req.block_ids[0]),
+                host_only=wants_host_staging(getattr(new_req, "sampling_params", None)))
             end = min(new_req.num_computed_tokens + num_scheduled[new_req.req_id], prompt_len)
             # A new request's locally cached prefix blocks are copied too: the segment
             # must hold the whole prompt.
@@ -104,6 +106,7 @@ class ProducerScheduler:
             first_block=first_token // self.block_size,
             end_token=end_token,
             num_prompt_tokens=req.num_prompt_tokens,
+            host_only=req.host_only,
         ))
 
     def request_finished(self, request: "Request") -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ class SaveSpec:
     first_block: int  # first block whose bytes change this step
     end_token: int  # prompt tokens computed once this step ends
     num_prompt_tokens: int
+    host_only: bool = False  # n > 1: staged in a segment, never in a device slab
 
 
 @dataclass(frozen=True)

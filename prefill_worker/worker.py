@@ -30,6 +30,7 @@ from cluster.engine_host import (
     token_logprobs,
 )
 from cluster.wire import EngineRequest, KVHandle, PrefillResult, TokenLogprob, WorkerStats
+from kvtransfer.params import PARAM_HOST_STAGING
 from kvtransfer.service import ProducerService
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class PrefillWorker:
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         """Compute the prompt; returns the first token and a handle to the staged KV."""
-        sp = to_sampling_params(req.sampling, max_tokens=1, min_tokens=min(req.sampling.min_tokens, 1))
+        # n > 1: several decodes claim this KV, which a device slab cannot serve (one claim).
+        host = {PARAM_HOST_STAGING: True} if req.num_kv_claims > 1 else None
+        sp = to_sampling_params(req.sampling, max_tokens=1, min_tokens=min(req.sampling.min_tokens, 1),
+                                kv_transfer_params=host)
         started = time.time()
         first_token: int | None = None
         first_logprob: TokenLogprob | None = None

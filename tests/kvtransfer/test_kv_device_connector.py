@@ -24,13 +24,14 @@ import torch
 from vllm.v1.request import RequestStatus
 
 from cluster.config import KVTransferSettings
-from cluster.wire import KVTransferError
+from cluster.engine_host import to_sampling_params
+from cluster.wire import KVTransferError, SamplingSpec
 from kvtransfer.device_path import device_transport_for, engine_arena_bytes, staging_medium
 from kvtransfer.device_staging import SlabState
 from kvtransfer.handle import decode_handle
 from kvtransfer.harness import ModelShape, vllm_cuda_kv_caches
 from kvtransfer.names import SLAB_PREFIX, list_segments, slab_record_path
-from kvtransfer.params import PARAM_SLAB, ConnectorSettings, vllm_kv_transfer_config
+from kvtransfer.params import PARAM_HOST_STAGING, PARAM_SLAB, ConnectorSettings, vllm_kv_transfer_config
 from kvtransfer.service import ConsumerService, ProducerService
 from kvtransfer.testing import (
     allocated_blocks,
@@ -326,6 +327,43 @@ def test_a_request_the_arena_cannot_hold_takes_the_host_path(tmp_path, store):
         assert list_segments(tmp_path) == []  # consumed
     finally:
         decode.close()
+        prefill.close()
+
+
+def test_a_request_for_several_decodes_is_staged_in_a_segment_and_split_into_claims(tmp_path, store):
+    """n > 1: the prefill worker sets PARAM_HOST_STAGING; a slab serves one decode, so the
+    request takes the host path although the arena has room, and its segment splits."""
+    settings = _settings(tmp_path, store)
+    prefill = Prefill(settings, tmp_path)
+    try:
+        sp = to_sampling_params(SamplingSpec(max_tokens=1), max_tokens=1,
+                                kv_transfer_params={PARAM_HOST_STAGING: True})
+        request = new_request("r", NUM_PROMPT_TOKENS, SRC_BLOCKS[:2])
+        request.sampling_params = sp  # where vLLM's NewRequestData carries them
+        run_save_step(prefill.worker, prefill.caches, prefill.sched.build_connector_meta(
+            scheduler_output([request], num_scheduled={"r": 20})))
+        run_save_step(prefill.worker, prefill.caches, prefill.sched.build_connector_meta(
+            scheduler_output(cached=cached_requests(("r", SRC_BLOCKS[2:], 20)),
+                             num_scheduled={"r": 20})))
+        _, params = prefill.sched.request_finished(
+            finished_request("r", NUM_PROMPT_TOKENS + 1, RequestStatus.FINISHED_LENGTH_CAPPED),
+            list(SRC_BLOCKS))
+        assert prefill.arena.num_slabs() == 0 and prefill.arena.num_refused == 0
+        handle = prefill.service.handle_for(params)
+        assert decode_handle(handle).slab is None
+        claims = prefill.service.claims_for(handle, 3, "r")
+        assert len(claims) == 3
+        for claim in claims:
+            decode = Decode(settings, tmp_path)
+            try:
+                kv = decode.service.materialize(claim)
+                assert kv.staged.slab is None
+                assert decode.load(kv.kv_transfer_params) == set()
+                _blocks_equal(prefill.caches, decode.caches)
+            finally:
+                decode.close()
+        assert list_segments(tmp_path) == []  # the last claim took the segment
+    finally:
         prefill.close()
 
 
