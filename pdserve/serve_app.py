@@ -28,6 +28,40 @@ from pdserve.registry import Registry
 from pdserve.replicas import EngineReplica, RouterIngress, config_error_line
 
 
+def listen_with_reuse_address() -> None:
+    """In this (router replica) process: Serve's direct-ingress server binds router.port
+    with SO_REUSEADDR, as uvicorn and Serve's own proxy do.
+
+    Ray Serve 2.60 creates a direct-ingress replica's listening socket without it
+    (`replica.py` passes `enable_so_reuseport=False` to `http_util.start_asgi_http_server`).
+    When a router replica dies with clients connected (a SIGKILL under load), the kernel
+    keeps its accepted sockets on router.port in FIN-WAIT-2 until the clients close them,
+    so the replacement's bind fails with EADDRINUSE; Serve then blocks that port for good
+    (`block_port=True`), and with pdserve's one-port range every later replacement gets
+    `NoAvailablePortError`: the endpoint never came back in the real-engine fault run
+    (bench/results/faults-cpu-2core). SO_REUSEADDR still refuses a port a live listener
+    holds; SO_REUSEPORT (which would let two live listeners share it) stays off."""
+    import socket
+
+    from ray.serve._private import http_util, replica
+
+    if getattr(replica.start_asgi_http_server, "_pdserve_reuse_address", False):
+        return
+    start = replica.start_asgi_http_server
+
+    def reuse_address_only(sock: socket.socket) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return True
+
+    async def start_with_reuse_address(app, options, *args, **kwargs):
+        kwargs["enable_so_reuseport"] = True  # routes to http_util.set_socket_reuse_port
+        return await start(app, options, *args, **kwargs)
+
+    start_with_reuse_address._pdserve_reuse_address = True  # type: ignore[attr-defined]
+    http_util.set_socket_reuse_port = reuse_address_only
+    replica.start_asgi_http_server = start_with_reuse_address
+
+
 class RegistryDeployment:
     """The registry as a Serve deployment (one replica, no CPU); its methods run on the
     replica's event loop, one at a time."""
@@ -63,6 +97,7 @@ class RouterDeployment(RouterIngress):
     async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
         from pdserve.replanner import ServeActuator, replan_task
 
+        listen_with_reuse_address()  # before Serve starts this replica's server
         RouterIngress.__init__(self, settings, registry)
         self.replan = None
         await self.start()

@@ -5,7 +5,8 @@ With direct ingress the router replica itself listens on router.port, and Serve 
 that port per replica. A replica killed without a clean shutdown never gives its port back
 itself, so the replacement depends on Serve's controller reclaiming it; an early fault-run
 attempt saw replacements fail with NoAvailablePortError. This test kills the process for
-real (SIGKILL, not `ray.kill`) and waits for /health on router.port. Fake engines."""
+real (SIGKILL, not `ray.kill`) while clients hold connections to it, and waits for /health
+on router.port. Fake engines."""
 
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ def test_sigkilled_router_replica_is_replaced_on_its_port(monkeypatch):
         while not _healthy(url) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _healthy(url), "the router replica never served router.port"
+        # Clients hold connections to it when it dies, as under load: the kernel keeps the
+        # dead listener's accepted sockets on router.port (FIN-WAIT-2) until they close.
+        held = []
+        for _ in range(3):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b" 200 " in conn.recv(4096)  # accepted, and kept alive
+            held.append(conn)
         [victim] = _router_pids()
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -82,6 +91,8 @@ def test_sigkilled_router_replica_is_replaced_on_its_port(monkeypatch):
         assert victim not in _router_pids()  # a new process, not the old one coming back
         body = {"model": "pdserve-tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        for conn in held:
+            conn.close()
     finally:
         serve.shutdown()
         ray.shutdown()
