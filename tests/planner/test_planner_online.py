@@ -202,20 +202,26 @@ def test_loop_applies_effects_through_the_actuator():
     assert actuator.calls == [("add", "prefill", 1), ("drain", "decode", "d0"), ("remove", "decode", "d0")]
 
 
-def test_pool_sizer_follows_a_workload_shift(synthetic_profile_path, tiny_model_dir):
-    # The real sizer (co-simulation): short prompts with long outputs need decode capacity,
-    # long prompts with short outputs need prefill capacity, and more traffic more of both.
+def _sizer(profile_path, model_dir, *, ttft_s: float, settings: ReplanSettings) -> PoolSizer:
+    """The real pool sizer (co-simulation) over the synthetic profile: 1 node x 8 units,
+    TPOT SLO 30 ms, 90%, TP1 pools."""
     from cluster.planner.inputs import PlanRequest
     from cluster.planner.plans import ParallelConfig
     from cluster.planner.problem import build_problem
     problem = build_problem(PlanRequest.model_validate({
-        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
-        "slo": {"ttft_s": 0.2, "tpot_s": 0.03, "attainment": 0.9},
+        "model": str(model_dir), "profile": str(profile_path),
+        "slo": {"ttft_s": ttft_s, "tpot_s": 0.03, "attainment": 0.9},
         "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
         "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
-    settings = ReplanSettings(max_units=8, prefill=PoolBounds(max_instances=6),
-                              decode=PoolBounds(max_instances=6))
-    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    return PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+
+
+def test_pool_sizer_follows_a_workload_shift(synthetic_profile_path, tiny_model_dir):
+    # The real sizer (co-simulation): short prompts with long outputs need decode capacity,
+    # long prompts with short outputs need prefill capacity, and more traffic more of both.
+    sizer = _sizer(synthetic_profile_path, tiny_model_dir, ttft_s=0.2,
+                   settings=ReplanSettings(max_units=8, prefill=PoolBounds(max_instances=6),
+                                           decode=PoolBounds(max_instances=6)))
     inst = _instances(2, 2)
 
     def size(rate, prompt, output):
@@ -235,17 +241,9 @@ def test_pool_sizer_without_a_passing_size_asks_for_the_closest_within_the_budge
     # Decode-bound traffic too heavy for any split of 4 units: the sizer must not ask for the
     # largest pools (which the budget then cuts to an even split) but for the split whose
     # co-simulated attainment comes closest: more decodes than prefills.
-    from cluster.planner.inputs import PlanRequest
-    from cluster.planner.plans import ParallelConfig
-    from cluster.planner.problem import build_problem
-    problem = build_problem(PlanRequest.model_validate({
-        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
-        "slo": {"ttft_s": 0.2, "tpot_s": 0.03, "attainment": 0.9},
-        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
-        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
-    settings = ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
-                              decode=PoolBounds(max_instances=3))
-    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    sizer = _sizer(synthetic_profile_path, tiny_model_dir, ttft_s=0.2,
+                   settings=ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
+                                           decode=PoolBounds(max_instances=3)))
     snap = TrafficSnapshot(0, 10.0, 40, (64,) * 100, (256,) * 100, 0.1, 0.9, 0.1, 0.2, _instances(2, 2))
     s = sizer(snap, 1.0)
     assert "closest" in s.note
@@ -258,17 +256,9 @@ def test_pool_sizer_with_every_split_at_zero_gives_the_units_to_the_starved_phas
     # overloaded window): no split of 4 units meets the SLO and every one predicts 0%. The
     # sizer must not fall back to the fewest units (1+1, which left prefill starved in the
     # workload-shift run) but to the split closest to the SLO: most prefills, all units used.
-    from cluster.planner.inputs import PlanRequest
-    from cluster.planner.plans import ParallelConfig
-    from cluster.planner.problem import build_problem
-    problem = build_problem(PlanRequest.model_validate({
-        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
-        "slo": {"ttft_s": 0.2, "tpot_s": 0.03, "attainment": 0.9},
-        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
-        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
-    settings = ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
-                              decode=PoolBounds(max_instances=3))
-    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    sizer = _sizer(synthetic_profile_path, tiny_model_dir, ttft_s=0.2,
+                   settings=ReplanSettings(max_units=4, prefill=PoolBounds(max_instances=3),
+                                           decode=PoolBounds(max_instances=3)))
     snap = TrafficSnapshot(0, 10.0, 12, (1024,) * 100, (8,) * 100, 0.3, 0.9, 1.5, 0.01, _instances(1, 3))
     s = sizer(snap, 4.0)
     assert "closest" in s.note and s.predicted_overloaded
@@ -279,17 +269,9 @@ def test_pool_sizer_sizes_to_clear_a_backlog_within_an_interval(synthetic_profil
     # Right after a shift to long prompts the old sizes left requests queued: the loop must
     # size for the arrivals plus that backlog (cleared within an interval), not the arrivals
     # alone, which left the backlog to drain for many seconds in the workload-shift run.
-    from cluster.planner.inputs import PlanRequest
-    from cluster.planner.plans import ParallelConfig
-    from cluster.planner.problem import build_problem
-    problem = build_problem(PlanRequest.model_validate({
-        "model": str(tiny_model_dir), "profile": str(synthetic_profile_path),
-        "slo": {"ttft_s": 0.4, "tpot_s": 0.03, "attainment": 0.9},
-        "workload": {"lengths": {"kind": "fixed", "input_len": 100, "output_len": 10}},
-        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16}}))
-    settings = ReplanSettings(max_units=6, interval_s=10, prefill=PoolBounds(max_instances=4),
-                              decode=PoolBounds(max_instances=2))
-    sizer = PoolSizer(problem, ParallelConfig(1, 1), ParallelConfig(1, 1), settings, num_requests=300)
+    sizer = _sizer(synthetic_profile_path, tiny_model_dir, ttft_s=0.4,
+                   settings=ReplanSettings(max_units=6, interval_s=10, prefill=PoolBounds(max_instances=4),
+                                           decode=PoolBounds(max_instances=2)))
 
     def size(in_flight):
         inst = _instances(1, 1, in_flight={"p0": in_flight, "d0": 0})
