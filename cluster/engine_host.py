@@ -186,6 +186,7 @@ class EngineHost:
         return AsyncEngineArgs(**kwargs)
 
     def _cpu_cores(self) -> list[int] | None:
+        """This instance's CPU cores (None on a GPU, or when the pool does not pin them)."""
         pool = self.spec.pool
         if is_cuda_available() or pool.cpu_cores is None:
             return None
@@ -195,10 +196,9 @@ class EngineHost:
         """What the CPU backend reads at start-up, in the engine processes AsyncLLM spawns."""
         if is_cuda_available():
             return {}
-        pool = self.spec.pool
-        env = {_CPU_KV_SPACE_ENV: str(pool.kv_cache_gib)}
-        if pool.cpu_cores is not None:
-            cores = pool.cpu_cores[self.spec.instance_index]
+        env = {_CPU_KV_SPACE_ENV: str(self.spec.pool.kv_cache_gib)}
+        cores = self._cpu_cores()
+        if cores is not None:
             env[_CPU_BIND_ENV] = ",".join(str(c) for c in cores)
         return env
 
