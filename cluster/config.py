@@ -395,6 +395,13 @@ class RayConfig(_Strict):
             raise ValueError("front_end_cores must be a non-empty list of core ids >= 0")
         return value
 
+    @model_validator(mode="after")
+    def _front_end_cores_need_a_local_ray(self) -> "RayConfig":
+        if self.front_end_cores is not None and self.address is not None:
+            raise ValueError("front_end_cores pins the Ray that pdserve starts itself; with "
+                             "address set, pin each node's `ray start` instead (e.g. taskset)")
+        return self
+
 
 class PlacementConfig(_Strict):
     affinity: Literal["any", "high", "low"] = Field(

@@ -21,14 +21,23 @@ Without front-end cores both are no-ops: the front end may run anywhere, as befo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
+log = logging.getLogger(__name__)
 
-def pin_front_end(cores: Iterable[int] | None) -> None:
-    """This process (and what it starts from now on) on `cores`; nothing when None."""
-    if cores is not None:
-        os.sched_setaffinity(0, set(cores))
+
+def pin_front_end(cores: Iterable[int] | None, on_gpu: bool = False) -> None:
+    """This process (and what it starts from now on) on `cores`; nothing when None. On a
+    GPU host it is refused with a warning: GPU engines get no cores of their own
+    (`cpu_cores` is for CPU engines), so they would inherit the front end's."""
+    if cores is None:
+        return
+    if on_gpu:
+        log.warning("ray.front_end_cores is for CPU hosts; ignored on this GPU host")
+        return
+    os.sched_setaffinity(0, set(cores))
 
 
 @contextlib.contextmanager

@@ -117,8 +117,7 @@ def init_ray(config: ServeConfig) -> None:
         needed = sum(p.num_cpus * p.num_instances for p in config.pools().values())
         kwargs.update(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                       object_store_memory=config.ray.object_store_memory_bytes)
-        if not is_cuda_available():
-            pin_front_end(config.ray.front_end_cores)  # and so Ray's processes
+        pin_front_end(config.ray.front_end_cores, is_cuda_available())  # and Ray's processes
     else:
         kwargs["address"] = config.ray.address
     ray.init(**kwargs)

@@ -116,8 +116,7 @@ def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
             started_here = True
             # Ray's processes inherit this environment (the local raylet starts them).
             os.environ.update(worker_niceness_env(config, sorted(os.sched_getaffinity(0))))
-            if not is_cuda_available():
-                pin_front_end(config.ray.front_end_cores)  # and so Ray's processes
+            pin_front_end(config.ray.front_end_cores, is_cuda_available())  # and Ray's processes
             if ingress == "direct" and config.router.port != 0:
                 # Ray's processes inherit this environment (the local raylet starts them).
                 os.environ.update(direct_ingress_env(config))
@@ -125,6 +124,8 @@ def start_ray_and_serve(config: ServeConfig, ingress: str = "direct") -> bool:
         else:
             kwargs["address"] = config.ray.address
         ray.init(**kwargs)
+    elif config.ray.front_end_cores is not None:
+        log.warning("ray.front_end_cores ignored: Ray was already running in this process")
     if proxy_port is None:
         # After ray.init: Ray takes free ports of its own as it starts (agents, metrics), and
         # a port probed before could be handed to one of them (seen: the proxy then failed to

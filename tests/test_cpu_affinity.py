@@ -85,3 +85,16 @@ def test_renice_sets_every_thread_of_the_engine_processes():
     finally:
         child.kill()
         child.wait()
+
+
+def test_front_end_cores_are_refused_with_an_existing_ray_cluster():
+    with pytest.raises(ConfigError, match="front_end_cores pins the Ray that pdserve starts"):
+        load_config(overrides={"ray": {"front_end_cores": [0], "address": "10.0.0.1:6379"}})
+
+
+def test_front_end_cores_are_refused_on_a_gpu_host_with_a_warning(caplog):
+    before = os.sched_getaffinity(0)
+    with caplog.at_level("WARNING"):
+        pin_front_end([HOST[0]], on_gpu=True)
+    assert os.sched_getaffinity(0) == before
+    assert "ignored on this GPU host" in caplog.text
