@@ -78,8 +78,7 @@ class PoolConfig(_Strict):
     )
     cpu_nice: int | None = Field(
         None, ge=-20, le=19,
-        description="CPU backend only: niceness of this pool's engine processes (every "
-        "thread). E.g. 10 for a prefill pool that shares its cores with the front end "
+        description="Niceness of this pool's engine processes (every thread). E.g. 10 for a prefill pool that shares its cores with the front end "
         "(ray.front_end_cores), so that routing and token streaming are not queued behind a "
         "long prefill. Unset: the niceness Ray gives its workers.",
     )

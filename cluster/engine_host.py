@@ -212,8 +212,7 @@ class EngineHost:
             before = set(reaper.descendants(os.getpid()))
             self._engine = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[factory])
             spawned = [p for p in reaper.descendants(os.getpid()) if p not in before]
-        if not is_cuda_available():
-            renice(spawned, self.spec.pool.cpu_nice)
+        renice(spawned, self.spec.pool.cpu_nice)
         # The engine core does not outlive us by design, only by accident: see cluster/reaper.py.
         self._reaper = reaper.guard(spawned)
         cache = self._engine.vllm_config.cache_config
