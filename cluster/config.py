@@ -78,9 +78,10 @@ class PoolConfig(_Strict):
     )
     cpu_nice: int | None = Field(
         None, ge=-20, le=19,
-        description="Niceness of this pool's engine processes (every thread). E.g. 10 for a prefill pool that shares its cores with the front end "
-        "(ray.front_end_cores), so that routing and token streaming are not queued behind a "
-        "long prefill. Unset: the niceness Ray gives its workers.",
+        description="Niceness of this pool's engine processes (every thread). E.g. 10 for "
+        "a prefill pool that shares its cores with the front end (ray.front_end_cores), so "
+        "that routing and token streaming are not queued behind a long prefill. Unset: the "
+        "niceness Ray gives its workers.",
     )
     kv_cache_gib: int = Field(
         1, ge=1, description="CPU backend only: KV-cache space per instance in whole GiB."
