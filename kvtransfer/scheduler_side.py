@@ -73,7 +73,7 @@ class ProducerScheduler:
             prompt_len = len(new_req.prompt_token_ids or ())
             req = self.requests[new_req.req_id] = ProducerRequest(
                 new_req.req_id, prompt_len, list(new_req.block_ids[0]),
-                host_only=wants_host_staging(getattr(new_req, "sampling_params", None)))
+                host_only=wants_host_staging(new_req.sampling_params))
             end = min(new_req.num_computed_tokens + num_scheduled[new_req.req_id], prompt_len)
             # A new request's locally cached prefix blocks are copied too: the segment
             # must hold the whole prompt.

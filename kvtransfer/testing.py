@@ -113,6 +113,7 @@ class NewRequestStandIn:
     prompt_token_ids: list[int]
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int = 0
+    sampling_params: Any = None  # vLLM's SamplingParams (kv_transfer_params in extra_args)
 
 
 @dataclass

@@ -12,6 +12,7 @@ Every test ends with the arena empty and no slab record left: no leak.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -338,8 +339,8 @@ def test_a_request_for_several_decodes_is_staged_in_a_segment_and_split_into_cla
     try:
         sp = to_sampling_params(SamplingSpec(max_tokens=1), max_tokens=1,
                                 kv_transfer_params={PARAM_HOST_STAGING: True})
-        request = new_request("r", NUM_PROMPT_TOKENS, SRC_BLOCKS[:2])
-        request.sampling_params = sp  # where vLLM's NewRequestData carries them
+        request = dataclasses.replace(new_request("r", NUM_PROMPT_TOKENS, SRC_BLOCKS[:2]),
+                                      sampling_params=sp)  # where vLLM's NewRequestData has them
         run_save_step(prefill.worker, prefill.caches, prefill.sched.build_connector_meta(
             scheduler_output([request], num_scheduled={"r": 20})))
         run_save_step(prefill.worker, prefill.caches, prefill.sched.build_connector_meta(
