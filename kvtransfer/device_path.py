@@ -18,7 +18,9 @@ Three decisions, each made here and nowhere else:
                                                                dist across hosts)
                    transport auto without a store, shm, tcp -> host
     request  a request whose slab does not fit in the arena (`DeviceArena.allocate` returns
-             None) takes the host path: `device_connector.DeviceProducer.begin`
+             None), or whose KV several decodes will claim (n > 1: the prefill worker sets
+             `params.PARAM_HOST_STAGING`; a slab serves one decode), takes the host path:
+             `device_connector.DeviceProducer.gather`
     handle   `device_transport_for(...)`: which device transport a decode loads a slab over
 
 `engine_arena_bytes` is the arena an engine will allocate, for the memory accounting of
