@@ -1,6 +1,6 @@
 """The replica classes of the pdserve Serve application (plain classes; serve_app wraps them).
 
-(Just over ~350 lines: the two replica kinds and the membership protocol they share with
+(About 400 lines: the two replica kinds and the membership protocol they share with
 the registry; `placement.py`, `registry.py` and `serve_app.py` hold the rest.)
 
 - `EngineReplica`: one engine instance of one pool (prefill, decode or colocated). It owns a
@@ -32,7 +32,7 @@ from typing import Any
 
 from cluster.config import ConfigError, KVTransferSettings, ModelConfig, PoolConfig, ServeConfig
 from cluster.tiny_model import ensure_tiny_model
-from pdserve.registry import HEARTBEAT_INTERVAL_S, ReplicaEntry
+from pdserve.registry import ENTRY_TTL_S, HEARTBEAT_INTERVAL_S, ReplicaEntry
 
 log = logging.getLogger("pdserve")
 
@@ -234,22 +234,38 @@ class EngineReplica:
 class Membership:
     """Keeps a router's `WorkerPool` in step with the registry: new live replicas join,
     draining ones leave routing at once (their requests finish over the open channel),
-    withdrawn or expired ones have their channel closed."""
+    withdrawn or expired ones have their channel closed.
+
+    A routed instance missing from one snapshot is dropped only once the router's own
+    stats poll of it fails too, or has not answered for `ENTRY_TTL_S`: a registry that
+    was held up can hand out a snapshot that lacks every healthy replica (a real-engine
+    SIGSTOP, bench/results/faults-cpu-2core), and dropping them would cut their streams.
+    A dead replica's channel fails its next poll, so it still goes within one poll of its
+    entry's expiry. Withdrawal needs no such wait: a stopping replica publishes itself
+    draining for `DRAIN_NOTICE_S` before it withdraws, so routers hold it among the
+    draining ones (out of the pool, no poll), which close as soon as they are absent.
+    (A router that missed the draining flag keeps it until its next poll, which fails
+    once the stopped replica's channel is closed.)
+    """
 
     def __init__(self, pool: Any, connect: Any, on_change: Any = None):
         self._pool = pool
         self._connect = connect  # (address, instance_id, role) -> client
         self._on_change = on_change
         self._clients: dict[str, Any] = {}  # routed
+        self._views: dict[str, Any] = {}  # routed: the pool's InstanceView of each
+        self._joined_at: dict[str, float] = {}  # routed: when it joined (before its first poll)
+        self._absent: set[str] = set()  # routed, missing from the registry, polls answering
         self._draining: dict[str, Any] = {}  # out of routing, channel kept for held requests
         self.entries: dict[str, ReplicaEntry] = {}
 
     async def reconcile(self, entries: list[ReplicaEntry]) -> None:
+        now = time.monotonic()  # the clock the pool stamps its stats polls with
         seen = {e.instance_id for e in entries}
-        self.entries = {e.instance_id: e for e in entries}
+        previous, self.entries = self.entries, {e.instance_id: e for e in entries}
         for e in entries:
             if e.is_draining:
-                client = self._clients.pop(e.instance_id, None)
+                client = self._forget(e.instance_id)
                 if client is not None:
                     self._pool.remove(e.instance_id)
                     self._draining[e.instance_id] = client
@@ -257,17 +273,42 @@ class Membership:
                 continue
             if e.instance_id not in self._clients and e.instance_id not in self._draining:
                 client = self._connect(e.address, e.instance_id, e.role)
-                self._pool.add(client, e.role, node_id=e.node_id)
+                self._views[e.instance_id] = self._pool.add(client, e.role, node_id=e.node_id)
                 self._clients[e.instance_id] = client
+                self._joined_at[e.instance_id] = now
                 log.info("%s joined (%s on node %s)", e.instance_id, e.address, e.node_ip)
+        for iid in [i for i in self._absent if i in seen]:
+            self._absent.discard(iid)
+            log.info("%s is back in the registry", iid)
         for iid in [i for i in self._clients if i not in seen]:
+            if self._answers_polls(iid, now):
+                self.entries[iid] = previous[iid]  # still routed: keep what we knew of it
+                if iid not in self._absent:
+                    self._absent.add(iid)
+                    log.warning("%s is missing from the registry but answers its stats poll: "
+                                "kept", iid)
+                continue
             self._pool.remove(iid)
-            await self._close(self._clients.pop(iid))
-            log.warning("%s is gone (no heartbeat)", iid)
+            await self._close(self._forget(iid))
+            log.warning("%s is gone (no heartbeat, and no answer to its stats poll)", iid)
         for iid in [i for i in self._draining if i not in seen]:
             await self._close(self._draining.pop(iid))
         if self._on_change is not None:
             self._on_change(self)
+
+    def _answers_polls(self, instance_id: str, now: float) -> bool:
+        """Whether the pool's stats poll of a routed instance answered within ENTRY_TTL_S
+        (its join time stands in until its first poll) and has not failed since."""
+        view = self._views[instance_id]
+        last = view.polled_at if view.polled_at is not None else self._joined_at[instance_id]
+        return view.is_healthy and now - last < ENTRY_TTL_S
+
+    def _forget(self, instance_id: str) -> Any:
+        """Stop tracking a routed instance; returns its client (None if not routed)."""
+        self._views.pop(instance_id, None)
+        self._joined_at.pop(instance_id, None)
+        self._absent.discard(instance_id)
+        return self._clients.pop(instance_id, None)
 
     def routed_roles(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -284,7 +325,8 @@ class Membership:
     async def close(self) -> None:
         for client in list(self._clients.values()) + list(self._draining.values()):
             await self._close(client)
-        self._clients.clear()
+        for iid in list(self._clients):
+            self._forget(iid)
         self._draining.clear()
 
 

@@ -69,6 +69,7 @@ class InstanceView:
     role: str
     stats: WorkerStats | None = None
     is_healthy: bool = True
+    polled_at: float | None = None  # time.monotonic() of its last answered stats poll
     # Router-side accounting, exact and instantaneous (stats lag by a poll interval).
     inflight_requests: int = 0
     inflight_prompt_tokens: int = 0
@@ -312,6 +313,7 @@ class WorkerPool:
             return
         view.stats = stats
         view.is_healthy = True
+        view.polled_at = time.monotonic()
         self.recovery.breakers.poll_answered(view.instance_id, time.monotonic())
         view.blocks_reserved_since_poll = 0
         if view.prefixes is not None and view.prefixes.capacity_blocks != stats.num_kv_blocks:
