@@ -338,6 +338,7 @@ class WorkerPool:
             except asyncio.CancelledError:
                 pass
             self._poller = None
+        await self.recovery.stall_watch.stop()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
 

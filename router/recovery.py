@@ -63,6 +63,7 @@ migrates a stream on an instance fault while `MigrationBudget.may_migrate` allow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
@@ -327,6 +328,15 @@ class StallWatch:
 
     def unwatch(self, w: Watched) -> None:
         self._watched.discard(w)
+
+    async def stop(self) -> None:
+        """Ends the scanning task (the pool's shutdown): it may be asleep between scans."""
+        task, self._task = self._task, None
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _scan_while_watching(self) -> None:
         loop = asyncio.get_running_loop()

@@ -398,6 +398,21 @@ async def test_the_stall_watch_arms_nothing_per_token():
     assert most <= 1  # the watch's own scanning task
 
 
+async def test_the_pool_shutdown_ends_the_stall_watch_scan():
+    """A pool that stops leaves no scanning task asleep behind it (the event loop would
+    destroy it pending)."""
+    prefill = FakePrefillWorker()
+    decode = FakeDecodeWorker(prefills=[prefill])
+    pool = await ready_pool(RouterConfig(stream_stall_timeout_s=60.0), prefill=[prefill],
+                            decode=[decode])
+    handoff, _ = make(pool, max_tokens=4)
+    await drain(handoff)
+    scan = pool.recovery.stall_watch._task
+    assert scan is not None and not scan.done()  # asleep between scans
+    await pool.stop_polling()
+    assert scan.cancelled()
+
+
 def test_config_validates_the_recovery_settings():
     with pytest.raises(ValueError):
         RouterConfig(retry_backoff_base_s=2.0, retry_backoff_cap_s=1.0)
