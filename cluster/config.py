@@ -369,6 +369,15 @@ class RayConfig(_Strict):
     router_replicas: int = Field(
         1, ge=1, description="Ray Serve: replicas of the router (HTTP ingress) deployment."
     )
+    stream_relay: bool = Field(
+        False,
+        description="Ray Serve: a relay deployment (router_replicas replicas) holds the "
+        "client connections on router.port and forwards each request to a router replica. A "
+        "router replica lost mid-stream then ends its SSE streams with an OpenAI error event "
+        "and `data: [DONE]` instead of a cut connection, and a request it had not answered "
+        "goes to another router replica. Costs one more hop per response message "
+        "(docs/reliability.md, 'Router replica loss').",
+    )
     health_check_period_s: float = Field(
         2.0, gt=0, description="Ray Serve: how often each replica's engine is health-checked."
     )

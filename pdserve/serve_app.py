@@ -6,9 +6,12 @@ KubeRay's `serveConfigV2` and `pdserve serve` alike.
 
 Deployments (one Serve application)::
 
-    router (ingress, FastAPI)  ──discovers──▶ registry ◀──publish/heartbeat── prefill, decode
-         │                                                                   (or colocated)
-         └─────────── worker channels (cluster/channel.py), one TCP connection per pair ──┘
+    [relay (ingress)] ──handle──▶ router (FastAPI)  ──discovers──▶ registry ◀──publish/heartbeat── prefill, decode
+                                       │                                                                 (or colocated)
+                                       └───────── worker channels (cluster/channel.py), one TCP connection per pair ──┘
+
+The relay exists only with `ray.stream_relay` (pdserve/stream_relay.py); otherwise the
+router is the ingress.
 
 The router routes with pdserve's own policies over the worker channels; Serve places,
 health-checks, replaces and resizes the replicas, and carries nothing per request or per
@@ -26,6 +29,7 @@ from cluster.config import ConfigError, ServeConfig, load_config
 from pdserve import placement
 from pdserve.registry import Registry
 from pdserve.replicas import EngineReplica, RouterIngress, config_error_line
+from pdserve.stream_relay import Relay, run_asgi, serve_forward
 
 
 def listen_with_reuse_address() -> None:
@@ -92,32 +96,85 @@ class EngineDeployment(EngineReplica):
         await self.stop()
 
 
-@serve.ingress()
-class RouterDeployment(RouterIngress):
-    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+class _RouterReplica(RouterIngress):
+    """What both router deployments do as they start and stop: the router, and the
+    re-planning loop (config `replan`: off unless enabled, observe-only unless told
+    otherwise) that sizes this application's pools from the router's live traffic."""
+
+    async def _begin(self, settings: dict[str, Any], registry: Any) -> None:
         from pdserve.replanner import ServeActuator, replan_task
 
-        listen_with_reuse_address()  # before Serve starts this replica's server
         RouterIngress.__init__(self, settings, registry)
         self.replan = None
         await self.start()
-        # The re-planning loop (config `replan`: off unless enabled, observe-only unless
-        # told otherwise) sizes this application's pools from the router's live traffic.
         self.replan = replan_task(self.config, self.deps, ServeActuator(self.config.ray.app_name))
         if self.replan is not None:
             self.replan.start()
+
+    async def _end(self) -> None:
+        if self.replan is not None:
+            await self.replan.stop()
+        await self.stop()
+
+
+@serve.ingress()
+class RouterDeployment(_RouterReplica):
+    """The router as the application's HTTP ingress (without `ray.stream_relay`)."""
+
+    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+        listen_with_reuse_address()  # before Serve starts this replica's server
+        await self._begin(settings, registry)
 
     async def __serve_build_asgi_app__(self):
         return self.build_app()
 
     async def __del__(self):
-        if self.replan is not None:
-            await self.replan.stop()
-        await self.stop()
+        await self._end()
         # Serve's ASGI wrapper (next in the MRO) runs the app's lifespan shutdown.
         parent = getattr(super(), "__del__", None)
         if parent is not None:
             await parent()
+
+
+class RelayedRouterDeployment(_RouterReplica):
+    """The router behind the stream relay (`ray.stream_relay`). A Serve application has
+    one ASGI ingress, the relay, so this replica serves no HTTP itself: it runs its app's
+    lifespan as Serve's ASGI wrapper would, and serves each relayed request with it."""
+
+    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+        await self._begin(settings, registry)
+        self._app = self.build_app()
+        self._lifespan = self._app.router.lifespan_context(self._app)
+        await self._lifespan.__aenter__()
+
+    async def relay(self, request_bytes: bytes):
+        """One request from the relay; its response streams back as msgpack batches."""
+        async for batch in run_asgi(self._app, request_bytes):
+            yield batch
+
+    async def __del__(self):
+        await self._end()
+        await self._lifespan.__aexit__(None, None, None)
+
+
+@serve.ingress()
+class RelayDeployment:
+    """The stream relay (pdserve/stream_relay.py): holds the client connections and
+    forwards each request to a router replica through a Serve handle."""
+
+    def __init__(self, router: Any, max_body_bytes: int):
+        from ray.util.metrics import Counter
+
+        listen_with_reuse_address()  # it takes router.port, as the router replica would
+        # Exported through Ray's metrics endpoint (the relay has no /metrics of its own).
+        outcomes = Counter("pdserve_relay_requests_total",
+                           "Requests through the stream relay, by how they ended",
+                           tag_keys=("outcome",))
+        self._relay = Relay(serve_forward(router), max_body_bytes=max_body_bytes,
+                            on_outcome=lambda state: outcomes.inc(tags={"outcome": state.value}))
+
+    async def __serve_build_asgi_app__(self):
+        return self._relay
 
 
 def parse_args(args: Any) -> ServeConfig:
@@ -156,7 +213,12 @@ def build_application(config: ServeConfig, *, worker_factory: str | None = None)
                         drain_timeout_s=config.ray.drain_timeout_s, worker_factory=worker_factory)
         options = placement.engine_deployment_options(config, role)
         engines[role] = serve.deployment(EngineDeployment, **options).bind(role, settings, registry)
-    ingress = serve.deployment(RouterDeployment, **placement.ingress_deployment_options(config))
+    router = serve.deployment(RelayedRouterDeployment if config.ray.stream_relay else RouterDeployment,
+                              **placement.ingress_deployment_options(config))
     # The engine deployments are bound as (unused) arguments so that they belong to this
     # application; the router reaches them through the registry and their channels.
-    return ingress.bind(placement.count_free(config), registry, *engines.values())
+    router_app = router.bind(placement.count_free(config), registry, *engines.values())
+    if not config.ray.stream_relay:
+        return router_app
+    relay = serve.deployment(RelayDeployment, **placement.relay_deployment_options(config))
+    return relay.bind(router_app, config.router.max_request_body_bytes)
