@@ -33,6 +33,12 @@ Stream lifecycle (per call_id, on both ends)::
       ├──End(error)──────────────────▶ FAILED     (the worker's generator raised)
       ├──client Cancel───────────────▶ CANCELLED  (pump cancelled: the engine aborts)
       └──connection lost─────────────▶ FAILED     (every open call fails at once)
+
+When the worker sees its router's connection end, nobody will read what it still owes
+that router: its streams and its prefill calls in flight are cancelled (the prefill
+worker then releases what its engine staged), and a prefill answer not yet written has
+its staged KV released (the router that gave up on a frozen prefill closed the channel,
+and would otherwise leave the KV to the producer's lease).
 """
 
 from __future__ import annotations
@@ -204,6 +210,7 @@ class _ServerConnection:
         self._encoder = msgspec.msgpack.Encoder()
         self._pumps: dict[int, asyncio.Task] = {}
         self._unary: set[asyncio.Task] = set()
+        self._prefills: set[asyncio.Task] = set()  # unary Prefill calls in flight
         self._pending: list[StreamItem] = []
         self._replies: list[Reply] = []
         self._has_output = asyncio.Event()
@@ -239,6 +246,9 @@ class _ServerConnection:
             task = loop.create_task(self._call(msg))
             self._unary.add(task)
             task.add_done_callback(self._unary.discard)
+            if isinstance(msg, Prefill):
+                self._prefills.add(task)
+                task.add_done_callback(self._prefills.discard)
 
     async def _call(self, msg: ToWorker) -> None:
         method = getattr(self.worker, _METHODS[type(msg)], None)
@@ -305,8 +315,17 @@ class _ServerConnection:
         for pump in list(self._pumps.values()):
             pump.cancel()
         self._pumps.clear()
+        for prefill in list(self._prefills):
+            prefill.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
+        unsent, self._replies = self._replies, []
+        for reply in unsent:  # answers the router will never read: nobody claims their KV
+            if reply.prefill is not None:
+                for handle in (reply.prefill.kv_handle, *reply.prefill.kv_claims):
+                    if handle is not None:
+                        with contextlib.suppress(Exception):
+                            await self.worker.release_kv(handle)
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()

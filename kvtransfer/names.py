@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 SEGMENT_PREFIX = "pdserve-kv-"
@@ -37,6 +38,35 @@ def slab_record_path(segment_path: Path) -> Path:
     `segment_path` (same directory and owner tag; never matched by `list_segments`)."""
     segment_path = Path(segment_path)
     return segment_path.with_name(SLAB_PREFIX + segment_path.name.removeprefix(SEGMENT_PREFIX))
+
+
+# vLLM runs a request under the id it was given plus "-" and 8 random characters
+# (`InputProcessor.assign_request_id`); the connector stages it under that internal id.
+_ENGINE_ID_SUFFIX_LEN = 9
+
+
+def staged_for_requests(staging_dir: Path, engine_id: str, request_ids: Collection[str]
+                        ) -> list[Path]:
+    """The files one engine incarnation staged for the engine requests it was given as
+    `request_ids`: segments and, on the device path, slab records; under vLLM's internal
+    id, or under the id itself (request id randomization off). One directory scan."""
+    wanted = {_UNSAFE.sub("_", r) for r in request_ids}
+    tag = owner_tag(engine_id)
+    prefixes = (f"{SEGMENT_PREFIX}{tag}-", f"{SLAB_PREFIX}{tag}-")
+    found: list[Path] = []
+    if not wanted:
+        return found
+    with os.scandir(staging_dir) as entries:
+        for entry in entries:
+            prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+            if prefix is None:
+                continue
+            rest = entry.name[len(prefix):]
+            internal = (len(rest) > _ENGINE_ID_SUFFIX_LEN and rest[-_ENGINE_ID_SUFFIX_LEN] == "-"
+                        and rest[:-_ENGINE_ID_SUFFIX_LEN] in wanted)
+            if rest in wanted or internal:
+                found.append(Path(entry.path))
+    return sorted(found)
 
 
 def list_segments(staging_dir: Path, tag: str = "") -> list[Path]:

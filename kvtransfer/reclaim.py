@@ -5,6 +5,12 @@
 is gone. `Sweeper` runs both on a timer for one producer and is the only thing that does
 so: it records a `TransferStat(outcome="expired")` for each segment it takes back, so
 the expired count is exact even on an idle prefill (no engine step needed).
+
+`Sweeper.abandon` is for a prefill that ended without handing out a handle (cancelled,
+or aborted while its engine finished it): what its engine staged is released at once,
+and what the engine stages for it later (its last step can finish after the abort
+reached the worker, and vLLM then drops the output that named the segment) at each sweep
+until the lease would have taken it anyway. Released, not expired: nothing is recorded.
 """
 
 from __future__ import annotations
@@ -13,15 +19,26 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from cluster.wire import KVTransferError, TransferStat
-from kvtransfer.names import POOL_PREFIX, SEGMENT_PREFIX, list_segments, owner_tag, pool_dir_for, process_alive
+from kvtransfer.names import (
+    POOL_PREFIX,
+    SEGMENT_PREFIX,
+    list_segments,
+    owner_tag,
+    pool_dir_for,
+    process_alive,
+    staged_for_requests,
+)
 from kvtransfer.pool import OWNER_FILE
 from kvtransfer.recycle import recycle
 from kvtransfer.segment import StagingSegment
 
 log = logging.getLogger(__name__)
+
+MAX_ABANDONED = 4096  # abandoned prefills a sweeper watches for late-staged KV
 
 
 def reclaim_expired(staging_dir: Path, lease_s: float, engine_id: str, now: float | None = None
@@ -47,6 +64,20 @@ def reclaim_expired_segments(staging_dir: Path, lease_s: float, engine_id: str,
         except FileNotFoundError:
             continue
     return reclaimed
+
+
+def release_staged(staging_dir: Path, engine_id: str, request_ids: Collection[str]) -> int:
+    """Unlink what this engine incarnation staged for these engine requests; returns how
+    many files. Unlinked, never pooled: the engine may still be writing a segment (its step
+    ran before the abort), and a pooled file could be handed out and overwritten under it."""
+    released = 0
+    for path in staged_for_requests(staging_dir, engine_id, request_ids):
+        try:
+            path.unlink()
+            released += 1
+        except FileNotFoundError:
+            continue
+    return released
 
 
 def _segment_bytes(path: Path) -> int:
@@ -101,12 +132,39 @@ class Sweeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_expired = 0
+        # Engine request ids of abandoned prefills -> wall time until which sweeps release
+        # what is staged for them. Bounded: an entry lives one lease at most.
+        self._abandoned: dict[str, float] = {}
+
+    def abandon(self, request_id: str, now: float | None = None) -> int:
+        """The prefill of engine request `request_id` ended without a handle: release what
+        is staged for it now (returns how many files) and at each sweep within the lease."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._abandoned[request_id] = now + self.lease_s
+            while len(self._abandoned) > MAX_ABANDONED:
+                del self._abandoned[next(iter(self._abandoned))]
+        try:
+            return release_staged(self.staging_dir, self.engine_id, (request_id,))
+        except OSError as e:  # a vanished staging dir: the next sweep logs it
+            log.warning("[%s] releasing the KV of an abandoned prefill failed: %s", request_id, e)
+            return 0
+
+    def _release_abandoned(self, now: float) -> None:
+        with self._lock:
+            for request_id in [r for r, until in self._abandoned.items() if until < now]:
+                del self._abandoned[request_id]
+            request_ids = list(self._abandoned)
+        released = release_staged(self.staging_dir, self.engine_id, request_ids)
+        if released:
+            log.info("released %d staged KV file(s) of abandoned prefills", released)
 
     def sweep(self, now: float | None = None, lease_s: float | None = None) -> int:
         """One pass (with `lease_s`, that lease instead of the sweeper's own); returns how
         many expired segments it took back."""
         started = time.perf_counter()
         lease_s = self.lease_s if lease_s is None else lease_s
+        self._release_abandoned(time.time() if now is None else now)
         reclaim_orphans(self.staging_dir)
         reclaimed = reclaim_expired_segments(self.staging_dir, lease_s, self.engine_id, now)
         duration = time.perf_counter() - started

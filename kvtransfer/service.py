@@ -166,6 +166,14 @@ class ProducerService:
         path.unlink(missing_ok=True)
         return existed
 
+    def abandon(self, engine_request_id: str) -> int:
+        """The prefill the engine ran as `engine_request_id` ended without handing out a
+        handle (it was cancelled, or aborted and its final output named no segment): nobody
+        can claim what the engine staged for it. Released now (returns how many files), and
+        whatever the engine stages for it later, at the sweeper's next pass instead of at
+        the end of the lease (`reclaim.Sweeper.abandon`)."""
+        return self._sweeper.abandon(engine_request_id)
+
     def num_staged(self) -> int:
         return len(list_segments(self.staging_dir, owner_tag(self.engine_id)))
 

@@ -6,6 +6,9 @@ Request lifecycle on this worker::
     STAGED ──decode fetches / loads the segment──▶ (ownership passes to decode)
     STAGED ──release_kv (request ended at its first token, or was cancelled)──▶ freed
     STAGED ──abort (the router gave up before the answer reached it)──▶ freed
+    received ──cancelled (the router closed its channel), or aborted and the engine's final
+               output names no segment──▶ abandoned: what the engine staged, or stages
+               after the abort reached it, is released by request id (no handle exists)
     STAGED ──nobody claims it within the lease──▶ reclaimed by ProducerService's sweeper
                                                    (recorded as an "expired" transfer)
     received ──abort──▶ aborted (partial segment discarded by the connector; the result
@@ -82,16 +85,22 @@ class PrefillWorker:
         first_token: int | None = None
         first_logprob: TokenLogprob | None = None
         final = None
+        engine_request_id = f"{req.request_id}-prefill"
         self._queued_prompt_tokens += len(req.prompt_token_ids)
         self._in_flight.add(req.request_id)
         try:
-            async for out in self._engine.stream(f"{req.request_id}-prefill",
-                                                 list(req.prompt_token_ids), sp):
+            async for out in self._engine.stream(engine_request_id, list(req.prompt_token_ids), sp):
                 if out.outputs and out.outputs[0].token_ids and first_token is None:
                     first_token = out.outputs[0].token_ids[0]
                     if req.sampling.num_logprobs is not None:  # the first token's, from prefill
                         first_logprob = token_logprobs(out.outputs[0], req.sampling.num_logprobs)[0]
                 final = out
+        except BaseException:
+            # Cancelled (the channel server cancels a prefill whose router went away) or
+            # failed: no handle will exist, yet the engine may have saved the prompt's KV
+            # (the step that completed it ran before the cancellation reached it).
+            self._kv.abandon(engine_request_id)
+            raise
         finally:
             self._queued_prompt_tokens -= len(req.prompt_token_ids)
             self._in_flight.discard(req.request_id)
@@ -102,6 +111,8 @@ class PrefillWorker:
             self._aborted.discard(req.request_id)
             if handle is not None:
                 self._kv.release(handle)
+            else:  # vLLM's abort output names no segment, though the engine may have staged one
+                self._kv.abandon(engine_request_id)
             log.info("[%s] prefill aborted; staged KV released", req.request_id)
             if first_token is None:
                 raise PrefillAborted(f"prefill of {req.request_id} was aborted before its first token")
