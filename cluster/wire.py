@@ -188,27 +188,3 @@ class WorkerStats(msgspec.Struct, frozen=True):
     is_draining: bool = False  # finishing what it holds; routing sends it nothing new
     transfers: tuple[TransferStat, ...] = ()  # since the previous poll
 
-
-class RelayedRequest(msgspec.Struct, frozen=True):
-    """One HTTP request as the stream relay (pdserve/stream_relay.py) hands it to a router
-    replica: the parts of its ASGI scope the router reads, and the whole body."""
-
-    method: str
-    path: str
-    query_string: bytes
-    headers: list[tuple[bytes, bytes]]
-    client: tuple[str, int] | None
-    scheme: str
-    http_version: str
-    body: bytes
-
-
-class RelayedMessage(msgspec.Struct, frozen=True, array_like=True):
-    """One ASGI send message of the router's response: `http.response.start` (status,
-    headers) or `http.response.body` (body, more_body)."""
-
-    type: str
-    status: int = 0
-    headers: list[tuple[bytes, bytes]] = []
-    body: bytes = b""
-    more_body: bool = False

@@ -6,12 +6,12 @@ KubeRay's `serveConfigV2` and `pdserve serve` alike.
 
 Deployments (one Serve application)::
 
-    [relay (ingress)] ──handle──▶ router (FastAPI)  ──discovers──▶ registry ◀──publish/heartbeat── prefill, decode
-                                       │                                                                 (or colocated)
-                                       └───────── worker channels (cluster/channel.py), one TCP connection per pair ──┘
+    router (ingress, FastAPI)  ──discovers──▶ registry ◀──publish/heartbeat── prefill, decode
+         │                                                                   (or colocated)
+         └─────────── worker channels (cluster/channel.py), one TCP connection per pair ──┘
 
-The relay exists only with `ray.stream_relay` (pdserve/stream_relay.py); otherwise the
-router is the ingress.
+With `ray.stream_relay` a relay deployment is the ingress instead and streams each request
+from a router replica's own server (pdserve/stream_relay.py).
 
 The router routes with pdserve's own policies over the worker channels; Serve places,
 health-checks, replaces and resizes the replicas, and carries nothing per request or per
@@ -20,16 +20,19 @@ token (docs/serve.md explains why routing is not a Serve request router).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from ray import serve
 
 from cluster.config import ConfigError, ServeConfig, load_config
 from pdserve import placement
 from pdserve.registry import Registry
-from pdserve.replicas import EngineReplica, RouterIngress, config_error_line
-from pdserve.stream_relay import Relay, run_asgi, serve_forward
+from pdserve.replicas import EngineReplica, RouterIngress, config_error_line, node_identity
+from pdserve.stream_relay import Relay, http_forward, relay_client, serve_router_chooser
 
 
 def listen_with_reuse_address() -> None:
@@ -138,29 +141,47 @@ class RouterDeployment(_RouterReplica):
 
 class RelayedRouterDeployment(_RouterReplica):
     """The router behind the stream relay (`ray.stream_relay`). A Serve application has
-    one ASGI ingress, the relay, so this replica serves no HTTP itself: it runs its app's
-    lifespan as Serve's ASGI wrapper would, and serves each relayed request with it."""
+    one HTTP ingress, the relay; this replica serves the relayed requests on a server of
+    its own, on the node's address and a free port, which `address` names (the relay asks
+    Serve for a replica's address per request, then streams over HTTP: no Ray call per
+    token)."""
 
     async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
         await self._begin(settings, registry)
-        self._app = self.build_app()
-        self._lifespan = self._app.router.lifespan_context(self._app)
-        await self._lifespan.__aenter__()
+        self._server = _QuietServer(uvicorn.Config(
+            self.build_app(), host=node_identity()[1], port=0, lifespan="on",
+            log_level="warning", access_log=False))
+        self._serving = asyncio.get_running_loop().create_task(self._server.serve())
+        while not self._server.started:
+            if self._serving.done():
+                await self._serving
+                raise RuntimeError("the router replica's server did not start")
+            await asyncio.sleep(0.01)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        self._address = f"http://{host}:{port}"
 
-    async def relay(self, request_bytes: bytes):
-        """One request from the relay; its response streams back as msgpack batches."""
-        async for batch in run_asgi(self._app, request_bytes):
-            yield batch
+    async def address(self) -> str:
+        return self._address
 
     async def __del__(self):
+        self._server.should_exit = True
+        await self._serving
         await self._end()
-        await self._lifespan.__aexit__(None, None, None)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn in a Serve replica: Ray's signal handlers stay (uvicorn would take SIGINT
+    and SIGTERM on the main thread)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 @serve.ingress()
 class RelayDeployment:
-    """The stream relay (pdserve/stream_relay.py): holds the client connections and
-    forwards each request to a router replica through a Serve handle."""
+    """The stream relay (pdserve/stream_relay.py): holds the client connections; Serve
+    chooses the router replica of each request."""
 
     def __init__(self, router: Any, max_body_bytes: int):
         from ray.util.metrics import Counter
@@ -170,11 +191,19 @@ class RelayDeployment:
         outcomes = Counter("pdserve_relay_requests_total",
                            "Requests through the stream relay, by how they ended",
                            tag_keys=("outcome",))
-        self._relay = Relay(serve_forward(router), max_body_bytes=max_body_bytes,
-                            on_outcome=lambda state: outcomes.inc(tags={"outcome": state.value}))
+        self._client = relay_client()
+        self._relay = Relay(http_forward(self._client, serve_router_chooser(router)),
+                            max_body_bytes=max_body_bytes,
+                            on_outcome=lambda outcome: outcomes.inc(tags={"outcome": outcome.value}))
 
     async def __serve_build_asgi_app__(self):
         return self._relay
+
+    async def __del__(self):
+        await self._client.aclose()
+        parent = getattr(super(), "__del__", None)  # Serve's ASGI wrapper: lifespan shutdown
+        if parent is not None:
+            await parent()
 
 
 def parse_args(args: Any) -> ServeConfig:
