@@ -32,7 +32,8 @@ from cluster.config import ConfigError, ServeConfig, load_config
 from pdserve import placement
 from pdserve.registry import Registry
 from pdserve.replicas import EngineReplica, RouterIngress, config_error_line, node_identity
-from pdserve.stream_relay import Relay, http_forward, relay_client, serve_router_chooser
+from pdserve.stream_relay import (Relay, RouterChooser, http_forward, relay_client,
+                                  serve_router_asker)
 
 
 def listen_with_reuse_address() -> None:
@@ -142,9 +143,9 @@ class RouterDeployment(_RouterReplica):
 class RelayedRouterDeployment(_RouterReplica):
     """The router behind the stream relay (`ray.stream_relay`). A Serve application has
     one HTTP ingress, the relay; this replica serves the relayed requests on a server of
-    its own, on the node's address and a free port, which `address` names (the relay asks
-    Serve for a replica's address per request, then streams over HTTP: no Ray call per
-    token)."""
+    its own, on the node's address and a free port, which `address` names (the relay
+    learns the replicas' addresses through Serve, then streams over HTTP: no Ray call per
+    request or per token)."""
 
     async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
         await self._begin(settings, registry)
@@ -180,10 +181,10 @@ class _QuietServer(uvicorn.Server):
 
 @serve.ingress()
 class RelayDeployment:
-    """The stream relay (pdserve/stream_relay.py): holds the client connections; Serve
-    chooses the router replica of each request."""
+    """The stream relay (pdserve/stream_relay.py): holds the client connections and
+    streams each request from a router replica's own server."""
 
-    def __init__(self, router: Any, max_body_bytes: int):
+    def __init__(self, router: Any, max_body_bytes: int, num_routers: int):
         from ray.util.metrics import Counter
 
         listen_with_reuse_address()  # it takes router.port, as the router replica would
@@ -192,7 +193,8 @@ class RelayDeployment:
                            "Requests through the stream relay, by how they ended",
                            tag_keys=("outcome",))
         self._client = relay_client()
-        self._relay = Relay(http_forward(self._client, serve_router_chooser(router)),
+        routers = RouterChooser(serve_router_asker(router), expected=num_routers)
+        self._relay = Relay(http_forward(self._client, routers),
                             max_body_bytes=max_body_bytes,
                             on_outcome=lambda outcome: outcomes.inc(tags={"outcome": outcome.value}))
 
@@ -250,4 +252,4 @@ def build_application(config: ServeConfig, *, worker_factory: str | None = None)
     if not config.ray.stream_relay:
         return router_app
     relay = serve.deployment(RelayDeployment, **placement.relay_deployment_options(config))
-    return relay.bind(router_app, config.router.max_request_body_bytes)
+    return relay.bind(router_app, config.router.max_request_body_bytes, config.ray.router_replicas)

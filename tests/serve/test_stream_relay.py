@@ -12,7 +12,8 @@ import socket
 import httpx
 import uvicorn
 
-from pdserve.stream_relay import Relay, RelayOutcome, RouterLost, http_forward, relay_client
+from pdserve.stream_relay import (Relay, RelayOutcome, RouterChooser, RouterLost, http_forward,
+                                  relay_client)
 from tests.fakes import assert_nothing_held, make_fake_deployment, serving, settle_pool
 
 MODEL = "pdserve-tiny"
@@ -67,10 +68,13 @@ class Router:
 
 
 @contextlib.asynccontextmanager
-async def relayed(choose, *, max_body_bytes=1 << 20):
+async def relayed(ask, *, max_body_bytes=1 << 20):
+    """A relay over HTTP whose router replicas are learnt from `ask` (Serve, in a
+    deployment)."""
     outcomes: list[RelayOutcome] = []
     async with relay_client() as client:
-        relay = Relay(http_forward(client, choose), max_body_bytes=max_body_bytes,
+        relay = Relay(http_forward(client, RouterChooser(ask, expected=1)),
+                      max_body_bytes=max_body_bytes,
                       retry_backoff_s=0.01, on_outcome=outcomes.append)
         async with serving(relay) as url:
             async with httpx.AsyncClient(base_url=url, timeout=10) as c:
@@ -188,3 +192,41 @@ async def test_a_client_that_leaves_the_relay_aborts_its_request():
             await settle_pool(router.deps.pool)
             assert_nothing_held(router.deps.pool, router.prefills, router.decodes)
             assert router.deps.num_in_flight == 0
+
+
+async def test_the_chooser_learns_replicas_from_serve_and_sends_to_the_least_busy():
+    answers = ["http://a", "http://b", "http://b", "http://c"]
+    asked = []
+    now = [0.0]
+
+    async def ask():
+        asked.append(answers[0])
+        return answers.pop(0)
+    routers = RouterChooser(ask, expected=2, refresh_s=5.0, clock=lambda: now[0])
+    assert await routers.choose() == "http://a"  # one known of two: ask
+    assert await routers.choose() == "http://b"  # a is busy, b is new
+    assert await routers.choose() in ("http://a", "http://b") and len(asked) == 2
+    routers.done("http://a")
+    routers.done("http://a")
+    assert await routers.choose() == "http://a"  # both known: no call, least in flight
+    assert len(asked) == 2
+    now[0] = 6.0  # a refresh is due: Serve is asked once, b was known already
+    await routers.choose()
+    assert len(asked) == 3 and set(routers.in_flight) == {"http://a", "http://b"}
+    routers.lost("http://b")  # lost: forgotten at once, and the next request asks again
+    assert await routers.choose() == "http://c"  # asked, and c (new) is the least busy
+    assert routers.in_flight == {"http://a": 2, "http://c": 1}
+
+
+async def test_the_chooser_keeps_known_replicas_when_serve_cannot_answer():
+    async def ask():
+        raise RouterLost("no live replica")
+    routers = RouterChooser(ask, expected=2)
+    try:
+        await routers.choose()
+    except RouterLost:
+        pass
+    else:
+        raise AssertionError("nothing known and nothing learnt must be RouterLost")
+    routers.in_flight["http://a"] = 0
+    assert await routers.choose() == "http://a"
