@@ -34,6 +34,7 @@ import hmac
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -157,6 +158,7 @@ def check_verdict(verdict: bytes, expected_proof: bytes) -> None:
 
 
 DENIED_VERDICT = DENIED + bytes(MAC_BYTES)
+DENIED_REASON = "the client failed to prove the deployment secret"
 
 
 # -- blocking sockets ------------------------------------------------------------------------
@@ -170,17 +172,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def server_handshake(sock: socket.socket, secret: bytes, label: bytes) -> None:
-    """Authenticate the client on `sock` (its timeout bounds each wait); AuthError if not."""
+def server_handshake(sock: socket.socket, secret: bytes, label: bytes,
+                     on_denied: Callable[[str], None] | None = None) -> None:
+    """Authenticate the client on `sock` (its timeout bounds each wait); AuthError if not.
+    `on_denied(reason)` runs before the client is told it was denied, so that whoever
+    counts refusals has counted this one by the time the client knows of it."""
     frame = challenge()
     sock.sendall(frame)
     verdict = judge(secret, label, frame, _recv_exact(sock, RESPONSE_BYTES))
     if verdict is None:
+        if on_denied is not None:
+            on_denied(DENIED_REASON)
         try:
             sock.sendall(DENIED_VERDICT)
         except OSError:
             pass
-        raise AuthError("the client failed to prove the deployment secret")
+        raise AuthError(DENIED_REASON)
     sock.sendall(verdict)
 
 
@@ -210,7 +217,7 @@ async def server_handshake_async(reader: asyncio.StreamReader, writer: asyncio.S
     verdict = judge(secret, label, frame, response)
     if verdict is None:
         writer.write(DENIED_VERDICT)
-        raise AuthError("the client failed to prove the deployment secret")
+        raise AuthError(DENIED_REASON)
     writer.write(verdict)
     await writer.drain()
 

@@ -90,13 +90,21 @@ REFUSALS = RefusalCounter()
 def accept(sock: socket.socket, secret: bytes, counter: RefusalCounter = REFUSALS) -> bool:
     """Server side, right after accept(): True if the client proved the secret. On False
     the client has been told DENIED, and the caller closes the socket."""
+    peer = _peer(sock)
+    counted = []
+
+    def count_denied(reason: str) -> None:  # before the client hears DENIED
+        counted.append(reason)
+        counter.add("tcp", peer, reason)
+
     try:
-        auth.server_handshake(sock, secret, TCP_LABEL)
+        auth.server_handshake(sock, secret, TCP_LABEL, on_denied=count_denied)
     except auth.AuthError as e:
-        counter.add("tcp", _peer(sock), str(e))
+        if not counted:
+            counter.add("tcp", peer, str(e))
         return False
     except OSError as e:  # the peer vanished or stalled past the socket timeout
-        counter.add("tcp", _peer(sock), f"no authentication ({e or type(e).__name__})")
+        counter.add("tcp", peer, f"no authentication ({e or type(e).__name__})")
         return False
     return True
 

@@ -83,6 +83,23 @@ def test_tcp_fetch_with_the_secret_works_and_a_wrong_key_gets_nothing(
     assert wait_until(lambda: server.num_served == 1)
 
 
+def test_a_refusal_is_counted_before_the_refused_client_hears_of_it(
+        server, consumer_dir, make_segment, monkeypatch):
+    """The count and the refusal race otherwise: a client (or test) reading the count
+    right after its refusal found 0 (seen once in CI)."""
+    src, _ = make_segment("r1", staging_dir=server.staging_dir)
+    add = server.refusals.add
+
+    def slow_add(*args):
+        threading.Event().wait(0.3)  # a server thread descheduled while it counts
+        add(*args)
+    monkeypatch.setattr(server.refusals, "add", slow_add)
+    with pytest.raises(KVTransferError, match="refused our credentials"):
+        fetch_segment("127.0.0.1", server.port, src.name, EPOCH, consumer_dir, 5.0,
+                      secret=OTHER)
+    assert server.refusals.counts == {"tcp": 1}
+
+
 def test_tcp_client_without_the_handshake_gets_no_segment_byte(server, make_segment):
     """The pre-authentication protocol (a bare fetch request) is refused before the server
     even reads the request: all the client ever receives is the challenge and DENIED."""
