@@ -17,6 +17,8 @@ from kvtransfer.specs import LoadSpec, SaveSpec
 
 __all__ = ["LoadSpec", "PdserveConnectorMetadata", "PdserveConnectorStats", "SaveSpec"]
 
+MAX_AGGREGATED_RECORDS = 1000  # per aggregate (vLLM's own stats windows hold 1,000 requests)
+
 
 
 @dataclass
@@ -34,7 +36,14 @@ class PdserveConnectorStats(KVConnectorStats):
         self.data = {"transfers": []}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        self.data.setdefault("transfers", []).extend(other.data.get("transfers", []))
+        records = self.data.setdefault("transfers", [])
+        records.extend(other.data.get("transfers", []))
+        # vLLM's logging stat logger (always on while stats are) aggregates every step's
+        # records here until `AsyncLLM.do_log_stats()` resets it, which only vLLM's API
+        # server calls: in a pdserve worker the list grew by one record per transfer for
+        # ever (~0.7 MiB/min per worker in the 20-minute soak). pdserve's own stats come
+        # from each step's records, not from this aggregate; it keeps the newest only.
+        del records[:-MAX_AGGREGATED_RECORDS]
         return self
 
     def reduce(self) -> dict[str, int | float]:

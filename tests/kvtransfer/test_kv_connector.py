@@ -271,3 +271,20 @@ def test_aborted_prefill_discards_its_partial_segment(tmp_path):
     # The next step's metadata carries the discard to the worker, which unlinks.
     _run_save_step(worker_p, src, sched_p.build_connector_meta(_scheduler_output()))
     assert list_segments(tmp_path) == []
+
+
+def test_the_stats_aggregate_vllm_keeps_between_logs_is_bounded():
+    """vLLM's logging stat logger aggregates every step's transfer records until
+    do_log_stats(), which nothing in a pdserve worker calls: unbounded, it grew the worker
+    replicas ~0.7 MiB/min in the 20-minute soak (bench/results/soak-cpu-2core)."""
+    from kvtransfer.metadata import MAX_AGGREGATED_RECORDS, PdserveConnectorStats
+
+    total = PdserveConnectorStats(data={"transfers": []})
+    for i in range(3 * MAX_AGGREGATED_RECORDS):
+        step = PdserveConnectorStats(data={"transfers": [
+            {"num_bytes": 1, "outcome": "ok", "request_id": f"r{i}"}]})
+        total = total.aggregate(step)
+    records = total.data["transfers"]
+    assert len(records) == MAX_AGGREGATED_RECORDS
+    assert records[-1]["request_id"] == f"r{3 * MAX_AGGREGATED_RECORDS - 1}"  # the newest kept
+    assert total.reduce()["num_transfers"] == MAX_AGGREGATED_RECORDS
