@@ -100,6 +100,7 @@ class PrefillWorker:
             # failed: no handle will exist, yet the engine may have saved the prompt's KV
             # (the step that completed it ran before the cancellation reached it).
             self._kv.abandon(engine_request_id)
+            self._aborted.discard(req.request_id)  # an abort that came first is spent too
             raise
         finally:
             self._queued_prompt_tokens -= len(req.prompt_token_ids)

@@ -69,3 +69,28 @@ async def test_an_answer_nobody_aborts_stays_for_its_decode_and_memory_is_bounde
     assert len(worker._kv.staged) == MAX_ANSWERED_REMEMBERED + 5
     await worker.abort("req-10")
     assert len(worker._kv.staged) == MAX_ANSWERED_REMEMBERED + 4
+
+
+async def test_an_aborted_prefill_that_then_fails_leaves_no_abort_mark_behind():
+    """An abort marks a prefill in flight; if the prefill then ends in an exception (the
+    engine's abort raised, or the channel cancelled it), the mark must go with it, or the
+    set grows by one id per such request for ever."""
+    worker = _worker()
+    released = []
+    worker._kv.abandon = released.append
+
+    class _FailingEngine(_Engine):
+        async def stream(self, request_id, prompt_token_ids, sampling_params):
+            await worker.abort("req-1")  # the router gives up while the prompt computes
+            raise RuntimeError("engine failed")
+            yield  # an async generator
+
+    worker._engine = _FailingEngine()
+    try:
+        await worker.prefill(_req("req-1"))
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the engine's failure must reach the caller")
+    assert worker._aborted == set() and worker._in_flight == set()
+    assert released == ["req-1-prefill"]  # what it may have staged is released
