@@ -81,16 +81,9 @@ def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 def relay_deployment_options(config: ServeConfig) -> dict[str, Any]:
     """The stream relay (config ray.stream_relay) takes the ingress's place: HTTP on
-    router.port, as many replicas as the router; it holds no state and no engine."""
-    return dict(
-        name="relay",
-        num_replicas=config.ray.router_replicas,
-        max_ongoing_requests=config.router.max_pending_requests,
-        graceful_shutdown_wait_loop_s=0.5,
-        graceful_shutdown_timeout_s=config.ray.drain_timeout_s,
-        health_check_period_s=config.ray.health_check_period_s,
-        ray_actor_options=dict(num_cpus=0, runtime_env={"env_vars": dict(INGRESS_ENV_VARS)}),
-    )
+    router.port, as many replicas as the router, the same limits; it holds no state and no
+    engine."""
+    return {**ingress_deployment_options(config), "name": "relay"}
 
 
 def registry_deployment_options() -> dict[str, Any]:

@@ -67,6 +67,17 @@ class Router:
         await self._task
 
 
+async def assert_aborted_and_nothing_held(router: Router, rid: str) -> None:
+    """The router saw its connection go and aborted `rid`; nothing is held after."""
+    for _ in range(100):
+        if rid in router.decodes[0].aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert rid in router.decodes[0].aborted
+    await settle_pool(router.deps.pool)
+    assert_nothing_held(router.deps.pool, router.prefills, router.decodes)
+
+
 @contextlib.asynccontextmanager
 async def relayed(ask, *, max_body_bytes=1 << 20):
     """A relay over HTTP whose router replicas are learnt from `ask` (Serve, in a
@@ -124,13 +135,7 @@ async def test_a_router_lost_mid_stream_ends_the_stream_with_an_error_event():
             assert outcomes == [RelayOutcome.ERROR_EVENT]
             # The router saw its connection go and aborted the request: nothing is held.
             rid = tokens[0]["id"]
-            for _ in range(100):
-                if rid in router.decodes[0].aborted:
-                    break
-                await asyncio.sleep(0.02)
-            assert rid in router.decodes[0].aborted
-            await settle_pool(router.deps.pool)
-            assert_nothing_held(router.deps.pool, router.prefills, router.decodes)
+            await assert_aborted_and_nothing_held(router, rid)
 
 
 async def test_a_router_lost_before_the_response_is_asked_again():
@@ -184,13 +189,7 @@ async def test_a_client_that_leaves_the_relay_aborts_its_request():
                     if line.startswith("data: ") and '"text"' in line:
                         break
                 rid = json.loads(line[6:])["id"]
-            for _ in range(100):
-                if rid in router.decodes[0].aborted:
-                    break
-                await asyncio.sleep(0.02)
-            assert rid in router.decodes[0].aborted
-            await settle_pool(router.deps.pool)
-            assert_nothing_held(router.deps.pool, router.prefills, router.decodes)
+            await assert_aborted_and_nothing_held(router, rid)
             assert router.deps.num_in_flight == 0
 
 
