@@ -96,6 +96,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.runtime == "actors":
         from pdserve.launcher import StartupError, serve
 
+        if config.ray.stream_relay:
+            raise ConfigError("ray.stream_relay: the stream relay is a Ray Serve deployment; "
+                              "use --runtime serve")
+
         try:
             asyncio.run(serve(config))
         except KeyboardInterrupt:

@@ -83,3 +83,11 @@ def test_api_key_flag_reaches_the_router_config_and_is_never_printed(capsys):
     out = capsys.readouterr().out
     assert key not in out
     assert yaml.safe_load(out)["router"]["api_key"] == "**********"
+
+
+def test_the_stream_relay_is_refused_where_it_cannot_run(tmp_path, capsys):
+    config = tmp_path / "relay.yaml"
+    config.write_text("ray:\n  stream_relay: true\n")
+    assert main(["serve", "--runtime", "actors", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stream_relay" in err and "--runtime serve" in err and "\n" not in err
