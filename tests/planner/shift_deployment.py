@@ -132,9 +132,18 @@ def _judge(traces, start: float, end: float) -> tuple[int, float, float, float]:
     return n, met / max(n, 1), ttft_ok / max(n, 1), tpot_ok / max(n, 1)
 
 
+def serving_sizes(pool) -> tuple[int, int]:
+    """(prefills, decodes) that routing may pick now (a draining instance is not one)."""
+    views = [v for v in pool.all() if v.is_available]
+    return sum(v.role == "prefill" for v in views), sum(v.role == "decode" for v in views)
+
+
 async def run_deployment(replan: bool, phase_s: float, workdir: Path, seed: int = 0,
-                         interval_s: float = 6.0, window_s: float = 8.0) -> tuple[list[PhaseResult], list]:
-    """Serve both phases on 2 prefills + 2 decodes; with `replan`, the loop resizes them."""
+                         interval_s: float = 6.0, window_s: float = 8.0,
+                         timeline: list | None = None) -> tuple[list[PhaseResult], list]:
+    """Serve both phases on 2 prefills + 2 decodes; with `replan`, the loop resizes them.
+    `timeline`, if given, receives (time, prefills, decodes) serving, sampled every 0.1 s
+    from the start of the load until the loop stops."""
     import numpy as np
 
     timing = EngineTiming(PROFILE)
@@ -171,6 +180,13 @@ async def run_deployment(replan: bool, phase_s: float, workdir: Path, seed: int 
             task.start()
         pending: set[asyncio.Task] = set()
 
+        async def sample() -> None:
+            while True:
+                timeline.append((time.time(), *serving_sizes(deps.pool)))
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample()) if timeline is not None else None
+
         async def one(prompt_len: int, output_len: int) -> None:
             body = {"model": "pdserve-tiny", "prompt": [int(x) for x in rng.integers(10, 900, prompt_len)],
                     "max_tokens": output_len, "ignore_eos": True}
@@ -192,13 +208,16 @@ async def run_deployment(replan: bool, phase_s: float, workdir: Path, seed: int 
                 pending.add(job)
                 job.add_done_callback(pending.discard)
             bounds.append((name, start, start + phase_s))
-            serving_now = [v for v in deps.pool.all() if v.is_available]
-            sizes = (f"{sum(v.role == 'prefill' for v in serving_now)}P+"
-                     f"{sum(v.role == 'decode' for v in serving_now)}D")
-            results.append(PhaseResult(name, 0, 0.0, 0.0, 0.0, sizes))
+            num_p, num_d = serving_sizes(deps.pool)
+            results.append(PhaseResult(name, 0, 0.0, 0.0, 0.0, f"{num_p}P+{num_d}D"))
         await asyncio.gather(*pending)
         if task is not None:
             await task.stop()
+        if sampler is not None:
+            await asyncio.sleep(0.3)  # a drain is seen at the router's next stats poll (0.05 s)
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+            timeline.append((time.time(), *serving_sizes(deps.pool)))
     traces = list(deps.traces.values())
     for i, (name, start, end) in enumerate(bounds):
         n, att, ttft_ok, tpot_ok = _judge(traces, start, end)
