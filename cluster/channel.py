@@ -403,6 +403,11 @@ class ChannelClient:
     def is_connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def num_open(self) -> int:
+        """Calls awaiting their reply and streams not yet ended on this channel."""
+        return len(self._calls) + len(self._streams)
+
     async def _connection(self) -> asyncio.StreamWriter:
         if self.is_connected:
             return self._writer  # type: ignore[return-value]

@@ -44,6 +44,10 @@ DRAIN_NOTICE_S = 4 * DISCOVERY_INTERVAL_S
 # deleted the registry may be gone already, and a handle call to a deployment with no
 # replica waits for one; the drain must not hang on it.
 REGISTRY_CALL_TIMEOUT_S = 2.0
+# A draining replica missing from the registry while its channel still holds requests is
+# closed once they end, or after this long at most (its own drain is bounded; the router's
+# stall timeout ends a stream that a frozen replica holds).
+ABSENT_DRAINING_MAX_S = 60.0
 
 
 class ReplicaStartError(RuntimeError):
@@ -234,7 +238,9 @@ class EngineReplica:
 class Membership:
     """Keeps a router's `WorkerPool` in step with the registry: new live replicas join,
     draining ones leave routing at once (their requests finish over the open channel),
-    withdrawn or expired ones have their channel closed.
+    withdrawn or expired ones have their channel closed (a draining one once its channel
+    holds nothing: a stopping replica withdraws only once drained, so one missing with
+    requests still open is a held-up registry's snapshot, and closing would cut them).
 
     A routed instance missing from one snapshot is dropped only once the router's own
     stats poll of it fails too, or has not answered for `ENTRY_TTL_S`: a registry that
@@ -257,6 +263,7 @@ class Membership:
         self._joined_at: dict[str, float] = {}  # routed: when it joined (before its first poll)
         self._absent: set[str] = set()  # routed, missing from the registry, polls answering
         self._draining: dict[str, Any] = {}  # out of routing, channel kept for held requests
+        self._draining_absent_since: dict[str, float] = {}  # draining, missing from the registry
         self.entries: dict[str, ReplicaEntry] = {}
 
     async def reconcile(self, entries: list[ReplicaEntry]) -> None:
@@ -291,7 +298,18 @@ class Membership:
             self._pool.remove(iid)
             await self._close(self._forget(iid))
             log.warning("%s is gone (no heartbeat, and no answer to its stats poll)", iid)
-        for iid in [i for i in self._draining if i not in seen]:
+        for iid in list(self._draining):
+            if iid in seen:
+                self._draining_absent_since.pop(iid, None)
+                continue
+            since = self._draining_absent_since.setdefault(iid, now)
+            held = getattr(self._draining[iid], "num_open", 0)
+            if held and now - since < ABSENT_DRAINING_MAX_S:
+                if since == now:
+                    log.warning("%s is draining and missing from the registry with %d requests "
+                                "open: kept until they end", iid, held)
+                continue
+            self._draining_absent_since.pop(iid, None)
             await self._close(self._draining.pop(iid))
         if self._on_change is not None:
             self._on_change(self)
@@ -328,6 +346,7 @@ class Membership:
         for iid in list(self._clients):
             self._forget(iid)
         self._draining.clear()
+        self._draining_absent_since.clear()
 
 
 class RouterIngress:

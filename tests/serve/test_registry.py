@@ -75,6 +75,7 @@ class _Client:
         self.instance_id = worker.instance_id
         self.closed = False
         self.is_dead = False
+        self.num_open = 0  # calls and streams open on the channel
 
     def __getattr__(self, name):
         return getattr(self._worker, name)
@@ -176,6 +177,50 @@ def test_a_missing_instance_goes_once_its_poll_fails_or_stops_answering():
         await m.reconcile([_entry("prefill-1", "prefill"), _entry("decode-3", "decode")])
         await m.reconcile([_entry("prefill-1", "prefill")])
         assert not made["decode-3"].closed
+        await m.close()
+
+    asyncio.run(run())
+
+
+def test_a_draining_instance_missing_from_a_snapshot_is_closed_only_once_its_requests_end(monkeypatch):
+    """A held-up registry's snapshot can lack a draining replica that still streams
+    requests: its channel stays open until they end (closing it would cut them), and a
+    draining replica that holds nothing is closed as soon as it is missing."""
+    import types
+
+    import pdserve.replicas as replicas
+
+    async def run() -> None:
+        now = [1000.0]
+        monkeypatch.setattr(replicas, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+        pool = WorkerPool(config=RouterConfig())
+        m, made = _membership(pool)
+        live = [_entry("prefill-1", "prefill"), _entry("decode-1", "decode"), _entry("decode-2", "decode")]
+        await m.reconcile(live)
+        draining = [live[0], _entry("decode-1", "decode", draining=True),
+                    _entry("decode-2", "decode", draining=True)]
+        await m.reconcile(draining)
+        assert [v.instance_id for v in pool.all()] == ["prefill-1"]  # out of routing
+        made["decode-1"].num_open = 2  # two streams still running over its channel
+        await m.reconcile([live[0]])  # both missing from the registry
+        assert not made["decode-1"].closed and made["decode-2"].closed
+        now[0] += 5.0
+        await m.reconcile([live[0]])
+        assert not made["decode-1"].closed
+        made["decode-1"].num_open = 0  # they ended
+        await m.reconcile([live[0]])
+        assert made["decode-1"].closed
+        # One whose requests never end is closed after the bound.
+        await m.reconcile([live[0], _entry("decode-3", "decode")])
+        await m.reconcile([live[0], _entry("decode-3", "decode", draining=True)])
+        made["decode-3"].num_open = 1
+        await m.reconcile([live[0]])
+        now[0] += replicas.ABSENT_DRAINING_MAX_S - 1
+        await m.reconcile([live[0]])
+        assert not made["decode-3"].closed
+        now[0] += 2
+        await m.reconcile([live[0]])
+        assert made["decode-3"].closed
         await m.close()
 
     asyncio.run(run())
