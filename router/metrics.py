@@ -248,7 +248,9 @@ class Metrics:
             self.slo_tpot_met.labels(slo_class).inc()
         if result.is_met:
             self.slo_met.labels(slo_class).inc()
-        self._window.append((time.time(), result.is_met))
+        now = time.time()
+        self._window.append((now, result.is_met))
+        self._prune_window(now)  # also here: nothing may read the window (no scraper)
 
     def record_replan(self, decision) -> None:
         """One decision of the re-planning loop (a `cluster.planner.online.ScalingDecision`):
@@ -292,10 +294,13 @@ class Metrics:
                 self.instances.labels(role, state).set(counts[(role, state)])
 
     # -- windows --------------------------------------------------------------------
-    def window_summary(self, now: float | None = None) -> dict[str, float]:
-        now = time.time() if now is None else now
+    def _prune_window(self, now: float) -> None:
         while self._window and self._window[0][0] < now - SLIDING_WINDOW_S:
             self._window.popleft()
+
+    def window_summary(self, now: float | None = None) -> dict[str, float]:
+        now = time.time() if now is None else now
+        self._prune_window(now)
         n = len(self._window)
         met = sum(1 for _, ok in self._window if ok)
         # During the first minute the window is as long as the router has been up.

@@ -116,3 +116,26 @@ async def test_lost_kv_recomputed_on_decode_is_visible():
     assert snapshot["totals"]["served_by"]["recomputed"] == 2
     assert snapshot["totals"]["transfers_by_outcome"]["failed"] == 2
     assert not prefills[0].staged  # the recompute path still frees the staged KV
+
+
+def test_the_sliding_window_stays_bounded_when_nothing_reads_it(monkeypatch):
+    # A router that nobody scrapes (no Prometheus, no dashboard open) still judges every
+    # request: the window must forget what is older than SLIDING_WINDOW_S as it goes
+    # (it grew by one entry per request until read: a soak found the router growing).
+    import types
+
+    import router.metrics as metrics_mod
+    from router.metrics import Metrics, RequestSLO
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_mod, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    m = Metrics(SLOConfig(ttft_s=1.0, tpot_s=0.1), num_units=1)
+    for _ in range(5000):  # 100 requests per second for 50 s, then 5,000 more over 50 s
+        m._judge(RequestSLO(0.1, 0.01, True, True), "default")
+        clock[0] += 0.01
+    assert len(m._window) == 5000
+    for _ in range(5000):
+        m._judge(RequestSLO(0.1, 0.01, True, True), "default")
+        clock[0] += 0.01
+    assert len(m._window) == pytest.approx(SLIDING_WINDOW_S / 0.01, abs=2)
+    assert m.window_summary(clock[0])["throughput_rps"] == pytest.approx(100, rel=0.01)
