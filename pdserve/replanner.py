@@ -221,6 +221,8 @@ class ReplanTask:
     window_s: float = DEFAULT_WINDOW_S
     clock: Callable[[], float] = time.time
     _task: asyncio.Task | None = field(default=None, init=False)
+    _ticking: bool = field(default=False, init=False)
+    _stopping: bool = field(default=False, init=False)
 
     async def tick(self) -> list[Effect]:
         snap = snapshot_from_router(self.deps, self.clock(), self.window_s)
@@ -235,19 +237,30 @@ class ReplanTask:
         return effects
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
+            self._ticking = True
             try:
                 await self.tick()
             except Exception:  # a failed tick must not end the loop (next tick retries)
                 log.exception("replan tick failed")
+            finally:
+                self._ticking = False
+            if self._stopping:
+                break
             await asyncio.sleep(self.tick_s)
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self.run(), name="pdserve-replan")
 
     async def stop(self) -> None:
+        """Stop the loop. A tick in flight finishes first: its decision is already recorded
+        once its sizing returns, so cancelling it then would leave a resize decided and
+        never applied."""
         if self._task is not None:
-            self._task.cancel()
+            self._stopping = True
+            if not self._ticking:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 

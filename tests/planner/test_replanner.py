@@ -148,3 +148,39 @@ def test_observe_only_reports_and_leaves_the_pool_alone():
     assert effects == [] and len(deps.pool.prefill) == 2 and len(deps.pool.decode) == 2
     text = deps.metrics.exposition().decode()
     assert 'pdserve_replan_decisions_total{action="resize",applied="false"} 1.0' in text
+
+
+def test_stop_during_a_tick_applies_the_decision_it_records():
+    # The sizing runs in a thread; a stop that arrived meanwhile used to cancel the tick
+    # after the decision was recorded (applied=True) and before its effects were applied.
+    import threading
+
+    deps, _, _ = _deployment()
+    now = 1000.0
+    for i in range(20):
+        deps.remember(_trace(f"r{i}", now - 10 + 0.4 * i, 0.1, 0.01, 100, 10))
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_sizer(snap, corr):
+        entered.set()
+        release.wait(5)
+        return Sizing(1, 3, 0.1, 0.01, False)
+
+    made = []
+    actuator = PoolActuator(deps.pool, lambda role, iid: made.append((role, iid)) or FakeDecodeWorker(iid),
+                            lambda c, on: None)
+    replanner = Replanner(ReplanSettings(observe_only=False, interval_s=1.0, min_requests=5, max_units=4),
+                          slow_sizer)
+    task = ReplanTask(deps, replanner, actuator, window_s=10.0, clock=lambda: now)
+
+    async def run() -> None:
+        task.start()
+        await asyncio.to_thread(entered.wait, 5)
+        stopping = asyncio.create_task(task.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await stopping
+
+    asyncio.run(run())
+    [decision] = [d for d in replanner.decisions if d.action == "resize"]
+    assert decision.applied and made == [("decode", "decode-2")]
