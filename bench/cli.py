@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import options
-from bench.compare import (Target, TargetResult, benchmark_target, comparison_table,
+from bench.compare import (RoundRun, Target, TargetResult, benchmark_rounds,
+                           benchmark_target, comparison_table, round_table,
                            open_target, pick_cdf_rate, rate_table, write_outputs)
 from bench.errors import BenchError
 from bench.experiment import Measurement, measure, warm_up
@@ -188,6 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "common rate where one deployment meets the target)")
     compare_parser.add_argument("--output-dir", type=Path, default=None,
                                 help="default: bench/results/tmp/compare-<time>")
+    compare_parser.add_argument("--rounds", type=int, default=1,
+                                help="take turns: N rounds, each starting every target in "
+                                "a rotated order and measuring every rate, pooled per rate "
+                                "(needs --rates and --full-sweep; evens out a machine whose "
+                                "speed drifts)")
 
     for sub in (run_parser, goodput_parser, compare_parser):
         _add_workload_args(sub)
@@ -285,6 +291,8 @@ def _compare_targets(args: argparse.Namespace) -> list[tuple[Target, Any]]:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
+    if args.rounds != 1 and not (args.rates and args.full_sweep):
+        raise BenchError("--rounds needs fixed rates measured in full (--rates ... --full-sweep)")
     pairs = _compare_targets(args)
     targets = [t for t, _ in pairs]
     configs = [c for _, c in pairs if c is not None]
@@ -302,7 +310,21 @@ def _compare_command(args: argparse.Namespace) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[TargetResult] = []
     serve = options.serve_options_from_args(args)
-    for target in targets:
+    rounds: list[RoundRun] = []
+    if args.rounds != 1:
+        if args.cdf_rate is not None and args.cdf_rate not in (search.rates_rps or ()):
+            raise BenchError("with --rounds, --cdf-rate must be one of --rates")
+        results, rounds = benchmark_rounds(
+            targets, experiment, search, args.rounds, output_dir, serve,
+            on_measurement=_print_measurement,
+            on_start=lambda r, t: print(f"== round {r + 1}/{args.rounds}: {t.label} "
+                                        f"({t.source})", flush=True))
+        print()
+        print(round_table(rounds))
+        for result in results:
+            print(f"{result.target.label}, pooled: "
+                  f"{format_goodput(result.goodput, result.target.units)}", flush=True)
+    for target in targets if args.rounds == 1 else ():
         print(f"== {target.label} ({target.source})", flush=True)
         results.append(benchmark_target(target, experiment, search, output_dir, serve,
                                         extra_rate_rps=args.cdf_rate,
@@ -315,7 +337,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     if len(results) > 1 and all(r.measurements for r in results):
         print()
         print(rate_table(results))
-    paths = write_outputs(results, experiment, cdf_rate, output_dir, _settings_json(args))
+    paths = write_outputs(results, experiment, cdf_rate, output_dir, _settings_json(args),
+                          rounds=rounds)
     print(f"\nwrote {', '.join(p.name for p in paths)} to {output_dir}")
     return 0
 

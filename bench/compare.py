@@ -11,6 +11,13 @@ rate if the search did not; stop it. Then print one table, and write to the outp
     ttft_cdf.png, tpot_cdf.png
                              latency CDFs of every target at one common rate
     <label>-server.log       output of each started deployment
+
+With `rounds` > 1 (`--rounds N`, fixed rates only) the targets take turns instead: round r
+starts each target in an order rotated by r (A B C, B C A, C A B, ...), measures every rate
+and stops it, and each target's runs at a rate are pooled across rounds. A machine whose
+speed drifts over minutes (shared hosts do: the same vLLM server's TPOT has differed by 2x
+between days here) then weighs on every target alike, and the per-round figures in
+comparison.json ("rounds") show how large the drift was.
 """
 
 from __future__ import annotations
@@ -18,17 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bench.deployment import ServerProcess, free_port
+from bench.errors import BenchError
 from bench.peer_vllm import VllmPeer
 from bench.experiment import Experiment, Measurement, find_goodput, measure, warm_up
-from bench.goodput import GoodputResult, SearchSettings, Units
+from bench.goodput import GoodputResult, GoodputSearch, SearchSettings, Units
 from bench.loadgen import check_server
-from bench.metrics import request_metrics
+from bench.metrics import request_metrics, summarize
 from bench.plots import plot_attainment_vs_rate, plot_cdf
+from bench.records import RunRecords
 from bench.report import (format_rate, format_table, goodput_json, measurement_json,
                           write_json)
 
@@ -129,6 +138,99 @@ def benchmark_target(
     return TargetResult(target, model, base_url, goodput, tuple(measurements))
 
 
+def pool_measurements(parts: list[Measurement], experiment: Experiment) -> Measurement:
+    """One measurement from several runs at the same rate: their records together, over
+    their summed wall time (so throughput stays a per-second figure)."""
+    if not parts:
+        raise ValueError("nothing to pool")
+    rates = {m.run.rate_rps for m in parts}
+    if len(rates) != 1:
+        raise ValueError(f"runs at different rates cannot be pooled: {sorted(map(str, rates))}")
+    run = RunRecords(records=tuple(r for m in parts for r in m.run.records),
+                     rate_rps=parts[0].run.rate_rps,
+                     wall_time_s=sum(m.run.wall_time_s for m in parts),
+                     num_not_sent=sum(m.run.num_not_sent for m in parts))
+    return Measurement(summarize(run, experiment.slo), run)
+
+
+@dataclass(frozen=True)
+class RoundRun:
+    """One target's run at one rate in one round (for the drift report)."""
+
+    round_index: int
+    position: int  # its place in that round's order
+    label: str
+    measurement: Measurement
+
+
+def round_order(targets: list[Target], round_index: int) -> list[Target]:
+    """Round r's order: the targets rotated by r, so each one leads once every n rounds."""
+    k = round_index % len(targets)
+    return targets[k:] + targets[:k]
+
+
+def benchmark_rounds(
+    targets: list[Target],
+    experiment: Experiment,
+    search: SearchSettings,
+    rounds: int,
+    output_dir: Path,
+    serve: ServeOptions,
+    on_measurement: Callable[[Measurement], None] | None = None,
+    on_start: Callable[[int, Target], None] | None = None,
+) -> tuple[list[TargetResult], list[RoundRun]]:
+    """Every target at every rate of `search.rates_rps`, in `rounds` rotated rounds; each
+    target's goodput is judged on its pooled runs at each rate."""
+    if search.rates_rps is None or not search.full_sweep:
+        raise BenchError("--rounds needs fixed rates measured in full (--rates ... --full-sweep)")
+    if rounds < 1:
+        raise BenchError(f"--rounds must be at least 1, got {rounds}")
+    runs: list[RoundRun] = []
+    seen: dict[str, tuple[str, str]] = {}
+    for r in range(rounds):
+        for position, target in enumerate(round_order(targets, r)):
+            if on_start is not None:
+                on_start(r, target)
+            logged = target if rounds == 1 else replace(target, label=f"{target.label}-round{r + 1}")
+            with open_target(logged, output_dir, serve) as base_url:
+                model = check_server(base_url, target.model)
+                asyncio.run(warm_up(experiment, base_url, model))
+                for rate in search.rates_rps:
+                    m = asyncio.run(measure(experiment, base_url, model, rate))
+                    runs.append(RoundRun(r, position, target.label, m))
+                    if on_measurement is not None:
+                        on_measurement(m)
+            seen[target.label] = (model, base_url)
+    results = []
+    for target in targets:
+        model, base_url = seen[target.label]
+        pooled = [pool_measurements([x.measurement for x in runs if x.label == target.label
+                                     and x.measurement.run.rate_rps == rate], experiment)
+                  for rate in search.rates_rps]
+        goodput_search = GoodputSearch(search)
+        for m in pooled:
+            rate = goodput_search.next_rate()
+            assert rate == m.run.rate_rps, (rate, m.run.rate_rps)
+            goodput_search.observe(rate, m.summary.attainment)
+        results.append(TargetResult(target, model, base_url, goodput_search.result(), tuple(pooled)))
+    return results, runs
+
+
+def round_table(runs: list[RoundRun]) -> str:
+    """Each round's own figures, target by target: how far the machine drifted."""
+    headers = ["round", "order", "deployment", "rate", "attain", "p50 TTFT ms", "p50 TPOT ms",
+               "p90 TPOT ms"]
+    rows = []
+    for x in runs:
+        s = x.measurement.summary
+        rows.append([str(x.round_index + 1), str(x.position + 1), x.label, format_rate(s.rate_rps),
+                     f"{s.attainment * 100:.1f}%",
+                     f"{s.ttft_s.p50 * 1e3:.1f}" if s.ttft_s else "-",
+                     f"{s.tpot_s.p50 * 1e3:.2f}" if s.tpot_s else "-",
+                     f"{s.tpot_s.p90 * 1e3:.2f}" if s.tpot_s else "-"])
+    return format_table(headers, rows)
+
+
 def pick_cdf_rate(results: list[TargetResult], attainment_target: float) -> float | None:
     """A rate every target was measured at: the highest where one of them still meets the
     target (where the deployments differ most visibly), else the lowest common rate."""
@@ -219,6 +321,7 @@ def write_outputs(
     cdf_rate_rps: float | None,
     output_dir: Path,
     settings: dict[str, Any],
+    rounds: list[RoundRun] | None = None,
 ) -> list[Path]:
     """comparison.json and the three plots; returns the paths written."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +347,10 @@ def write_outputs(
             for r in results
         ],
     }
+    if rounds:
+        data["rounds"] = [{"round": x.round_index + 1, "position": x.position + 1,
+                           "label": x.label, "measurement": measurement_json(x.measurement)}
+                          for x in rounds]
     paths = [output_dir / "comparison.json", output_dir / "attainment_vs_rate.png"]
     write_json(paths[0], data)
     plot_attainment_vs_rate(

@@ -184,3 +184,54 @@ def test_compare_of_several_targets_prints_ratios_per_rate(capsys, tmp_path, fas
         s = m["summary"]
         good = s["attainment"] * s["num_sent"] / s["wall_time_s"]
         assert float(row[3]) == pytest.approx(good, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    from bench.fake_server import FakeServerThread, FakeTiming
+
+    with FakeServerThread(FakeTiming(ttft_s=0.01, tpot_s=0.03, max_concurrency=8)) as s:
+        yield s.url
+
+
+def test_compare_in_rounds_rotates_targets_and_pools_their_runs(capsys, tmp_path, fast_server,
+                                                                slow_server):
+    out = tmp_path / "rounds"
+    code = cli.main(["compare", "--target", f"fast={fast_server}", "--target", f"slow={slow_server}",
+                     "--rounds", "3", "--rates", "8", "16", "--full-sweep", "--bisect-steps", "0",
+                     "--num-requests", "6", "--input-len", "32", "--output-len", "4",
+                     "--slo-ttft-s", "1", "--slo-tpot-s", "0.02", "--no-progress",
+                     "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    data = json.loads((out / "comparison.json").read_text())
+    runs = data["rounds"]
+    assert len(runs) == 3 * 2 * 2
+    # Each round starts the targets in a rotated order: fast leads rounds 1 and 3, slow round 2.
+    leaders = {r["round"]: r["label"] for r in runs if r["position"] == 1}
+    assert leaders == {1: "fast", 2: "slow", 3: "fast"}
+    for target in data["targets"]:
+        per_round = [r for r in runs if r["label"] == target["label"]]
+        for m in target["measurements"]:  # the pooled run holds every round's requests
+            rate = m["summary"]["rate_rps"]
+            parts = [r["measurement"]["summary"] for r in per_round
+                     if r["measurement"]["summary"]["rate_rps"] == rate]
+            assert len(parts) == 3
+            assert m["summary"]["num_sent"] == sum(p["num_sent"] for p in parts) == 18
+            assert m["summary"]["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in parts))
+            met = sum(p["attainment"] * p["num_sent"] for p in parts)
+            assert m["summary"]["attainment"] * 18 == pytest.approx(met)
+    by_label = {t["label"]: t for t in data["targets"]}
+    assert by_label["fast"]["goodput"]["goodput_rps"] == 16  # every request met TPOT 20 ms
+    assert by_label["slow"]["goodput"]["goodput_rps"] in (None, 0, 0.0)  # none did
+    assert [line.split()[:2] for line in printed.splitlines() if line.startswith("round")] == [
+        ["round", "order"]]  # the per-round table is printed
+
+
+def test_compare_rounds_needs_a_fixed_sweep(capsys, fast_server):
+    code = cli.main(["compare", "--target", f"a={fast_server}", "--target", f"b={fast_server}",
+                     "--rounds", "2", "--num-requests", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "pdserve bench: error: --rounds needs fixed rates measured in full (--rates ... --full-sweep)"]
