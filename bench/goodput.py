@@ -171,7 +171,8 @@ def units_from_config(config: ServeConfig, host_cores: int | None = None) -> Uni
     core `pdserve serve` keeps for the front end when it places unpinned instances on a host
     with more cores than instances (pdserve.launcher.with_default_cpu_cores, as vLLM's CPU
     server keeps one for its API server) counts too: that deployment occupies it, and a
-    per-core comparison with a server given the same cores must say so.
+    per-core comparison with a server given the same cores must say so. Likewise the
+    cores the front end is pinned to, which no engine uses.
     """
     pools = config.pools().values()
     if any(pool.num_gpus > 0 for pool in pools):
@@ -185,7 +186,16 @@ def units_from_config(config: ServeConfig, host_cores: int | None = None) -> Uni
         else:
             cores += pool.num_instances * pool.num_cpus
     num_instances = sum(p.num_instances for p in pools)
-    if (host_cores is not None and num_instances < host_cores
-            and any(p.cpu_cores is None for p in pools)):
-        cores += 1  # the front end's core
+    if any(p.cpu_cores is None for p in pools if p.num_instances > 0):
+        if host_cores is not None and num_instances < host_cores:
+            cores += 1  # the front end's core
+        return Units(cores, "core")
+    # Every engine pinned: the front end's own cores count too, pinned by the config
+    # (ray.front_end_cores) or, on this host, by pdserve serve's default, which gives the
+    # front end every core the engines leave free (with_default_front_end_cores).
+    engine = {c for p in pools for instance in p.cpu_cores or () for c in instance}
+    if config.ray.front_end_cores is not None:
+        cores += len(set(config.ray.front_end_cores) - engine)
+    elif host_cores is not None and config.ray.address is None:
+        cores += max(0, host_cores - len(engine))
     return Units(cores, "core")

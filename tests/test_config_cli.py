@@ -5,7 +5,7 @@ import yaml
 
 from pdserve.cli import main
 from cluster.config import ConfigError, ServeConfig, dump_config, load_config
-from pdserve.launcher import with_default_cpu_cores
+from pdserve.launcher import with_default_cpu_cores, with_default_front_end_cores
 
 
 def test_defaults_are_one_prefill_one_decode():
@@ -75,6 +75,27 @@ def test_default_cpu_cores_give_each_instance_its_own():
     crowded = with_default_cpu_cores(load_config(overrides={"prefill": {"num_instances": 2},
                                                             "decode": {"num_instances": 1}}), [0, 1])
     assert crowded.prefill.cpu_cores == [[0], [1]] and crowded.decode.cpu_cores == [[0]]
+
+
+def test_the_front_end_is_pinned_to_the_cores_the_engines_leave_free():
+    one = load_config(overrides={"mode": "colocated", "colocated": {"num_instances": 1}})
+    placed = with_default_front_end_cores(with_default_cpu_cores(one, [0, 1]), [0, 1])
+    assert placed.colocated.cpu_cores == [[1]] and placed.ray.front_end_cores == [0]
+    roomy = with_default_front_end_cores(with_default_cpu_cores(load_config(), [0, 1, 2, 3, 4]),
+                                         [0, 1, 2, 3, 4])
+    assert roomy.ray.front_end_cores == [0]  # prefill [1, 2], decode [3, 4]
+    # Engines on every core: the front end shares them, nothing is pinned.
+    full = with_default_front_end_cores(with_default_cpu_cores(load_config(), [0, 1]), [0, 1])
+    assert full.ray.front_end_cores is None
+    # The user's choice stands, and engines that may run anywhere leave nothing to pin.
+    chosen = load_config(overrides={"mode": "colocated", "colocated": {"num_instances": 1},
+                                    "ray": {"front_end_cores": [1]}})
+    chosen = with_default_front_end_cores(with_default_cpu_cores(chosen, [0, 1]), [0, 1])
+    assert chosen.ray.front_end_cores == [1]
+    assert with_default_front_end_cores(one, [0, 1]).ray.front_end_cores is None
+    remote = load_config(overrides={"mode": "colocated", "colocated": {"num_instances": 1,
+                                    "cpu_cores": [[1]]}, "ray": {"address": "auto"}})
+    assert with_default_front_end_cores(remote, [0, 1]).ray.front_end_cores is None
 
 
 def test_api_key_flag_reaches_the_router_config_and_is_never_printed(capsys):

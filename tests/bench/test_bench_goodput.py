@@ -130,4 +130,12 @@ def test_cpu_units_count_the_front_end_core_a_local_deployment_keeps():
     assert units_from_config(two, host_cores=2) == Units(2.0, "core")  # no core kept
     pinned = ServeConfig.model_validate({"mode": "colocated",
                                          "colocated": {"num_instances": 1, "cpu_cores": [[1]]}})
-    assert units_from_config(pinned, host_cores=2) == Units(1.0, "core")  # the user's choice
+    assert units_from_config(pinned) == Units(1.0, "core")  # the engine's own core
+    # On 2 cores pdserve serve pins the front end to the core the engine leaves free.
+    assert units_from_config(pinned, host_cores=2) == Units(2.0, "core")
+    fenced = ServeConfig.model_validate({"mode": "colocated", "ray": {"front_end_cores": [0]},
+                                         "colocated": {"num_instances": 1, "cpu_cores": [[1]]}})
+    assert units_from_config(fenced) == units_from_config(fenced, host_cores=2) == Units(2.0, "core")
+    shared = ServeConfig.model_validate({"mode": "colocated", "ray": {"front_end_cores": [1]},
+                                         "colocated": {"num_instances": 1, "cpu_cores": [[1]]}})
+    assert units_from_config(shared) == Units(1.0, "core")  # the front end on the engine's core

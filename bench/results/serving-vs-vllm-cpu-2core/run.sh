@@ -65,6 +65,32 @@ $PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocat
 echo "after small $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
 fi
 
+if [[ " $PARTS " == *" rounds "* ]]; then
+# 4. Targets taking turns in 3 rotated rounds, runs pooled per rate (2026-12-07): the
+# machine's speed drifts, so the one-after-the-other parts above also measure the drift.
+F='nanobind|leaked|^ - |refleaks'
+$PY -m bench.cli compare --client vllm --target vllm=vllm \
+  --target pdserve-colocated-1=bench/configs/tiny-colocated-1.yaml \
+  --target pdserve-colocated-1-fe=bench/configs/tiny-colocated-1-fe.yaml \
+  --rounds 3 --input-len 512 --output-len 64 --rates 1 32 48 --full-sweep --bisect-steps 0 \
+  --num-requests 1000 --duration-s 20 --num-warmup 2 --seed 0 \
+  --slo-ttft-s 1 --slo-tpot-s 0.05 --attainment-target 0.9 --no-progress \
+  --output-dir "$OUT/tiny-rounds" 2>&1 | grep -v -E "$F" | tee "$OUT/tiny-rounds.txt"
+$PY -m bench.cli compare --client vllm --peer-config bench/configs/small-colocated.yaml \
+  --target vllm=vllm --target pdserve-colocated-1=bench/configs/small-colocated-1.yaml \
+  --target pdserve-colocated-1-fe=bench/configs/small-colocated-1-fe.yaml \
+  --target pdserve-disagg-fe=bench/configs/small-disaggregated-fe.yaml \
+  --target pdserve-disagg=bench/configs/small-disaggregated.yaml \
+  --rounds 3 --input-dist uniform --input-min 512 --input-max 1536 --output-len 64 \
+  --rates 0.5 1 2 --full-sweep --bisect-steps 0 --num-requests 100 --duration-s 20 \
+  --num-warmup 2 --seed 0 --slo-ttft-s 1.5 --slo-tpot-s 0.06 --attainment-target 0.9 \
+  --no-progress --output-dir "$OUT/small-rounds" 2>&1 | grep -v -E "$F" | tee "$OUT/small-rounds.txt"
+for run in tiny-rounds small-rounds; do
+  $PY -m bench.slo_sweep "$OUT/$run/comparison.json" --ttft 0.5 1 1.5 2 3 \
+    --tpot 0.02 0.03 0.05 0.075 0.1 > "$OUT/$run-slo-sweep.txt"
+done
+fi
+
 if [[ " $PARTS " == *" sweep "* ]]; then
 
 # 3. SLO sweep re-judged from the same per-request records.
