@@ -186,14 +186,14 @@ def units_from_config(config: ServeConfig, host_cores: int | None = None) -> Uni
         else:
             cores += pool.num_instances * pool.num_cpus
     num_instances = sum(p.num_instances for p in pools)
-    if any(p.cpu_cores is None for p in pools if p.num_instances > 0):
+    engine = config.pinned_engine_cores()
+    if engine is None:
         if host_cores is not None and num_instances < host_cores:
             cores += 1  # the front end's core
         return Units(cores, "core")
     # Every engine pinned: the front end's own cores count too, pinned by the config
     # (ray.front_end_cores) or, on this host, by pdserve serve's default, which gives the
     # front end every core the engines leave free (with_default_front_end_cores).
-    engine = {c for p in pools for instance in p.cpu_cores or () for c in instance}
     if config.ray.front_end_cores is not None:
         cores += len(set(config.ray.front_end_cores) - engine)
     elif host_cores is not None and config.ray.address is None:

@@ -509,6 +509,14 @@ class ServeConfig(_Strict):
             return {"prefill": self.prefill, "decode": self.decode}
         return {"colocated": self.colocated}
 
+    def pinned_engine_cores(self) -> set[int] | None:
+        """Every core some engine instance is pinned to (`cpu_cores`); None when an
+        instance is not pinned (it may run anywhere)."""
+        pools = [p for p in self.pools().values() if p.num_instances > 0]
+        if any(p.cpu_cores is None for p in pools):
+            return None
+        return {c for p in pools for cores in p.cpu_cores or () for c in cores}
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending field."""

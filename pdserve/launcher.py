@@ -88,10 +88,9 @@ def with_default_front_end_cores(config: ServeConfig, host_cores: list[int]) -> 
     917-1,854 ms for plain vLLM (bench/results/serving-vs-vllm-cpu-2core, 2026-12-07)."""
     if config.ray.front_end_cores is not None or config.ray.address is not None:
         return config
-    pools = [p for p in config.pools().values() if p.num_instances > 0]
-    if not pools or any(p.cpu_cores is None for p in pools):
+    engine_cores = config.pinned_engine_cores()
+    if not engine_cores:
         return config
-    engine_cores = {c for p in pools for cores in p.cpu_cores or () for c in cores}
     free = sorted(set(host_cores) - engine_cores)
     if not free:
         return config

@@ -76,10 +76,9 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
     value set by the user is never overridden. `config` has its CPU cores assigned."""
     if "RAY_worker_niceness" in os.environ or is_cuda_available():
         return {}
-    pools = config.pools().values()
-    if any(p.num_instances > 0 and p.cpu_cores is None for p in pools):
+    engine_cores = config.pinned_engine_cores()
+    if engine_cores is None:
         return {}  # engines may run anywhere
-    engine_cores = {c for p in pools for cores in (p.cpu_cores or ()) for c in cores}
     front_end = config.ray.front_end_cores
     if engine_cores and set(host_cores) - engine_cores:
         return {"RAY_worker_niceness": "0"}  # the front end has a core without engines
