@@ -72,8 +72,10 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
     instances), or the front end is pinned (`ray.front_end_cores`) off some engine's
     cores, workers run at nice 0. Where engines must share every core with the front
     end, nice 15 stays: an engine at nice 0 would then starve the router (the issue-10 run
-    with `RAY_worker_niceness=0` and engines on both cores lost half its throughput). A
-    value set by the user is never overridden. `config` has its CPU cores assigned."""
+    with `RAY_worker_niceness=0` and engines on both cores lost half its throughput),
+    unless every pool renices its engines below the front end (`cpu_nice` > 0): the front
+    end then runs at nice 0 above them. A value set by the user is never overridden.
+    `config` has its CPU cores assigned."""
     if "RAY_worker_niceness" in os.environ or is_cuda_available():
         return {}
     engine_cores = config.pinned_engine_cores()
@@ -84,6 +86,9 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
         return {"RAY_worker_niceness": "0"}  # the front end has a core without engines
     if front_end is not None and engine_cores - set(front_end):
         return {"RAY_worker_niceness": "0"}  # an engine has a core without the front end
+    pools = [p for p in config.pools().values() if p.num_instances > 0]
+    if pools and all(p.cpu_nice is not None and p.cpu_nice > 0 for p in pools):
+        return {"RAY_worker_niceness": "0"}  # every engine has a lower priority of its own
     return {}
 
 

@@ -48,3 +48,17 @@ def test_a_users_setting_and_gpus_are_left_alone(monkeypatch):
     monkeypatch.delenv("RAY_worker_niceness")
     monkeypatch.setattr("pdserve.serving.is_cuda_available", lambda: True)
     assert worker_niceness_env(config, [0, 1]) == {}
+
+
+def test_engines_reniced_below_the_front_end_let_it_run_at_nice_0():
+    # Engines on every core, but each pool renices its engines (cpu_nice > 0): the front end
+    # (Ray's workers: router and replicas) runs at 0 above them. One pool left at Ray's
+    # niceness, or a pool raised above the front end, keeps Ray's 15.
+    both = {"mode": "disaggregated", "prefill": {"cpu_nice": 19}, "decode": {"cpu_nice": 10}}
+    assert worker_niceness_env(_placed(both, [0, 1]), [0, 1]) == {"RAY_worker_niceness": "0"}
+    colocated = {"mode": "colocated", "colocated": {"num_instances": 2, "cpu_nice": 19}}
+    assert worker_niceness_env(_placed(colocated, [0, 1]), [0, 1]) == {"RAY_worker_niceness": "0"}
+    one = {"mode": "disaggregated", "prefill": {"cpu_nice": 19}}
+    assert worker_niceness_env(_placed(one, [0, 1]), [0, 1]) == {}
+    raised = {"mode": "colocated", "colocated": {"num_instances": 2, "cpu_nice": 0}}
+    assert worker_niceness_env(_placed(raised, [0, 1]), [0, 1]) == {}
