@@ -95,6 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="add DistServe's per-iteration framework overhead")
     g.add_argument("--iteration-time-scale", type=float,
                    help="multiply every profiled iteration time (co-located processes share the units)")
+    g = parser.add_argument_group("front end (CPU hosts; docs/planner.md, 'The front end on a CPU host')")
+    g.add_argument("--front-end-cpu-ms", type=float, metavar="MS",
+                   help="CPU ms the front end (router, replicas, Ray, engine schedulers) spends per "
+                   "request (measured: python -m bench.profile_run serve); 0: not modelled")
+    g.add_argument("--front-end-cpu-ms-per-token", type=float, metavar="MS",
+                   help="CPU ms the front end spends per output token")
+    g.add_argument("--front-end-layout", choices=["shared", "reserved", "auto"],
+                   help="front end on the engines' cores, on reserved cores, or plan both (default auto)")
+    g.add_argument("--front-end-cores", type=int, help="cores a reserved front end takes (default 1)")
+    g.add_argument("--shared-core-step-ms", type=float, metavar="MS",
+                   help="extra ms per engine iteration when the engines share their cores with "
+                   "their schedulers and the front end (measured; default 0)")
     g = parser.add_argument_group("search")
     g.add_argument("--placement", choices=sorted(_PLACEMENTS), help="placement algorithms (default both)")
     g.add_argument("--max-pipeline-parallel", type=int, help="largest pipeline degree to try")
@@ -142,6 +154,10 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "num_requests": "search.num_requests", "num_seeds": "search.num_seeds",
         "seed": "search.seed", "num_verify": "search.num_verify",
         "compare_colocated": "search.compare_colocated",
+        "front_end_cpu_ms": "front_end.cpu_ms_per_request",
+        "front_end_cpu_ms_per_token": "front_end.cpu_ms_per_output_token",
+        "front_end_layout": "front_end.layout", "front_end_cores": "front_end.reserved_cores",
+        "shared_core_step_ms": "front_end.shared_core_step_ms",
     }
     for attr, dotted in simple.items():
         value = getattr(args, attr, None)
@@ -270,11 +286,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "live_description", None):
         print(args.live_description + "\n")
     print(render_report(outcome, problem, elapsed))
-    if best is None or best.goodput_rps <= 0:
-        return 1
+    if outcome.front_end_layout is not None:  # the deployment follows the chosen layout
+        request = request.with_front_end_layout(outcome.front_end_layout)
     if outcome.serve_colocated:
         top = outcome.best_colocated
         text = dump_config(colocated_to_serve_config(top.config, top.num_instances, request, base))
+    elif best is None or best.goodput_rps <= 0:
+        return 1
     else:
         text = dump_config(plan_to_serve_config(best.plan, request, base))
     output = getattr(args, "output", None)

@@ -5,7 +5,9 @@ an optional base config (router, Ray, transfer settings), or the schema's defaul
 `ServeConfig` has no placement field: the node layout the plan assumed is reported, and
 the launcher's placement groups should follow it. A CPU plan (`cluster.device: cpu`) pins
 each instance to one core of its node, in layout order (prefill instances first), reserves
-no GPU, and sizes each instance's KV cache to `cluster.gpu_memory_gib`.
+no GPU, and sizes each instance's KV cache to `cluster.gpu_memory_gib`; a plan with a
+reserved front end (`front_end.layout: reserved`) starts the engines after the front end's
+cores and pins the front end to them (`ray.front_end_cores`).
 """
 
 from __future__ import annotations
@@ -35,17 +37,31 @@ def _pool(config: ParallelConfig, num_instances: int, request: PlanRequest, pref
     return pool
 
 
+def _reserved_front_end_cores(request: PlanRequest) -> int:
+    """Cores a reserved front end takes: the node's first ones (`front_end.py`)."""
+    fe = request.front_end
+    return fe.reserved_cores if fe.modelled and fe.layout == "reserved" else 0
+
+
+def _pin_front_end(data: dict[str, Any], request: PlanRequest) -> None:
+    k = _reserved_front_end_cores(request)
+    if k:
+        data["ray"] = {**data["ray"], "front_end_cores": list(range(k))}
+
+
 def _cpu_cores(plan: Plan, request: PlanRequest) -> tuple[list[list[int]], list[list[int]]]:
-    """(prefill, decode) core of each instance: the next free core of its node, by layout."""
+    """(prefill, decode) core of each instance: the next free core of its node, by layout,
+    after a reserved front end's cores."""
     c = request.cluster
     layout = layout_plan(plan, c.num_nodes, c.gpus_per_node)
     if layout is None:
         raise ValueError(f"plan {plan.label} does not fit the cluster")
+    first = _reserved_front_end_cores(request)
     next_core: dict[int, int] = {}
 
     def take(nodes: tuple[int, ...]) -> list[int]:
         node = nodes[0]  # CPU instances have one stage
-        next_core[node] = next_core.get(node, 0) + 1
+        next_core[node] = next_core.get(node, first) + 1
         return [next_core[node] - 1]
 
     return [take(n) for n in layout.prefill_nodes], [take(n) for n in layout.decode_nodes]
@@ -75,6 +91,8 @@ def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | N
         model["served_model_name"] = request.model
     data["model"] = model
     data["slo"] = request.slo.model_dump()
+    if is_cpu:
+        _pin_front_end(data, request)
     return ServeConfig.model_validate(data)
 
 
@@ -86,8 +104,11 @@ def colocated_to_serve_config(config: ParallelConfig, num_instances: int, reques
     pool = dict(data["colocated"])
     pool.update(_pool(config, num_instances, request, prefill=True))
     if request.cluster.device == "cpu":
+        first = _reserved_front_end_cores(request)
         pool.update(num_gpus=0.0, num_cpus=1.0, kv_cache_gib=int(request.cluster.gpu_memory_gib),
-                    cpu_cores=[[i % request.cluster.gpus_per_node] for i in range(num_instances)])
+                    cpu_cores=[[first + i % request.cluster.gpus_per_node]
+                               for i in range(num_instances)])
+        _pin_front_end(data, request)
     else:
         pool["cpu_cores"] = None
     data["colocated"] = pool

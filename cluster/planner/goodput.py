@@ -18,11 +18,20 @@ import numpy as np
 from cluster import slo as slo_math
 from cluster.config import SLOConfig
 
+from .front_end import EffectAt, FrontEndEffect
 from .simulator import SimResult
 from .workload import SyntheticTrace
 
-# simulate(arrival_s, trace, stop_when_lost) -> SimResult
-Simulate = Callable[[np.ndarray, SyntheticTrace, bool], SimResult]
+# simulate(arrival_s, trace, stop_when_lost, slo) -> SimResult
+Simulate = Callable[[np.ndarray, SyntheticTrace, bool, SLOConfig], SimResult]
+
+
+def _stretched(result: SimResult, effect: FrontEndEffect) -> SimResult:
+    """A run simulated at profiled speed, read back at the front end's slow-down."""
+    s = effect.scale
+    return SimResult(result.ttft_s * s + effect.ttft_add_s, result.tpot_s * s,
+                     result.e2e_s * s + effect.ttft_add_s, result.transfer_s * s,
+                     result.stopped_early)
 
 
 @dataclass(frozen=True)
@@ -41,20 +50,38 @@ class RateMeasurement:
 
 @dataclass
 class RateJudge:
-    """Feasibility of one system at any rate, memoised."""
+    """Feasibility of one system at any rate, memoised.
+
+    `front_end`: the effect of a CPU host's front end at each rate (`front_end.py`), or
+    None where it is not modelled. A rate it slows by `s` is simulated at profiled speed on
+    arrivals compressed by `s`, against the SLO shrunk to match, and stretched back."""
 
     simulate: Simulate
     traces: list[SyntheticTrace]
     slo: SLOConfig
+    front_end: EffectAt | None = None
     verdicts: dict[float, bool] = field(default_factory=dict)
     num_runs: int = 0
 
+    def _effect(self, rate: float) -> FrontEndEffect | None:
+        return FrontEndEffect(1.0, 0.0) if self.front_end is None else self.front_end(rate)
+
+    def _run(self, trace: SyntheticTrace, rate: float, effect: FrontEndEffect, stop: bool) -> SimResult:
+        arrivals = trace.arrivals_at(rate)
+        if effect.scale == 1.0 and effect.ttft_add_s == 0.0:
+            return self.simulate(arrivals, trace, stop, self.slo)
+        slo = self.slo.model_copy(update={
+            "ttft_s": max(self.slo.ttft_s - effect.ttft_add_s, 0.0) / effect.scale,
+            "tpot_s": self.slo.tpot_s / effect.scale})
+        return _stretched(self.simulate(arrivals / effect.scale, trace, stop, slo), effect)
+
     def feasible(self, rate: float) -> bool:
         if rate not in self.verdicts:
-            ok = True
-            for trace in self.traces:
+            effect = self._effect(rate)
+            ok = effect is not None
+            for trace in self.traces if ok else ():
                 self.num_runs += 1
-                result = self.simulate(trace.arrivals_at(rate), trace, True)
+                result = self._run(trace, rate, effect, True)
                 if result.stopped_early or result.attainment(self.slo) < self.slo.attainment:
                     ok = False
                     break
@@ -62,8 +89,14 @@ class RateJudge:
         return self.verdicts[rate]
 
     def measure(self, rate: float) -> RateMeasurement:
-        results = [self.simulate(t.arrivals_at(rate), t, False) for t in self.traces]
-        self.num_runs += len(results)
+        effect = self._effect(rate)
+        if effect is None:  # the front end cannot keep up: nothing is served
+            n = sum(len(t.input_lens) for t in self.traces)
+            inf = np.full(n, np.inf)
+            results = [SimResult(inf, inf, inf, np.zeros(n), False)]
+        else:
+            results = [self._run(t, rate, effect, False) for t in self.traces]
+            self.num_runs += len(results)
         ttft = np.concatenate([r.ttft_s for r in results])
         tpot = np.concatenate([r.tpot_s for r in results])
         xfer = np.concatenate([r.transfer_s for r in results])

@@ -5,6 +5,7 @@
     workload: lengths {kind: fixed|uniform|lognormal|csv, ...}, arrival {process, cv}, rate
     cluster:  num_nodes, gpus_per_node, gpu_memory_gib, bandwidths, max_gpus
     engine:   prefill_token_budget, max_num_seqs, first_token_source, ...
+    front_end: cpu_ms_per_request, cpu_ms_per_output_token, layout, reserved_cores (CPU hosts)
     search:   placements, max_pipeline_parallel, num_requests, num_seeds, seed, ...
 """
 
@@ -134,11 +135,42 @@ class EngineModelSpec(_Strict):
     )
     iteration_time_scale: float = Field(
         1.0, ge=1.0, le=10.0,
-        description="Multiply every profiled iteration time by this. 1 when each instance owns "
-        "its units; above 1 when other processes of the deployment (router, engine front ends, "
-        "clients) share the units, as on a small CPU host: measure it by replaying a served "
-        "trace against the profile (docs/planner.md, 'Predicted vs measured').",
+        description="Multiply every profiled iteration time by this: a measured factor for "
+        "whatever makes served iterations slower than profiled ones. On a CPU host, model the "
+        "front end's share of the cores with `front_end` instead (docs/planner.md, 'The front "
+        "end on a CPU host'); the two cannot be combined.",
     )
+
+
+class FrontEndSpec(_Strict):
+    """The serving path outside the engines on a CPU host (`front_end.py`)."""
+
+    cpu_ms_per_request: float = Field(
+        0.0, ge=0, description="CPU milliseconds the front end (router, worker replicas, Ray, "
+        "the engines' scheduler processes) spends per request, measured with `python -m "
+        "bench.profile_run serve`. 0 (the default): not modelled, as on a GPU host, where "
+        "host cores the engines do not use carry it.",
+    )
+    cpu_ms_per_output_token: float = Field(
+        0.0, ge=0, description="CPU milliseconds the front end spends per output token.")
+    layout: Literal["shared", "reserved", "auto"] = Field(
+        "auto", description="shared: the front end runs on the engines' cores and slows them; "
+        "reserved: it has `reserved_cores` cores of its own, out of the budget "
+        "(`ray.front_end_cores`); auto: plan both and keep the one with more goodput "
+        "(max goodput) or fewer cores (a target rate).",
+    )
+    reserved_cores: int = Field(1, ge=1, description="Cores a reserved front end takes.")
+    shared_core_step_ms: float = Field(
+        0.0, ge=0, description="Extra milliseconds every engine iteration takes in the shared "
+        "layout, where an engine's scheduler process has no core of its own: vLLM's CPU engine "
+        "hands each step between its scheduler and model-runner processes, which busy-poll, so "
+        "where they share a core each step waits for the other's time slice. Measured on the "
+        "tiny model on 2 cores: ~2.4 ms (docs/planner.md, 'The front end on a CPU host').",
+    )
+
+    @property
+    def modelled(self) -> bool:
+        return self.cpu_ms_per_request > 0 or self.cpu_ms_per_output_token > 0
 
 
 class SearchSpec(_Strict):
@@ -187,7 +219,38 @@ class PlanRequest(_Strict):
     workload: WorkloadSpec
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     engine: EngineModelSpec = Field(default_factory=EngineModelSpec)
+    front_end: FrontEndSpec = Field(default_factory=FrontEndSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+
+    @model_validator(mode="after")
+    def _front_end_fits(self) -> "PlanRequest":
+        fe, c = self.front_end, self.cluster
+        if not fe.modelled:
+            return self
+        if c.device != "cpu":
+            raise ValueError("front_end models a CPU host's serving path (cluster.device: cpu); "
+                             "on GPUs the host cores carry it")
+        if c.num_nodes != 1:
+            raise ValueError("front_end is modelled on one node (cluster.num_nodes: 1): the front "
+                             "end runs on one host, and would slow only that host's engines")
+        if self.engine.iteration_time_scale != 1.0:
+            raise ValueError("front_end and engine.iteration_time_scale both account for the "
+                             "front end's CPU; set one of them")
+        if fe.layout != "shared" and fe.reserved_cores >= c.gpu_budget:
+            raise ValueError(f"front_end.reserved_cores ({fe.reserved_cores}) leaves no core of the "
+                             f"{c.gpu_budget}-core budget to the engines")
+        return self
+
+    def with_front_end_layout(self, layout: Literal["shared", "reserved", "auto"]) -> "PlanRequest":
+        """This request with one front-end layout; a reserved front end's cores leave the
+        engines' budget and node (they are the node's first cores)."""
+        fe = self.front_end.model_copy(update={"layout": layout})
+        if layout != "reserved" or not fe.modelled:
+            return self.model_copy(update={"front_end": fe})
+        k, c = fe.reserved_cores, self.cluster
+        cluster = c.model_copy(update={"gpus_per_node": c.gpus_per_node - k,
+                                       "max_gpus": c.gpu_budget - k})
+        return self.model_copy(update={"front_end": fe, "cluster": cluster})
 
     @property
     def bytes_per_s(self) -> tuple[float, float]:

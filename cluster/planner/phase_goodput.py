@@ -92,16 +92,17 @@ def phase_goodput(
         pool = problem.prefill_pool(config, 1)
         guess = prefill_rate_guess(problem, config)
 
-        def simulate(arrival_s, trace, stop):
+        def simulate(arrival_s, trace, stop, slo):
             return simulate_prefill_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
     else:
         pool = problem.decode_pool(config, 1)
         guess = decode_rate_guess(problem, config)
 
-        def simulate(arrival_s, trace, stop):
+        def simulate(arrival_s, trace, stop, slo):
             return simulate_decode_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
 
-    judge = RateJudge(simulate, traces, slo)
+    # A plan's front end serves every request in both phases: as if one instance of each.
+    judge = RateJudge(simulate, traces, slo, problem.front_end_effect(2 * config.num_gpus))
     # Per-phase goodputs only order and size candidates (co-simulation decides), so they
     # are bisected twice as coarsely.
     rate = max_feasible_rate(judge.feasible, guess, PHASE_TOL_FACTOR * problem.request.search.rel_tol)
@@ -118,10 +119,10 @@ def colocated_goodput(
     if guess is None:
         guess = num_instances * min(prefill_rate_guess(problem, config), decode_rate_guess(problem, config))
 
-    def simulate(arrival_s, trace, stop):
+    def simulate(arrival_s, trace, stop, slo):
         return simulate_colocated(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
 
-    judge = RateJudge(simulate, traces, slo)
+    judge = RateJudge(simulate, traces, slo, problem.front_end_effect(num_instances * config.num_gpus))
     rate = max_feasible_rate(judge.feasible, guess, problem.request.search.rel_tol)
     return rate, judge.num_runs
 

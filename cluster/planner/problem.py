@@ -7,10 +7,11 @@ after that is a pure function of the `PlanningProblem`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .colocated import ColocatedPool, ColocatedScheduler
 from .decode_pool import DecodePool
+from .front_end import EffectAt, FrontEndLoad
 from .inputs import PlanRequest
 from .latency_model import EngineTiming, LatencyProfile, ProfileError, load_profiles
 from .model_shape import ModelShape, kv_capacity_tokens, load_capacity_table, load_model_shape
@@ -34,6 +35,17 @@ class PlanningProblem:
         e = self.request.engine
         return EngineTiming(self.profiles[config.tp], config.pp, e.framework_overhead,
                             e.pipeline_stage_fixed_cost)
+
+    def front_end_effect(self, engine_units: int) -> EffectAt | None:
+        """The front end's effect at each rate on a deployment of `engine_units` engine
+        units (`front_end.py`), or None where it is not modelled. "auto" reads as shared:
+        `search` splits it into one problem per layout first."""
+        fe = self.request.front_end
+        if not fe.modelled:
+            return None
+        load = FrontEndLoad(fe.cpu_ms_per_request / 1000.0, fe.cpu_ms_per_output_token / 1000.0,
+                            self.lengths["output_mean"])
+        return load.reserved(fe.reserved_cores) if fe.layout == "reserved" else load.shared(engine_units)
 
     def kv_capacity(self, config: ParallelConfig) -> int:
         """KV tokens of one instance: capacity table > measured (profile, pp 1) > computed."""
@@ -107,6 +119,28 @@ def scale_profile(profile: LatencyProfile, scale: float) -> LatencyProfile:
     return profile.model_copy(update={
         name: tuple(scale * x for x in getattr(profile, name))
         for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+
+
+def add_step_cost(profile: LatencyProfile, ms: float) -> LatencyProfile:
+    """Every iteration `ms` milliseconds longer (`front_end.shared_core_step_ms`)."""
+    if ms == 0.0:
+        return profile
+    return profile.model_copy(update={
+        name: (getattr(profile, name)[0] + ms,) + tuple(getattr(profile, name)[1:])
+        for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+
+
+def for_front_end_layout(problem: PlanningProblem, layout: str) -> PlanningProblem:
+    """The problem with one front-end layout (`PlanRequest.with_front_end_layout`); in the
+    shared layout every iteration also pays `front_end.shared_core_step_ms`."""
+    request = problem.request.with_front_end_layout(layout)
+    step_ms = request.front_end.shared_core_step_ms if layout == "shared" else 0.0
+
+    def slower(profiles):
+        return None if profiles is None else {tp: add_step_cost(p, step_ms) for tp, p in profiles.items()}
+
+    return replace(problem, request=request, profiles=slower(problem.profiles),
+                   colocated_profiles=slower(problem.colocated_profiles))
 
 
 def build_problem(request: PlanRequest) -> PlanningProblem:

@@ -70,7 +70,10 @@ def _plan_block(e: EvaluatedPlan, problem: PlanningProblem, outcome: PlanOutcome
     ]
     if e.at_target is not None and outcome.target_rate is not None:
         lines.append(f"  at {outcome.target_rate:g} req/s  {_measurement(e.at_target)}")
-    lines.append(f"  layout       {_layout(e.plan, problem)}")
+    lines.append(f"  layout       {_layout(e.plan, problem)}"
+                 + (f"; front end on its own core(s) 0-{outcome.front_end_cores - 1} "
+                    f"({e.plan.num_gpus + outcome.front_end_cores} {unit}s in all)"
+                    if outcome.front_end_cores else ""))
     if e.plan.placement == "low_node_affinity":
         lines.append("  routing      pair each prefill only with decode instances on its own node(s)")
     return lines
@@ -104,6 +107,40 @@ def _links(plan: Plan, problem: PlanningProblem) -> str:
     return "inter-node link" if kinds == {"inter"} else f"{intra} or inter-node link, by pairing"
 
 
+def _front_end_header(outcome: PlanOutcome, problem: PlanningProblem) -> list[str]:
+    fe = problem.request.front_end
+    if not fe.modelled:
+        return []
+    where = ("shared with the engines' cores" if outcome.front_end_layout == "shared"
+             else f"on {outcome.front_end_cores} core(s) of its own")
+    return [f"  front end    {fe.cpu_ms_per_request:g} ms CPU per request + "
+            f"{fe.cpu_ms_per_output_token:g} ms per output token; planned {where}"
+            + (" (layout auto)" if fe.layout == "auto" else "")]
+
+
+def _layout_summary(o: PlanOutcome, unit: str) -> str:
+    where = ("shared with the engines" if o.front_end_layout == "shared"
+             else f"on {o.front_end_cores} reserved core(s)")
+    if o.serve_colocated:
+        top = o.best_colocated
+        what = f"colocated {top.label} x{top.num_instances}"
+    elif o.best is not None and o.best.goodput_rps > 0:
+        what = o.best.plan.label
+    else:
+        return f"front end {where}: no deployment meets the SLO"
+    return (f"front end {where}: {what}, {o.deployment_goodput_rps:.2f} req/s on {o.units} "
+            f"{unit}s")
+
+
+def _front_end_verdict(outcome: PlanOutcome, unit: str) -> list[str]:
+    other = outcome.other_layout
+    if other is None:
+        return []
+    return ["", "Front-end layout (both planned):",
+            f"  chosen  {_layout_summary(outcome, unit)}",
+            f"  other   {_layout_summary(other, unit)}"]
+
+
 def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: float | None = None) -> str:
     req = problem.request
     c, slo, w = req.cluster, req.slo, req.workload
@@ -125,6 +162,7 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
         f"  network      {'NVLink' if c.device == 'gpu' else 'shared memory'} "
         f"{c.intra_node_bandwidth_gb_s:g} GB/s per {unit} pair, NIC "
         f"{c.inter_node_bandwidth_gb_s:g} GB/s per node; KV {problem.kv_bytes_per_token / 1e6:.3f} MB/token",
+        *_front_end_header(outcome, problem),
         "  objective    " + (f"highest goodput within the {unit} budget" if outcome.objective == "max_goodput"
                             else f"fewest {unit}s sustaining {outcome.target_rate:g} req/s"),
         "",
@@ -178,6 +216,7 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
             elif best is not None and best.goodput_rps > 0:
                 out.append(f"  verdict: serve disaggregated ({best.goodput_rps:.2f} req/s vs "
                            f"{top.deployment_goodput_rps:.2f} for {top.label})")
+    out += _front_end_verdict(outcome, unit)
     s = req.search
     timing = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
     out += ["", f"Search: {len(configs)} configurations per phase, {outcome.num_simulations} "

@@ -24,12 +24,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
+from cluster.config import SLOConfig
+
 from .goodput import MAX_RATE, RateMeasurement, RateJudge, max_feasible_rate
 from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
                             enumerate_configs, phase_goodput)
 from .placement import layout_plan, transfer_topology
 from .plans import ParallelConfig, Plan
-from .problem import PlanningProblem
+from .problem import PlanningProblem, for_front_end_layout
 from .prefill_pool import PrefillOutcome
 from .simulator import DisaggregatedSystem, prefill_pass, simulate_disaggregated
 from .workload import SyntheticTrace, make_trace
@@ -83,6 +85,29 @@ class PlanOutcome:
     colocated: tuple[ColocatedGoodput, ...]
     fallback: EvaluatedPlan | None  # min_gpus infeasible: the max-goodput plan instead
     num_simulations: int
+    # Where a front end is modelled (`front_end.py`): the layout this outcome plans
+    # ("shared" or "reserved"), the cores a reserved front end takes, and the other
+    # layout's outcome when `front_end.layout` is auto.
+    front_end_layout: str | None = None
+    front_end_cores: int = 0
+    other_layout: "PlanOutcome | None" = None
+
+    @property
+    def units(self) -> int:
+        """Units the chosen deployment occupies, a reserved front end's cores included."""
+        if self.serve_colocated:
+            top = self.best_colocated
+            used = top.num_instances * top.config.num_gpus
+        else:
+            used = self.best.plan.num_gpus if self.best is not None else 0
+        return used + self.front_end_cores
+
+    @property
+    def deployment_goodput_rps(self) -> float:
+        """Goodput of what this outcome would deploy (colocated where it wins)."""
+        if self.serve_colocated:
+            return self.best_colocated.deployment_goodput_rps
+        return self.best.goodput_rps if self.best is not None else 0.0
 
     @property
     def best_colocated(self) -> ColocatedGoodput | None:
@@ -141,24 +166,28 @@ class _Search:
             scale = min(MAX_TRACE_SCALE, max(1.0, (plan.num_prefill + plan.num_decode) / 2))
             traces = self.traces(int(self.req.search.num_requests * scale))
 
-            def simulate(arrival_s, trace, stop):
-                pre = self.prefill_pass(plan, arrival_s, trace, stop)
+            def simulate(arrival_s, trace, stop, slo):
+                pre = self.prefill_pass(plan, arrival_s, trace, stop, slo)
                 return simulate_disaggregated(system, arrival_s, trace.input_lens,
                                               trace.output_lens, slo, stop, prefill=pre)
 
-            self._judges[plan] = RateJudge(simulate, traces, slo)
+            self._judges[plan] = RateJudge(simulate, traces, slo,
+                                           self.problem.front_end_effect(plan.num_gpus))
         return self._judges[plan]
 
-    def prefill_pass(self, plan: Plan, arrival_s, trace: SyntheticTrace, stop: bool) -> PrefillOutcome:
+    def prefill_pass(self, plan: Plan, arrival_s, trace: SyntheticTrace, stop: bool,
+                     slo: SLOConfig) -> PrefillOutcome:
         """The prefill pass of a co-simulation, shared by every plan with the same prefill
         pool (prefill never waits on decode): candidates of one prefill pool differ only in
         their decode side, and the bar checks ask them all at the same rate."""
         # The trace's last arrival identifies the rate it was rescaled to (arrivals_at).
-        key = (plan.prefill, plan.num_prefill, id(trace), float(arrival_s[-1]), stop)
+        # The SLO differs from the request's where a front end slows the run (RateJudge).
+        key = (plan.prefill, plan.num_prefill, id(trace), float(arrival_s[-1]), stop,
+               slo.ttft_s, slo.tpot_s)
         out = self._prefill_passes.get(key)
         if out is None:
             out = prefill_pass(self.problem.prefill_pool(plan.prefill, plan.num_prefill),
-                               arrival_s, trace.input_lens, self.req.slo, stop)
+                               arrival_s, trace.input_lens, slo, stop)
             self._prefill_passes[key] = out
             if len(self._prefill_passes) > PREFILL_PASS_CACHE:
                 self._prefill_passes.popitem(last=False)
@@ -461,7 +490,38 @@ def _dominated(plan: Plan, failed: Plan) -> bool:
 
 
 def search(problem: PlanningProblem) -> PlanOutcome:
-    """Pure and deterministic: the same problem gives the same outcome."""
+    """Pure and deterministic: the same problem gives the same outcome. With a modelled
+    front end of layout auto, both layouts are planned and the better one is returned,
+    the other attached as `other_layout`."""
+    req = problem.request
+    if not req.front_end.modelled:
+        return _search_layout(problem)
+    if req.front_end.layout != "auto":
+        return _with_layout(_search_layout(for_front_end_layout(problem, req.front_end.layout)),
+                            req.front_end)
+    shared, reserved = (
+        _with_layout(_search_layout(for_front_end_layout(problem, layout)),
+                     req.front_end.model_copy(update={"layout": layout}))
+        for layout in ("shared", "reserved"))
+    tol = req.search.rel_tol
+    if req.workload.rate is None:  # the most goodput, then (a tie) the fewest units
+        g_s, g_r = shared.deployment_goodput_rps, reserved.deployment_goodput_rps
+        keep_reserved = g_r > g_s * (1 + tol) or (g_r >= g_s / (1 + tol) and g_r > 0
+                                                   and reserved.units < shared.units)
+    else:  # the fewest units sustaining the rate
+        keep_reserved = reserved.best is not None and (shared.best is None
+                                                       or reserved.units < shared.units)
+    chosen, other = (reserved, shared) if keep_reserved else (shared, reserved)
+    return replace(chosen, other_layout=other,
+                   num_simulations=shared.num_simulations + reserved.num_simulations)
+
+
+def _with_layout(outcome: PlanOutcome, fe) -> PlanOutcome:
+    return replace(outcome, front_end_layout=fe.layout,
+                   front_end_cores=fe.reserved_cores if fe.layout == "reserved" else 0)
+
+
+def _search_layout(problem: PlanningProblem) -> PlanOutcome:
     s = _Search(problem)
     req = problem.request
     configs, excluded = enumerate_configs(problem)

@@ -1,0 +1,91 @@
+"""The serving path outside the engines on a CPU host, as load on the cores it runs on.
+
+The engines' profile times one engine alone on its core. A served deployment also runs a
+front end: the router (HTTP, tokenization, routing, detokenization, SSE), the worker
+replicas that relay engine outputs, Ray's own processes and each engine's scheduler
+process. On a GPU host those run on host cores the GPUs do not need; on a CPU host they
+take cores from somewhere. `front_end` in the plan request says how much CPU they take
+(measured: `python -m bench.profile_run serve ...` prints it per process, per request and
+per output token) and where they run:
+
+- **shared**: on the engines' own cores, spread evenly. At rate `λ` the front end keeps
+  `L = λ (c_req + c_tok · E[output])` cores busy, so each of the `N` engine cores has
+  `1 - L/N` of its time left and every engine iteration (and every CPU-side KV copy) takes
+  `s = 1 / (1 - L/N)` times its profiled time (processor sharing). At `L >= N` nothing
+  is served. A request also waits for its own front-end work, `c_req · s`, before its first
+  token.
+- **reserved**: on `k` cores of its own that no engine uses (`ray.front_end_cores`). The
+  engines keep their profiled speed; the front end is one queue of `k` cores at
+  utilisation `ρ = L/k`, which adds its sojourn `c_req / (1 - ρ)` (M/M/1) to TTFT, and
+  saturates at `ρ >= 1`.
+
+A run at slow-down `s` is the same queueing system with every time stretched by `s`, so
+`RateJudge` simulates it at the profiled speed on arrivals compressed by `s` against an
+SLO shrunk by `s` (and by the front end's own TTFT share), then stretches the result back
+(`goodput.RateJudge`). Pure functions only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class FrontEndEffect:
+    """What the front end does to a deployment at one rate."""
+
+    scale: float  # every engine iteration takes `scale` times its profiled time (>= 1)
+    ttft_add_s: float  # the front end's own time before a request's first token
+
+
+# rate (req/s) -> its effect, or None where the front end cannot keep up at all.
+EffectAt = Callable[[float], "FrontEndEffect | None"]
+
+
+@dataclass(frozen=True)
+class FrontEndLoad:
+    """CPU seconds the front end spends per request and per output token."""
+
+    cpu_s_per_request: float
+    cpu_s_per_output_token: float
+    mean_output_tokens: float
+
+    @property
+    def cpu_s_per_served_request(self) -> float:
+        return self.cpu_s_per_request + self.cpu_s_per_output_token * self.mean_output_tokens
+
+    def cores_busy(self, rate: float) -> float:
+        """Cores the front end keeps busy at `rate` req/s."""
+        return rate * self.cpu_s_per_served_request
+
+    def shared(self, engine_cores: int) -> EffectAt:
+        """The front end spread over the `engine_cores` the engines run on."""
+        if engine_cores < 1:
+            raise ValueError("a shared front end needs at least one engine core")
+
+        def at(rate: float) -> FrontEndEffect | None:
+            rho = self.cores_busy(rate) / engine_cores
+            if rho >= 1.0:
+                return None
+            scale = 1.0 / (1.0 - rho)
+            return FrontEndEffect(scale, self.cpu_s_per_request * scale)
+        return at
+
+    def reserved(self, cores: int) -> EffectAt:
+        """The front end alone on `cores` cores of its own."""
+        if cores < 1:
+            raise ValueError("a reserved front end needs at least one core")
+
+        def at(rate: float) -> FrontEndEffect | None:
+            rho = self.cores_busy(rate) / cores
+            if rho >= 1.0:
+                return None
+            return FrontEndEffect(1.0, self.cpu_s_per_request / (1.0 - rho))
+        return at
+
+    def max_rate(self, cores: float) -> float:
+        """The rate at which the front end alone would fill `cores` cores."""
+        per = self.cpu_s_per_served_request
+        return math.inf if per <= 0 else cores / per

@@ -1,0 +1,174 @@
+"""The front end on a CPU host (`cluster/planner/front_end.py`): its load on the cores it
+shares, the judge's time stretch, and the layout `pdserve plan` chooses and writes."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+from cluster.planner import cli
+from cluster.planner.front_end import FrontEndEffect, FrontEndLoad
+from cluster.planner.goodput import RateJudge
+from cluster.planner.inputs import PlanRequest
+from cluster.planner.plans import ParallelConfig
+from cluster.planner.problem import build_problem, for_front_end_layout, scale_profile
+from cluster.planner.search import search
+from cluster.planner.simulator import simulate_colocated
+from cluster.planner.workload import make_trace
+
+FAST = {"num_requests": 300, "num_seeds": 1, "compare_colocated": True}
+
+
+def _request(profile, model, **front_end) -> PlanRequest:
+    return PlanRequest.model_validate({
+        "model": str(model), "profile": str(profile),
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.011, "attainment": 0.9},
+        "workload": {"lengths": {"kind": "uniform", "input_len_min": 256, "input_len_max": 768,
+                                 "output_len_min": 16, "output_len_max": 112}},
+        "cluster": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 2, "gpu_memory_gib": 4},
+        "engine": {"framework_overhead": False},
+        "front_end": front_end, "search": FAST})
+
+
+def test_a_shared_front_end_slows_the_engines_by_its_share_of_their_cores():
+    load = FrontEndLoad(cpu_s_per_request=0.008, cpu_s_per_output_token=0.0001,
+                        mean_output_tokens=20)  # 10 ms per served request
+    shared = load.shared(engine_cores=2)
+    assert shared(100.0) == pytest.approx(FrontEndEffect(2.0, 0.016))  # 1 of 2 cores busy
+    assert shared(0.0) == FrontEndEffect(1.0, 0.008)
+    assert shared(200.0) is None  # both cores busy with the front end: nothing is served
+    reserved = load.reserved(cores=1)
+    assert reserved(50.0) == pytest.approx(FrontEndEffect(1.0, 0.016))  # M/M/1 at 50%
+    assert reserved(100.0) is None
+    assert load.max_rate(1) == pytest.approx(100.0)
+
+
+def test_the_judge_runs_a_slowed_deployment_as_the_same_system_stretched_in_time(
+        synthetic_profile_path, tiny_model_dir):
+    # Every iteration twice as slow, simulated directly (profile x2) and by the judge's
+    # stretch (arrivals / 2, SLO / 2, latencies x 2): the same latencies at every rate.
+    problem = build_problem(_request(synthetic_profile_path, tiny_model_dir))
+    slower = replace(problem, profiles={tp: scale_profile(p, 2.0) for tp, p in problem.profiles.items()})
+    traces = [make_trace(problem.request.workload.lengths, problem.request.workload.arrival, 400, 7)]
+    slo = problem.request.slo
+
+    def judge(p, front_end):
+        pool = p.colocated_pool(1, 1, "prefill_priority")
+        return RateJudge(lambda a, t, stop, s: simulate_colocated(pool, a, t.input_lens, t.output_lens, s, stop),
+                         traces, slo, front_end)
+
+    direct, stretched = judge(slower, None), judge(problem, lambda rate: FrontEndEffect(2.0, 0.0))
+    for rate in (0.5, 2.0, 4.0, 8.0):
+        a, b = direct.measure(rate), stretched.measure(rate)
+        assert b.attainment == pytest.approx(a.attainment)
+        assert b.mean_ttft_s == pytest.approx(a.mean_ttft_s, rel=1e-9)
+        assert b.mean_tpot_s == pytest.approx(a.mean_tpot_s, rel=1e-9)
+        assert direct.feasible(rate) == stretched.feasible(rate)
+    # The front end's own time lands in TTFT, and a saturated front end serves nothing.
+    base = judge(problem, None).measure(2.0)
+    late = judge(problem, lambda rate: FrontEndEffect(1.0, 0.2)).measure(2.0)
+    assert late.mean_ttft_s == pytest.approx(base.mean_ttft_s + 0.2)
+    assert late.mean_tpot_s == pytest.approx(base.mean_tpot_s)
+    full = judge(problem, lambda rate: None)
+    assert not full.feasible(0.5) and full.measure(0.5).attainment == 0.0
+
+
+def test_a_front_end_on_the_engines_cores_costs_goodput(synthetic_profile_path, tiny_model_dir):
+    free = search(build_problem(_request(synthetic_profile_path, tiny_model_dir)))
+    shared = search(build_problem(_request(synthetic_profile_path, tiny_model_dir,
+                                           cpu_ms_per_request=20, layout="shared")))
+    assert shared.front_end_layout == "shared" and shared.front_end_cores == 0
+    assert 0 < shared.deployment_goodput_rps < free.deployment_goodput_rps
+
+
+def _plan_args(profile, model, out, front_end_ms: str, step_ms: str) -> list[str]:
+    return ["--model", str(model), "--profile", str(profile),
+            "--input-len-range", "256", "768", "--output-len-range", "16", "112",
+            "--ttft-s", "0.5", "--tpot-s", "0.02", "--device", "cpu", "--nodes", "1",
+            "--gpus-per-node", "3", "--gpu-memory-gib", "4", "--compare-colocated",
+            "--front-end-cpu-ms", front_end_ms, "--shared-core-step-ms", step_ms,
+            "--num-requests", "300", "--num-seeds", "1", "--output", str(out)]
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args(argv))
+
+
+def _engine_cores(config) -> set[int]:
+    pools = (config.colocated,) if config.mode == "colocated" else (config.prefill, config.decode)
+    return {c for pool in pools for cores in pool.cpu_cores for c in cores}
+
+
+def test_plan_gives_a_heavy_front_end_its_own_core_and_writes_that_layout(
+        synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
+    # 3 cores. A front end that costs 60 ms of CPU per request, on the engines' cores, slows
+    # every step (and each step also waits 4 ms for its scheduler's time slice) past what
+    # TPOT 20 ms allows at the rates 3 engines could carry; on a core of its own it leaves
+    # 2 engines at full speed.
+    out = tmp_path / "plan.yaml"
+    assert _run(_plan_args(synthetic_profile_path, tiny_model_dir, out, "60", "4")) == 0
+    report = capsys.readouterr().out
+    assert "Front-end layout (both planned):" in report
+    assert "chosen  front end on 1 reserved core(s)" in report, report
+    config = load_config(out)
+    assert config.ray.front_end_cores == [0]
+    assert _engine_cores(config) == {1, 2}
+
+    request = PlanRequest.model_validate(
+        {**_request(synthetic_profile_path, tiny_model_dir).model_dump(mode="json"),
+         "slo": {"ttft_s": 0.5, "tpot_s": 0.02, "attainment": 0.9},
+         "cluster": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 3, "gpu_memory_gib": 4},
+         "front_end": {"cpu_ms_per_request": 60, "shared_core_step_ms": 4}})
+    outcome = search(build_problem(request))
+    assert outcome.front_end_layout == "reserved" and outcome.units == 3
+    other = outcome.other_layout
+    assert other.front_end_layout == "shared" and other.units == 3
+    assert outcome.deployment_goodput_rps > other.deployment_goodput_rps > 0
+    # Never more than the reserved core can carry: 1 core / 60 ms.
+    assert outcome.deployment_goodput_rps < FrontEndLoad(0.06, 0.0, 1).max_rate(1)
+
+
+def test_plan_keeps_a_light_front_end_on_the_engines_cores(
+        synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert _run(_plan_args(synthetic_profile_path, tiny_model_dir, out, "1", "0")) == 0
+    report = capsys.readouterr().out
+    assert "chosen  front end shared with the engines" in report, report
+    config = load_config(out)
+    assert config.ray.front_end_cores is None
+    assert _engine_cores(config) == {0, 1, 2}
+
+
+def test_the_shared_layout_pays_its_step_cost_and_the_reserved_one_does_not(
+        synthetic_profile_path, tiny_model_dir):
+    base = _request(synthetic_profile_path, tiny_model_dir, cpu_ms_per_request=5,
+                    shared_core_step_ms=3)
+    problem = build_problem(base)
+    shared = for_front_end_layout(problem, "shared")
+    reserved = for_front_end_layout(problem, "reserved")
+    for tp, profile in problem.profiles.items():
+        assert shared.profiles[tp].decoding_smallbs[0] == pytest.approx(profile.decoding_smallbs[0] + 3)
+        assert shared.profiles[tp].prefill[1:] == profile.prefill[1:]
+        assert reserved.profiles[tp] == profile
+    assert reserved.request.cluster.gpu_budget == 1 and reserved.request.cluster.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cluster": {"device": "gpu"}}, "front_end models a CPU host"),
+    ({"cluster": {"num_nodes": 2}}, "modelled on one node"),
+    ({"engine": {"iteration_time_scale": 1.5}}, "set one of them"),
+    ({"front_end": {"cpu_ms_per_request": 5, "layout": "reserved", "reserved_cores": 2}},
+     "leaves no core"),
+])
+def test_front_end_input_that_cannot_hold_is_refused(synthetic_profile_path, tiny_model_dir, change, message):
+    data = _request(synthetic_profile_path, tiny_model_dir, cpu_ms_per_request=5).model_dump(mode="json")
+    for key, value in change.items():
+        data[key] = {**(data[key] or {}), **value}
+    with pytest.raises(ValueError, match=message):
+        PlanRequest.model_validate(data)
