@@ -168,7 +168,11 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
         "",
     ]
     best = outcome.best
-    if best is None or best.goodput_rps <= 0:
+    if (best is None or best.goodput_rps <= 0) and outcome.serve_colocated:
+        engines = c.gpu_budget - outcome.front_end_cores
+        out.append(f"No disaggregated plan meets the SLO on {engines} engine {unit}(s); the "
+                   "colocated deployment below does (see the verdict).")
+    elif best is None or best.goodput_rps <= 0:
         if outcome.objective == "min_gpus":
             out.append(f"NO PLAN within {c.gpu_budget} {unit}s sustains {outcome.target_rate:g} req/s.")
             if outcome.fallback is not None and outcome.fallback.goodput_rps > 0:

@@ -172,3 +172,19 @@ def test_front_end_input_that_cannot_hold_is_refused(synthetic_profile_path, tin
         data[key] = {**(data[key] or {}), **value}
     with pytest.raises(ValueError, match=message):
         PlanRequest.model_validate(data)
+
+
+def test_a_reserved_front_end_on_two_cores_writes_one_colocated_engine_after_it(
+        synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
+    # 2 cores, the front end on one of them: one engine is left, so no disaggregated plan
+    # exists; the report says so instead of "no plan", and the colocated engine goes to core 1.
+    out = tmp_path / "plan.yaml"
+    args = _plan_args(synthetic_profile_path, tiny_model_dir, out, "20", "0")
+    args[args.index("--gpus-per-node") + 1] = "2"
+    assert _run(args + ["--front-end-layout", "reserved"]) == 0
+    report = capsys.readouterr().out
+    assert "No disaggregated plan meets the SLO on 1 engine core(s)" in report, report
+    assert "NO PLAN" not in report
+    config = load_config(out)
+    assert config.mode == "colocated" and config.colocated.num_instances == 1
+    assert config.colocated.cpu_cores == [[1]] and config.ray.front_end_cores == [0]
