@@ -61,28 +61,26 @@ class FrontEndLoad:
         return rate * self.cpu_s_per_served_request
 
     def shared(self, engine_cores: int) -> EffectAt:
-        """The front end spread over the `engine_cores` the engines run on."""
-        if engine_cores < 1:
-            raise ValueError("a shared front end needs at least one engine core")
-
-        def at(rate: float) -> FrontEndEffect | None:
-            rho = self.cores_busy(rate) / engine_cores
-            if rho >= 1.0:
-                return None
-            scale = 1.0 / (1.0 - rho)
-            return FrontEndEffect(scale, self.cpu_s_per_request * scale)
-        return at
+        """The front end spread over the `engine_cores` the engines run on: it slows them."""
+        return self._on(engine_cores, slows_engines=True)
 
     def reserved(self, cores: int) -> EffectAt:
-        """The front end alone on `cores` cores of its own."""
+        """The front end alone on `cores` cores of its own: the engines keep their speed."""
+        return self._on(cores, slows_engines=False)
+
+    def _on(self, cores: int, slows_engines: bool) -> EffectAt:
+        """At utilisation `rho` of its cores the front end's own work takes `1/(1-rho)` of
+        its CPU time (M/M/1 sojourn, or processor sharing's stretch); engines sharing those
+        cores are stretched by the same factor."""
         if cores < 1:
-            raise ValueError("a reserved front end needs at least one core")
+            raise ValueError("the front end needs at least one core")
 
         def at(rate: float) -> FrontEndEffect | None:
             rho = self.cores_busy(rate) / cores
             if rho >= 1.0:
                 return None
-            return FrontEndEffect(1.0, self.cpu_s_per_request / (1.0 - rho))
+            stretch = 1.0 / (1.0 - rho)
+            return FrontEndEffect(stretch if slows_engines else 1.0, self.cpu_s_per_request * stretch)
         return at
 
     def max_rate(self, cores: float) -> float:

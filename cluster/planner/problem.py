@@ -103,31 +103,33 @@ class PlanningProblem:
         # A lane's iteration crosses every stage: unpipelined time, with every stage's fixed
         # cost when stages pay it each (EngineTiming.stage_fixed_cost).
         stages = pp if e.pipeline_stage_fixed_cost == "per_stage" else 1
-        lane = profiles[tp].model_copy(update={
-            name: (stages * getattr(profiles[tp], name)[0],) + tuple(getattr(profiles[tp], name)[1:])
-            for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+        lane = map_iteration_coefficients(profiles[tp], lambda c: (stages * c[0],) + c[1:])
         timing = EngineTiming(lane, 1, e.framework_overhead)
         return ColocatedPool(num_instances, timing, self.kv_capacity(config), scheduler,
                              e.prefill_token_budget, e.max_num_seqs, pp, e.decode_memory,
                              e.block_size, e.admission_watermark)
 
 
+def map_iteration_coefficients(profile: LatencyProfile, f) -> LatencyProfile:
+    """The profile with `f` applied to the coefficient tuple of each iteration kind
+    (prefill and both decode regimes)."""
+    return profile.model_copy(update={
+        name: tuple(f(tuple(getattr(profile, name))))
+        for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+
+
 def scale_profile(profile: LatencyProfile, scale: float) -> LatencyProfile:
     """Every iteration `scale` times slower (`engine.iteration_time_scale`)."""
     if scale == 1.0:
         return profile
-    return profile.model_copy(update={
-        name: tuple(scale * x for x in getattr(profile, name))
-        for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+    return map_iteration_coefficients(profile, lambda c: tuple(scale * x for x in c))
 
 
 def add_step_cost(profile: LatencyProfile, ms: float) -> LatencyProfile:
     """Every iteration `ms` milliseconds longer (`front_end.shared_core_step_ms`)."""
     if ms == 0.0:
         return profile
-    return profile.model_copy(update={
-        name: (getattr(profile, name)[0] + ms,) + tuple(getattr(profile, name)[1:])
-        for name in ("prefill", "decoding_smallbs", "decoding_largebs")})
+    return map_iteration_coefficients(profile, lambda c: (c[0] + ms,) + c[1:])
 
 
 def for_front_end_layout(problem: PlanningProblem, layout: str) -> PlanningProblem:

@@ -497,12 +497,8 @@ def search(problem: PlanningProblem) -> PlanOutcome:
     if not req.front_end.modelled:
         return _search_layout(problem)
     if req.front_end.layout != "auto":
-        return _with_layout(_search_layout(for_front_end_layout(problem, req.front_end.layout)),
-                            req.front_end)
-    shared, reserved = (
-        _with_layout(_search_layout(for_front_end_layout(problem, layout)),
-                     req.front_end.model_copy(update={"layout": layout}))
-        for layout in ("shared", "reserved"))
+        return _plan_layout(problem, req.front_end.layout)
+    shared, reserved = _plan_layout(problem, "shared"), _plan_layout(problem, "reserved")
     tol = req.search.rel_tol
     if req.workload.rate is None:  # the most goodput, then (a tie) the fewest units
         g_s, g_r = shared.deployment_goodput_rps, reserved.deployment_goodput_rps
@@ -516,9 +512,11 @@ def search(problem: PlanningProblem) -> PlanOutcome:
                    num_simulations=shared.num_simulations + reserved.num_simulations)
 
 
-def _with_layout(outcome: PlanOutcome, fe) -> PlanOutcome:
-    return replace(outcome, front_end_layout=fe.layout,
-                   front_end_cores=fe.reserved_cores if fe.layout == "reserved" else 0)
+def _plan_layout(problem: PlanningProblem, layout: str) -> PlanOutcome:
+    """The search with the front end in one layout, the outcome labelled with it."""
+    fe = problem.request.front_end
+    return replace(_search_layout(for_front_end_layout(problem, layout)), front_end_layout=layout,
+                   front_end_cores=fe.reserved_cores if layout == "reserved" else 0)
 
 
 def _search_layout(problem: PlanningProblem) -> PlanOutcome:
