@@ -172,6 +172,22 @@ class FrontEndSpec(_Strict):
     def modelled(self) -> bool:
         return self.cpu_ms_per_request > 0 or self.cpu_ms_per_output_token > 0
 
+    @model_validator(mode="after")
+    def _no_setting_ignored(self) -> "FrontEndSpec":
+        if not self.modelled:
+            unused = [name for name, on in (("layout", self.layout != "auto"),
+                                            ("reserved_cores", self.reserved_cores != 1),
+                                            ("shared_core_step_ms", self.shared_core_step_ms != 0))
+                      if on]
+            if unused:
+                raise ValueError(f"front_end.{', front_end.'.join(unused)} need the front end's "
+                                 "cost: set cpu_ms_per_request or cpu_ms_per_output_token")
+        elif self.layout == "shared" and self.reserved_cores != 1:
+            raise ValueError("front_end.reserved_cores applies to layout reserved or auto, not shared")
+        elif self.layout == "reserved" and self.shared_core_step_ms != 0:
+            raise ValueError("front_end.shared_core_step_ms applies to layout shared or auto, not reserved")
+        return self
+
 
 class SearchSpec(_Strict):
     placements: tuple[Placement, ...] = Field(

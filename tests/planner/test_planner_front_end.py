@@ -159,6 +159,18 @@ def test_the_shared_layout_pays_its_step_cost_and_the_reserved_one_does_not(
     assert reserved.request.cluster.gpu_budget == 1 and reserved.request.cluster.gpus_per_node == 1
 
 
+@pytest.mark.parametrize("front_end, message", [
+    ({"layout": "reserved"}, "need the front end's cost"),
+    ({"shared_core_step_ms": 2}, "need the front end's cost"),
+    ({"cpu_ms_per_request": 5, "layout": "shared", "reserved_cores": 2}, "not shared"),
+    ({"cpu_ms_per_request": 5, "layout": "reserved", "shared_core_step_ms": 2}, "not reserved"),
+])
+def test_a_front_end_setting_that_would_be_ignored_is_refused(
+        synthetic_profile_path, tiny_model_dir, front_end, message):
+    with pytest.raises(ValueError, match=message):
+        _request(synthetic_profile_path, tiny_model_dir, **front_end)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"cluster": {"device": "gpu"}}, "front_end models a CPU host"),
     ({"cluster": {"num_nodes": 2}}, "modelled on one node"),
