@@ -139,7 +139,7 @@ def peer_from_config(config, binding: str = DEFAULT_BINDING, cpus: tuple[int, ..
     those of its first pool (one engine instead of several).
     """
     model_path = _model_path(config)
-    pools = [p for p in config.pools().values() if p.num_instances > 0]
+    pools = config.running_pools()
     first = pools[0] if pools else None
     kv = sum(p.kv_cache_gib * p.num_instances for p in pools) or 1.0
     return VllmPeer(

@@ -509,10 +509,14 @@ class ServeConfig(_Strict):
             return {"prefill": self.prefill, "decode": self.decode}
         return {"colocated": self.colocated}
 
+    def running_pools(self) -> list[PoolConfig]:
+        """The pools of this mode that have at least one instance."""
+        return [p for p in self.pools().values() if p.num_instances > 0]
+
     def pinned_engine_cores(self) -> set[int] | None:
         """Every core some engine instance is pinned to (`cpu_cores`); None when an
         instance is not pinned (it may run anywhere)."""
-        pools = [p for p in self.pools().values() if p.num_instances > 0]
+        pools = self.running_pools()
         if any(p.cpu_cores is None for p in pools):
             return None
         return {c for p in pools for cores in p.cpu_cores or () for c in cores}

@@ -86,7 +86,7 @@ def worker_niceness_env(config: ServeConfig, host_cores: list[int]) -> dict[str,
         return {"RAY_worker_niceness": "0"}  # the front end has a core without engines
     if front_end is not None and engine_cores - set(front_end):
         return {"RAY_worker_niceness": "0"}  # an engine has a core without the front end
-    pools = [p for p in config.pools().values() if p.num_instances > 0]
+    pools = config.running_pools()
     if pools and all(p.cpu_nice is not None and p.cpu_nice > 0 for p in pools):
         return {"RAY_worker_niceness": "0"}  # every engine has a lower priority of its own
     return {}
