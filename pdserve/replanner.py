@@ -121,7 +121,10 @@ class ServeActuator:
     controller for `n` replicas of deployment `role` (what `pdserve scale` does, without
     waiting for the replicas: the loop sees them join in its next snapshots). Without
     `initial` counts, a pool's count is read from Serve's status the first time it changes
-    (the router replica is built without pool sizes, so that a resize does not restart it)."""
+    (the router replica is built without pool sizes, so that a resize does not restart it).
+    Its calls wait on Serve's controller (`blocking`): the loop makes them off the event loop."""
+
+    blocking = True
 
     def __init__(self, app_name: str, initial: dict[Role, int] | None = None,
                  set_replicas: Callable[[Role, int], None] | None = None,
@@ -229,7 +232,10 @@ class ReplanTask:
         seen = len(self.replanner.decisions)
         # The sizing co-simulates: off the event loop, which keeps serving meanwhile.
         effects = await asyncio.to_thread(self.replanner.observe, snap)
-        apply_effects(self.actuator, effects)
+        if getattr(self.actuator, "blocking", False):
+            await asyncio.to_thread(apply_effects, self.actuator, effects)
+        else:
+            apply_effects(self.actuator, effects)
         for decision in self.replanner.decisions[seen:]:
             self.deps.metrics.record_replan(decision)
             log.info("replan %s: prefill %d->%d, decode %d->%d: %s", decision.action,

@@ -27,11 +27,25 @@ class ServePrefill(_Lifecycle, FakePrefillWorker):
 
 
 class ServeDecode(_Lifecycle, FakeDecodeWorker):
-    pass
+    """Each token after `token_delay_s` plus `per_request_s` for each request in flight on
+    the replica: a decode step that grows with the batch, as a profile's `a + c*B`."""
+
+    def __init__(self, instance_id: str, role: str, token_delay_s: float, per_request_s: float = 0.0):
+        self.per_request_s = per_request_s
+        super().__init__(instance_id, role=role, token_delay_s=token_delay_s)
+
+    @property
+    def token_delay_s(self) -> float:
+        return self._base_delay_s + self.per_request_s * len(self.active)
+
+    @token_delay_s.setter
+    def token_delay_s(self, value: float) -> None:
+        self._base_delay_s = value
 
 
 def make_worker(role, instance_id, spec, kv, advertise_host):
     if role == "prefill":
         return ServePrefill(instance_id)
     delay = float(os.environ.get("PDSERVE_FAKE_TOKEN_DELAY_S", "0.01"))
-    return ServeDecode(instance_id, role=role, token_delay_s=delay)
+    per_request = float(os.environ.get("PDSERVE_FAKE_TOKEN_DELAY_PER_REQUEST_S", "0"))
+    return ServeDecode(instance_id, role=role, token_delay_s=delay, per_request_s=per_request)
