@@ -378,6 +378,14 @@ class RayConfig(_Strict):
         "goes to another router replica. Costs one more hop per response message "
         "(docs/reliability.md, 'Router replica loss').",
     )
+    engine_in_router: bool = Field(
+        False,
+        description="Ray Serve, colocated mode: the router replica runs one colocated instance "
+        "in its own process, as vLLM's API server runs its engine's client, so each token "
+        "reaches the client without a hop between processes; the other colocated instances "
+        "run as engine replicas (docs/serve.md, 'The engine in the router'). Needs one "
+        "router replica.",
+    )
     health_check_period_s: float = Field(
         2.0, gt=0, description="Ray Serve: how often each replica's engine is health-checked."
     )
@@ -496,6 +504,12 @@ class ServeConfig(_Strict):
                 and (p.node_resources or p.node_labels):
             raise ValueError("placement.affinity 'low' puts prefill and decode on different "
                              "nodes: give the pools different node_resources or node_labels")
+        if self.ray.engine_in_router and self.mode != "colocated":
+            raise ValueError("ray.engine_in_router runs a colocated instance in the router: it "
+                             "needs mode colocated")
+        if self.ray.engine_in_router and self.ray.router_replicas != 1:
+            raise ValueError("ray.engine_in_router needs ray.router_replicas 1 (the router "
+                             "replica is an engine instance)")
         if self.replan.enabled and self.mode != "disaggregated":
             raise ValueError("replan sizes prefill and decode pools: it needs mode disaggregated")
         if self.replan.enabled and self.ray.router_replicas != 1:

@@ -99,6 +99,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         if config.ray.stream_relay:
             raise ConfigError("ray.stream_relay: the stream relay is a Ray Serve deployment; "
                               "use --runtime serve")
+        if config.ray.engine_in_router:
+            raise ConfigError("ray.engine_in_router: the engine in the router replica is a Ray "
+                              "Serve layout; use --runtime serve")
 
         try:
             asyncio.run(serve(config))

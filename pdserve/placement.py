@@ -31,32 +31,50 @@ def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
     return bundles
 
 
+def replica_pools(config: ServeConfig) -> dict[str, PoolConfig]:
+    """The pools that run as engine replicas, by role. With `ray.engine_in_router` the
+    router replica is the first colocated instance (with its cores), so the colocated
+    deployment runs the others; a pool left without instances has no deployment."""
+    pools: dict[str, PoolConfig] = dict(config.pools())
+    if config.ray.engine_in_router:
+        c = pools.pop("colocated")
+        if c.num_instances > 1:
+            pools["colocated"] = c.model_copy(update={
+                "num_instances": c.num_instances - 1,
+                "cpu_cores": c.cpu_cores[1:] if c.cpu_cores is not None else None})
+    return pools
+
+
+def _instance_options(config: ServeConfig, pool: PoolConfig) -> dict[str, Any]:
+    """What a replica that runs one engine instance of `pool` needs: its placement group,
+    resources, health check timeout and a shutdown bound with room for the engine."""
+    bundles = instance_bundles(pool)
+    options: dict[str, Any] = dict(
+        health_check_timeout_s=config.ray.health_check_timeout_s,
+        graceful_shutdown_timeout_s=config.ray.drain_timeout_s + _SHUTDOWN_MARGIN_S,
+        placement_group_bundles=bundles,
+        placement_group_strategy=config.placement.bundle_strategy,
+        ray_actor_options=dict(num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0.0),
+                               resources=dict(pool.node_resources)),
+    )
+    if pool.node_labels:
+        options["placement_group_bundle_label_selector"] = [dict(pool.node_labels)] * len(bundles)
+    return options
+
+
 def engine_deployment_options(config: ServeConfig, role: str) -> dict[str, Any]:
     """`serve.deployment(...)` options of one pool's deployment."""
-    pool = config.pools()[role]
-    bundles = instance_bundles(pool)
-    first = bundles[0]
-    options: dict[str, Any] = dict(
+    pool = replica_pools(config)[role]
+    return dict(
         name=role,
         num_replicas=pool.num_instances,
         # Requests travel over the worker channel, not through Serve: Serve only ever calls
         # health checks, so its queue bound is irrelevant to serving.
         max_ongoing_requests=16,
         health_check_period_s=config.ray.health_check_period_s,
-        health_check_timeout_s=config.ray.health_check_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
-        graceful_shutdown_timeout_s=config.ray.drain_timeout_s + _SHUTDOWN_MARGIN_S,
-        placement_group_bundles=bundles,
-        placement_group_strategy=config.placement.bundle_strategy,
-        ray_actor_options=dict(
-            num_cpus=first["CPU"],
-            num_gpus=first.get("GPU", 0.0),
-            resources=dict(pool.node_resources),
-        ),
+        **_instance_options(config, pool),
     )
-    if pool.node_labels:
-        options["placement_group_bundle_label_selector"] = [dict(pool.node_labels)] * len(bundles)
-    return options
 
 
 # The router replica runs the router on the replica's own event loop, where Serve receives
@@ -67,9 +85,9 @@ def engine_deployment_options(config: ServeConfig, role: str) -> dict[str, Any]:
 INGRESS_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
-def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
+def _front_options(config: ServeConfig, name: str) -> dict[str, Any]:
     return dict(
-        name="router",
+        name=name,
         num_replicas=config.ray.router_replicas,
         max_ongoing_requests=config.router.max_pending_requests,
         graceful_shutdown_wait_loop_s=0.5,
@@ -79,11 +97,22 @@ def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
     )
 
 
+def ingress_deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """The router's options; with `ray.engine_in_router` it is also a colocated instance
+    and takes that instance's placement and resources (and its engine's shutdown margin)."""
+    options = _front_options(config, "router")
+    if config.ray.engine_in_router:
+        engine = _instance_options(config, config.colocated)
+        engine["ray_actor_options"]["runtime_env"] = options["ray_actor_options"]["runtime_env"]
+        options.update(engine)
+    return options
+
+
 def relay_deployment_options(config: ServeConfig) -> dict[str, Any]:
     """The stream relay (config ray.stream_relay) takes the ingress's place: HTTP on
     router.port, as many replicas as the router, the same limits; it holds no state and no
     engine."""
-    return {**ingress_deployment_options(config), "name": "relay"}
+    return _front_options(config, "relay")
 
 
 def registry_deployment_options() -> dict[str, Any]:
@@ -108,4 +137,6 @@ def count_free(config: ServeConfig) -> dict[str, Any]:
     for role in ("prefill", "decode", "colocated"):
         data[role]["num_instances"] = 1
         data[role]["cpu_cores"] = None
+    if config.ray.engine_in_router and config.colocated.cpu_cores is not None:
+        data["colocated"]["cpu_cores"] = config.colocated.cpu_cores[:1]  # its own instance's
     return data

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,40 @@ def served_model_name(model: ModelConfig, model_path: Path) -> str:
     return model_path.name
 
 
+def make_worker(role: str, instance_id: str, spec: Any, kv: KVTransferSettings, advertise_host: str,
+                worker_factory: str | None = None) -> Any:
+    """The plain worker of one engine instance; `worker_factory` ("module:function" with
+    this signature) replaces it in tests."""
+    if worker_factory is not None:
+        import importlib
+
+        module, _, name = worker_factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+        return factory(role, instance_id, spec, kv, advertise_host)
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker
+
+        return PrefillWorker(instance_id, spec, kv, advertise_host)
+    from decode_worker.worker import DecodeWorker
+
+    return DecodeWorker(instance_id, spec, kv, role)  # type: ignore[arg-type]
+
+
+async def check_engine(worker: Any, instance_id: str) -> None:
+    """Raise when `worker`'s engine is not running (vLLM's AsyncLLM raises EngineDeadError
+    once its engine-core process died). It must not call the worker's `stats()`: that hands
+    over (and so would steal from the router) the transfer records gathered since the last
+    poll."""
+    host = getattr(worker, "_engine", None)  # the worker's EngineHost
+    if host is None:  # a worker without an engine (test fakes): the process answering is all
+        return
+    if not host.is_ready:
+        raise RuntimeError(f"{instance_id}: engine is not running")
+    engine = getattr(host, "_engine", None)
+    if engine is not None:
+        await engine.check_health()
+
+
 class EngineReplica:
     """One engine instance. `settings` are the replica's own config sub-trees (model, pool
     without its size, KV transfer, drain bound): nothing that changes when the pool is
@@ -122,7 +157,8 @@ class EngineReplica:
         cores = self._pool.cpu_cores
         spec = EngineSpec(model_path=model_path, model=self._model, pool=self._pool,
                           instance_index=rank % len(cores) if cores else 0)
-        self._worker = self._make_worker(instance_id, spec, self._kv.advertise_host or node_ip)
+        self._worker = make_worker(self.role, instance_id, spec, self._kv, self._kv.advertise_host or node_ip,
+                                   self._worker_factory)
         await self._worker.start()
         from kvtransfer.auth import kv_secret
 
@@ -135,21 +171,6 @@ class EngineReplica:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat_forever())
         log.info("%s ready on node %s, channel %s", instance_id, node_ip, address)
 
-    def _make_worker(self, instance_id: str, spec: Any, advertise_host: str) -> Any:
-        if self._worker_factory is not None:  # tests: "module:function" with this signature
-            import importlib
-
-            module, _, name = self._worker_factory.partition(":")
-            factory = getattr(importlib.import_module(module), name)
-            return factory(self.role, instance_id, spec, self._kv, advertise_host)
-        if self.role == "prefill":
-            from prefill_worker.worker import PrefillWorker
-
-            return PrefillWorker(instance_id, spec, self._kv, advertise_host)
-        from decode_worker.worker import DecodeWorker
-
-        return DecodeWorker(instance_id, spec, self._kv, self.role)  # type: ignore[arg-type]
-
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
@@ -160,18 +181,8 @@ class EngineReplica:
 
     async def check_health(self) -> None:
         """Serve's health check: ask the engine (a dead engine core fails it), not just the
-        actor. Raises when unhealthy; Serve then replaces this replica. It must not call
-        the worker's `stats()`: that hands over (and so would steal from the router) the
-        transfer records gathered since the last poll."""
-        host = getattr(self._worker, "_engine", None)  # the worker's EngineHost
-        if host is None:  # a worker without an engine (test fakes): the actor answering is all
-            return
-        if not host.is_ready:
-            raise RuntimeError(f"{self._entry.instance_id}: engine is not running")
-        # vLLM's AsyncLLM raises EngineDeadError once its engine-core process died.
-        engine = getattr(host, "_engine", None)
-        if engine is not None:
-            await engine.check_health()
+        actor. Raises when unhealthy; Serve then replaces this replica."""
+        await check_engine(self._worker, self._entry.instance_id if self._entry else self.role)
 
     def describe(self) -> dict[str, Any]:
         """The registry entry, for operators and tests (one Serve call, not per request)."""
@@ -353,9 +364,12 @@ class RouterIngress:
     """The router app over discovered engine replicas. `settings` is the pdserve config
     without pool sizes (so resizing a pool does not restart the router)."""
 
-    def __init__(self, settings: dict[str, Any], registry: Any):
+    def __init__(self, settings: dict[str, Any], registry: Any, worker_factory: str | None = None):
         self.config = ServeConfig.model_validate(settings)
         self._registry = registry
+        self._worker_factory = worker_factory
+        self.local_worker: Any = None  # ray.engine_in_router: the instance in this process
+        self._local_id = ""
         self._discovery: asyncio.Task | None = None
         self.membership: Membership | None = None
         self.router_app: Any = None
@@ -371,12 +385,16 @@ class RouterIngress:
         model_path = resolve_model_on_node(config.model, "router replica")
         tokenizer = ModelTokenizer(model_path, config.model.max_model_len)
         self.router_app, self.deps = build_router(config, tokenizer, served_model_name(config.model, model_path))
+        if config.ray.engine_in_router:
+            await self._start_local_engine(model_path)
         gpus = {role: p.num_gpus for role, p in config.pools().items()}
         metrics = self.deps.metrics
+        local = {"colocated": 1} if self.local_worker is not None else {}
 
         def units(membership: Membership) -> None:
             # Goodput per unit counts what is routed now (pools resize while serving).
-            n = sum(count * (gpus.get(role) or 1) for role, count in membership.routed_roles().items())
+            routed = Counter(membership.routed_roles()) + Counter(local)
+            n = sum(count * (gpus.get(role) or 1) for role, count in routed.items())
             metrics.num_units = max(1, int(n))
 
         secret = kv_secret(config.kv_transfer)
@@ -384,6 +402,30 @@ class RouterIngress:
                                      on_change=units)
         await self._discover_once()
         self._discovery = asyncio.get_running_loop().create_task(self._discover_forever())
+
+    async def _start_local_engine(self, model_path: Path) -> None:
+        """`ray.engine_in_router`: one colocated instance in this process, in the router's
+        pool as the worker itself (no channel): its tokens go from the engine's output
+        handler to the client's stream on this event loop. The registry does not list it;
+        other routers cannot reach it (the config allows one router replica)."""
+        from ray import serve
+
+        from cluster.engine_host import EngineSpec
+
+        config = self.config
+        node_id, node_ip = node_identity()
+        self._local_id = f"colocated-{serve.get_replica_context().replica_id.unique_id}"
+        spec = EngineSpec(model_path=model_path, model=config.model, pool=config.colocated, instance_index=0)
+        worker = make_worker("colocated", self._local_id, spec, config.kv_transfer,
+                             config.kv_transfer.advertise_host or node_ip, self._worker_factory)
+        try:
+            await worker.start()
+        except BaseException:
+            await worker.shutdown()
+            raise
+        self.local_worker = worker
+        self.deps.pool.add(worker, "colocated", node_id=node_id)
+        log.info("%s ready in the router replica on node %s", self._local_id, node_ip)
 
     def build_app(self):
         return self.router_app
@@ -400,15 +442,20 @@ class RouterIngress:
             except Exception as e:  # registry being replaced: keep routing what we know
                 log.warning("replica discovery failed: %r", e)
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if self._discovery is not None and self._discovery.done():
             raise RuntimeError("replica discovery stopped")
+        if self.local_worker is not None:
+            await check_engine(self.local_worker, self._local_id)
 
     async def stop(self) -> None:
         if self._discovery is not None:
             self._discovery.cancel()
         if self.membership is not None:
             await self.membership.close()
+        if self.local_worker is not None:
+            worker, self.local_worker = self.local_worker, None
+            await worker.shutdown()
 
 
 def config_error_line(e: Exception) -> str:

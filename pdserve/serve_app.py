@@ -105,10 +105,10 @@ class _RouterReplica(RouterIngress):
     re-planning loop (config `replan`: off unless enabled, observe-only unless told
     otherwise) that sizes this application's pools from the router's live traffic."""
 
-    async def _begin(self, settings: dict[str, Any], registry: Any) -> None:
+    async def _begin(self, settings: dict[str, Any], registry: Any, worker_factory: str | None) -> None:
         from pdserve.replanner import ServeActuator, replan_task
 
-        RouterIngress.__init__(self, settings, registry)
+        RouterIngress.__init__(self, settings, registry, worker_factory)
         self.replan = None
         await self.start()
         self.replan = replan_task(self.config, self.deps, ServeActuator(self.config.ray.app_name))
@@ -125,9 +125,10 @@ class _RouterReplica(RouterIngress):
 class RouterDeployment(_RouterReplica):
     """The router as the application's HTTP ingress (without `ray.stream_relay`)."""
 
-    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
+    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any,
+                       worker_factory: str | None = None):
         listen_with_reuse_address()  # before Serve starts this replica's server
-        await self._begin(settings, registry)
+        await self._begin(settings, registry, worker_factory)
 
     async def __serve_build_asgi_app__(self):
         return self.build_app()
@@ -147,8 +148,9 @@ class RelayedRouterDeployment(_RouterReplica):
     learns the replicas' addresses through Serve, then streams over HTTP: no Ray call per
     request or per token)."""
 
-    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any):
-        await self._begin(settings, registry)
+    async def __init__(self, settings: dict[str, Any], registry: Any, *engines: Any,
+                       worker_factory: str | None = None):
+        await self._begin(settings, registry, worker_factory)
         self._server = _QuietServer(uvicorn.Config(
             self.build_app(), host=node_identity()[1], port=0, lifespan="on",
             log_level="warning", access_log=False))
@@ -237,7 +239,7 @@ def build_application(config: ServeConfig, *, worker_factory: str | None = None)
     # (kv_transfer.secret, else PDSERVE_KV_SECRET, else this host's generated one), never
     # drawn here: a secret in the replicas' arguments that changed per build would make
     # Serve restart every replica on a redeploy that only resizes a pool.
-    for role, pool in config.pools().items():
+    for role, pool in placement.replica_pools(config).items():
         settings = dict(model=config.model.model_dump(mode="python"),
                         pool=placement.replica_pool(pool),
                         kv_transfer=config.kv_transfer.model_dump(mode="python"),
@@ -248,7 +250,8 @@ def build_application(config: ServeConfig, *, worker_factory: str | None = None)
                               **placement.ingress_deployment_options(config))
     # The engine deployments are bound as (unused) arguments so that they belong to this
     # application; the router reaches them through the registry and their channels.
-    router_app = router.bind(placement.count_free(config), registry, *engines.values())
+    router_app = router.bind(placement.count_free(config), registry, *engines.values(),
+                             worker_factory=worker_factory)
     if not config.ray.stream_relay:
         return router_app
     relay = serve.deployment(RelayDeployment, **placement.relay_deployment_options(config))
