@@ -183,12 +183,53 @@ def serve_forever(config: ServeConfig, ingress: str = "direct") -> None:
     try:
         t0 = time.monotonic()
         deploy(config)
+        if started_here and not is_cuda_available():
+            renice_control_plane(config)
         log.info("pdserve ready on http://%s:%d (Ray Serve application %r, %.1f s)",
                  config.router.host, config.router.port, config.ray.app_name, time.monotonic() - t0)
         while not stop.wait(0.5):
             pass
     finally:
         _shutdown(config, started_here)
+
+
+# Process titles of Ray's and Serve's own processes: the control plane, which does
+# periodic work (~12% of a core in all with one tiny engine idle, measured here) and never
+# carries a request. Worker processes not yet given an actor are left alone: Ray may hand
+# one to a new router or engine replica.
+_CONTROL_PLANE_TITLES = ("gcs_server", "/raylet/raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
+                         "dashboard/agent.py", "runtime_env/agent/main.py", "log_monitor.py",
+                         "ray::ServeController", "ray::ProxyActor")
+
+
+def control_plane_pids(processes: dict[int, str], app_name: str) -> list[int]:
+    """Of `processes` (pid -> command line), those of Ray's and Serve's control plane and
+    of the application's registry replica."""
+    registry = f"ray::ServeReplica:{app_name}:registry"
+    return sorted(pid for pid, cmd in processes.items()
+                  if cmd.startswith(registry) or any(t in cmd for t in _CONTROL_PLANE_TITLES))
+
+
+def renice_control_plane(config: ServeConfig) -> None:
+    """`ray.control_plane_nice` for the Ray that `pdserve serve` started on a CPU host with
+    a pinned front end: the control plane shares the front end's cores with the router and
+    the engines' schedulers (vLLM's engine core runs its scheduling there between steps),
+    and each of its wake-ups there delays a step."""
+    from cluster.cpu_affinity import renice
+    from cluster.reaper import descendants
+
+    if config.ray.control_plane_nice is None or config.ray.front_end_cores is None:
+        return
+    processes = {}
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                processes[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    pids = control_plane_pids(processes, config.ray.app_name)
+    renice(pids, config.ray.control_plane_nice)
+    log.info("Ray's control plane (%d processes) at nice %d", len(pids), config.ray.control_plane_nice)
 
 
 def _has_running_ray() -> bool:
@@ -228,10 +269,12 @@ def scale(app_name: str, role: str, num_instances: int, address: str | None, nam
     status = serve.status().applications.get(app_name)
     if status is None:
         raise ConfigError(f"scale: no Serve application named {app_name!r} is running")
-    pools = sorted(d for d in status.deployments if d not in ("router", "registry"))
+    pools = sorted(d for d in status.deployments if d not in ("router", "registry", "relay"))
     if role not in pools:
-        raise ConfigError(f"scale: application {app_name!r} has no {role!r} pool "
-                          f"(its pools: {', '.join(pools)})")
+        where = f"its pools: {', '.join(pools)}" if pools else "it runs no engine deployment"
+        if role == "colocated":  # ray.engine_in_router with one instance: the router is it
+            where += "; an engine in the router replica (ray.engine_in_router) is not scaled"
+        raise ConfigError(f"scale: application {app_name!r} has no {role!r} pool ({where})")
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     ray.get(controller.update_deployment_replicas.remote(
         DeploymentID(name=role, app_name=app_name), num_instances))
