@@ -378,13 +378,14 @@ class RayConfig(_Strict):
         "goes to another router replica. Costs one more hop per response message "
         "(docs/reliability.md, 'Router replica loss').",
     )
-    engine_in_router: bool = Field(
-        False,
+    engine_in_router: bool | None = Field(
+        None,
         description="Ray Serve, colocated mode: the router replica runs one colocated instance "
         "in its own process, as vLLM's API server runs its engine's client, so each token "
         "reaches the client without a hop between processes; the other colocated instances "
         "run as engine replicas (docs/serve.md, 'The engine in the router'). Needs one "
-        "router replica.",
+        "router replica. Unset: `pdserve serve` turns it on for one colocated instance on a "
+        "CPU host where it starts Ray itself, and off elsewhere.",
     )
     health_check_period_s: float = Field(
         2.0, gt=0, description="Ray Serve: how often each replica's engine is health-checked."

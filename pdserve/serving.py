@@ -169,13 +169,13 @@ def serve_forever(config: ServeConfig, ingress: str = "direct") -> None:
     from ray import serve
 
     from pdserve.launcher import (resolve_model_path, with_default_cpu_cores,
-                                  with_default_front_end_cores)
+                                  with_default_engine_in_router, with_default_front_end_cores)
 
     resolve_model_path(config)  # a bad model.path fails here, before Ray starts
     if config.ray.address is None and not is_cuda_available() and not _has_running_ray():
         host_cores = sorted(os.sched_getaffinity(0))
-        config = with_default_front_end_cores(with_default_cpu_cores(config, host_cores),
-                                              host_cores)
+        config = with_default_engine_in_router(with_default_front_end_cores(
+            with_default_cpu_cores(config, host_cores), host_cores))
     started_here = start_ray_and_serve(config, ingress)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,8 @@ import yaml
 
 from pdserve.cli import main
 from cluster.config import ConfigError, ServeConfig, dump_config, load_config
-from pdserve.launcher import with_default_cpu_cores, with_default_front_end_cores
+from pdserve.launcher import (with_default_cpu_cores, with_default_engine_in_router,
+                              with_default_front_end_cores)
 
 
 def test_defaults_are_one_prefill_one_decode():
@@ -112,3 +113,16 @@ def test_the_stream_relay_is_refused_where_it_cannot_run(tmp_path, capsys):
     assert main(["serve", "--runtime", "actors", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert "stream_relay" in err and "--runtime serve" in err and "\n" not in err
+
+
+def test_one_colocated_instance_runs_in_the_router_unless_the_config_says_otherwise():
+    one = load_config(overrides={"mode": "colocated", "colocated": {"num_instances": 1}})
+    assert one.ray.engine_in_router is None  # unset: pdserve serve chooses
+    assert with_default_engine_in_router(one).ray.engine_in_router is True
+    for other in ({"mode": "colocated", "colocated": {"num_instances": 2}},
+                  {"mode": "colocated", "colocated": {"num_instances": 1}, "ray": {"router_replicas": 2}},
+                  {}):  # disaggregated
+        assert with_default_engine_in_router(load_config(overrides=other)).ray.engine_in_router is False
+    kept = load_config(overrides={"mode": "colocated", "colocated": {"num_instances": 1},
+                                  "ray": {"engine_in_router": False}})
+    assert with_default_engine_in_router(kept).ray.engine_in_router is False

@@ -62,3 +62,35 @@ def test_engines_reniced_below_the_front_end_let_it_run_at_nice_0():
     assert worker_niceness_env(_placed(one, [0, 1]), [0, 1]) == {}
     raised = {"mode": "colocated", "colocated": {"num_instances": 2, "cpu_nice": 0}}
     assert worker_niceness_env(_placed(raised, [0, 1]), [0, 1]) == {}
+
+
+def test_the_control_plane_is_reniced_and_the_data_path_is_not(monkeypatch):
+    """`renice_control_plane` picks Ray's daemons, Serve's controller and proxy and the
+    registry replica from the processes under `pdserve serve`, never a router or engine
+    replica, an engine process or an idle worker (Ray may give one to a new replica)."""
+    from pdserve import serving
+
+    titles = {
+        11: "/venv/ray/core/src/ray/gcs/gcs_server --gcs_server_port=0",
+        12: "/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x",
+        13: "ray::DashboardAgent", 14: "ray::RuntimeEnvAgent",
+        15: "ray::ServeController.listen_for_change", 16: "ray::ProxyActor",
+        17: "ray::ServeReplica:pdserve:registry",
+        21: "ray::ServeReplica:pdserve:router", 22: "ray::ServeReplica:pdserve:colocated",
+        23: "VLLM::EngineCore", 24: "VLLM::Worker", 25: "ray::IDLE",
+        26: "ray::ServeReplica:other:registry",
+    }
+    assert serving.control_plane_pids(titles, "pdserve") == [11, 12, 13, 14, 15, 16, 17]
+
+    reniced: list = []
+    monkeypatch.setattr("cluster.reaper.descendants", lambda pid: [])
+    monkeypatch.setattr("cluster.cpu_affinity.renice", lambda pids, nice: reniced.append((list(pids), nice)))
+    pinned = ServeConfig.model_validate({"ray": {"front_end_cores": [0]}})
+    serving.renice_control_plane(pinned)
+    assert reniced == [([], 10)]
+    # Not pinned (the front end may use every core), or turned off: nothing is touched.
+    reniced.clear()
+    serving.renice_control_plane(ServeConfig())
+    serving.renice_control_plane(ServeConfig.model_validate(
+        {"ray": {"front_end_cores": [0], "control_plane_nice": None}}))
+    assert reniced == []
