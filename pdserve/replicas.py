@@ -1,6 +1,6 @@
 """The replica classes of the pdserve Serve application (plain classes; serve_app wraps them).
 
-(About 400 lines: the two replica kinds and the membership protocol they share with
+(About 500 lines: the two replica kinds and the membership protocol they share with
 the registry; `placement.py`, `registry.py` and `serve_app.py` hold the rest.)
 
 - `EngineReplica`: one engine instance of one pool (prefill, decode or colocated). It owns a
@@ -8,7 +8,8 @@ the registry; `placement.py`, `registry.py` and `serve_app.py` hold the rest.)
   node's IP, and publishes itself to the registry once the engine is ready. Serve health
   checks ask the engine itself; on removal the replica drains.
 - `RouterIngress`: the router's FastAPI app as the Serve ingress. It discovers engine
-  replicas from the registry and routes with pdserve's own policies over the channels.
+  replicas from the registry and routes with pdserve's own policies over the channels;
+  with `ray.engine_in_router` it also runs one colocated instance in its own process.
 
 Engine replica lifecycle (what the registry and so the routers see)::
 
@@ -157,8 +158,8 @@ class EngineReplica:
         cores = self._pool.cpu_cores
         spec = EngineSpec(model_path=model_path, model=self._model, pool=self._pool,
                           instance_index=rank % len(cores) if cores else 0)
-        self._worker = make_worker(self.role, instance_id, spec, self._kv, self._kv.advertise_host or node_ip,
-                                   self._worker_factory)
+        self._worker = make_worker(self.role, instance_id, spec, self._kv,
+                                   self._kv.advertise_host or node_ip, self._worker_factory)
         await self._worker.start()
         from kvtransfer.auth import kv_secret
 
