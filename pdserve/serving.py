@@ -218,7 +218,11 @@ def renice_control_plane(config: ServeConfig) -> None:
     from cluster.cpu_affinity import renice
     from cluster.reaper import descendants
 
-    if config.ray.control_plane_nice is None or config.ray.front_end_cores is None:
+    if config.ray.control_plane_nice is None:
+        return
+    if config.ray.front_end_cores is None:
+        log.info("ray.control_plane_nice not applied: the front end is not pinned (engines "
+                 "and front end share every core)")
         return
     processes = {}
     for pid in descendants(os.getpid()):
