@@ -408,8 +408,8 @@ class RayConfig(_Strict):
 
     control_plane_nice: int | None = Field(
         10, ge=0, le=19,
-        description="CPU host with a local Ray and a pinned front end: the niceness `pdserve "
-        "serve` gives Ray's and Serve's own processes (GCS, raylet, agents, the Serve "
+        description="CPU host with a local Ray and a pinned front end, Serve runtime (not "
+        "`--runtime actors`): the niceness `pdserve serve` gives Ray's and Serve's own processes (GCS, raylet, agents, the Serve "
         "controller and proxy, the registry) once the application is up, so that their "
         "periodic work yields the front end's cores to the router and the engines' "
         "schedulers. null leaves them at Ray's settings (docs/serve.md, 'CPU layout').",

@@ -102,6 +102,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         if config.ray.engine_in_router:
             raise ConfigError("ray.engine_in_router: the engine in the router replica is a Ray "
                               "Serve layout; use --runtime serve")
+        if config.ray.control_plane_nice is not None:
+            logging.getLogger("pdserve").info("ray.control_plane_nice applies to the Serve runtime; "
+                                              "Ray's processes keep their niceness here")
 
         try:
             asyncio.run(serve(config))
