@@ -221,7 +221,8 @@ def profile_command(args: argparse.Namespace,
     try:
         entry = fit_profile(data.prefill, data.decode, threshold=args.threshold,
                             hardware=facts.device, kv_bytes_per_token=kv_bytes,
-                            kv_capacity_tokens=facts.kv_capacity_tokens or None)
+                            kv_capacity_tokens=facts.kv_capacity_tokens or None,
+                            whole_iterations=True)  # VllmStepTimer times LLMEngine.step()
     except ValueError as e:
         return _fail(f"fit failed: {e}", 1)
     document = profile_document(name, {settings.tensor_parallel_size: entry})

@@ -91,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, help="most requests per decode batch")
     g.add_argument("--first-token-source", choices=["prefill", "decode"],
                    help="who releases the first token (default prefill)")
-    g.add_argument("--framework-overhead", action="store_true", default=None,
-                   help="add DistServe's per-iteration framework overhead")
+    g.add_argument("--framework-overhead", action=argparse.BooleanOptionalAction, default=None,
+                   help="add DistServe's per-iteration framework overhead (default on; never "
+                   "added to a profile of whole iterations, as `pdserve profile` writes)")
     g.add_argument("--iteration-time-scale", type=float,
                    help="multiply every profiled iteration time (co-located processes share the units)")
     g = parser.add_argument_group("front end (CPU hosts; docs/planner.md, 'The front end on a CPU host')")
@@ -101,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "request (measured: python -m bench.profile_run serve); 0: not modelled")
     g.add_argument("--front-end-cpu-ms-per-token", type=float, metavar="MS",
                    help="CPU ms the front end spends per output token")
-    g.add_argument("--front-end-layout", choices=["shared", "reserved", "auto"],
-                   help="front end on the engines' cores, on reserved cores, or plan both (default auto)")
+    g.add_argument("--front-end-layout", choices=["shared", "reserved", "with_prefill", "auto"],
+                   help="front end on the engines' cores, on reserved cores, on the prefill "
+                   "instances' cores, or plan each (default auto)")
     g.add_argument("--front-end-cores", type=int, help="cores a reserved front end takes (default 1)")
     g.add_argument("--shared-core-step-ms", type=float, metavar="MS",
                    help="extra ms per engine iteration when the engines share their cores with "

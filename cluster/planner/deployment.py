@@ -7,7 +7,8 @@ the launcher's placement groups should follow it. A CPU plan (`cluster.device: c
 each instance to one core of its node, in layout order (prefill instances first), reserves
 no GPU, and sizes each instance's KV cache to `cluster.gpu_memory_gib`; a plan with a
 reserved front end (`front_end.layout: reserved`) starts the engines after the front end's
-cores and pins the front end to them (`ray.front_end_cores`).
+cores and pins the front end to them (`ray.front_end_cores`); a front end with the prefill
+instances (`with_prefill`) is pinned to the prefill instances' cores.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | N
     data["mode"] = "disaggregated"
     is_cpu = request.cluster.device == "cpu"
     cores = _cpu_cores(plan, request) if is_cpu else (None, None)
+    fe = request.front_end
+    if is_cpu and fe.modelled and fe.layout == "with_prefill":
+        data["ray"] = {**data["ray"], "front_end_cores": sorted({c for cs in cores[0] for c in cs})}
     for (role, config, n), role_cores in zip((("prefill", plan.prefill, plan.num_prefill),
                                               ("decode", plan.decode, plan.num_decode)), cores):
         pool = dict(data[role])

@@ -18,11 +18,17 @@ per output token) and where they run:
   engines keep their profiled speed; the front end is one queue of `k` cores at
   utilisation `ρ = L/k`, which adds its sojourn `c_req / (1 - ρ)` (M/M/1) to TTFT, and
   saturates at `ρ >= 1`.
+- **with_prefill** (disaggregated plans): on the prefill instances' cores, which it shares
+  with them, while the decode instances keep theirs to themselves. Prefill iterations and
+  the front end's own work stretch by `1 / (1 - L/P)` on the `P` prefill cores; decode
+  steps keep their profiled time. TTFT pays for the front end, TPOT does not: the layout
+  for tight TPOT SLOs on few cores (measured: `bench/results/serving-vs-vllm-cpu-2core`).
 
 A run at slow-down `s` is the same queueing system with every time stretched by `s`, so
 `RateJudge` simulates it at the profiled speed on arrivals compressed by `s` against an
 SLO shrunk by `s` (and by the front end's own TTFT share), then stretches the result back
-(`goodput.RateJudge`). Pure functions only.
+(`goodput.RateJudge`). A slow-down of the prefill instances alone (`prefill_scale`) is
+simulated with the prefill pool's iterations stretched instead. Pure functions only.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class FrontEndEffect:
 
     scale: float  # every engine iteration takes `scale` times its profiled time (>= 1)
     ttft_add_s: float  # the front end's own time before a request's first token
+    prefill_scale: float = 1.0  # prefill iterations alone take this times longer (with_prefill)
 
 
 # rate (req/s) -> its effect, or None where the front end cannot keep up at all.
@@ -67,6 +74,16 @@ class FrontEndLoad:
     def reserved(self, cores: int) -> EffectAt:
         """The front end alone on `cores` cores of its own: the engines keep their speed."""
         return self._on(cores, slows_engines=False)
+
+    def with_prefill(self, prefill_cores: int) -> EffectAt:
+        """The front end on the prefill instances' `prefill_cores` cores: it slows prefill
+        iterations by processor sharing and leaves decode steps alone."""
+        shared = self._on(prefill_cores, slows_engines=True)
+
+        def at(rate: float) -> FrontEndEffect | None:
+            effect = shared(rate)
+            return None if effect is None else FrontEndEffect(1.0, effect.ttft_add_s, effect.scale)
+        return at
 
     def _on(self, cores: int, slows_engines: bool) -> EffectAt:
         """At utilisation `rho` of its cores the front end's own work takes `1/(1-rho)` of

@@ -22,8 +22,10 @@ from .front_end import EffectAt, FrontEndEffect
 from .simulator import SimResult
 from .workload import SyntheticTrace
 
-# simulate(arrival_s, trace, stop_when_lost, slo) -> SimResult
-Simulate = Callable[[np.ndarray, SyntheticTrace, bool, SLOConfig], SimResult]
+# simulate(arrival_s, trace, stop_when_lost, slo) -> SimResult. A judge whose front end
+# slows the prefill instances alone (`FrontEndEffect.prefill_scale`) also passes
+# `prefill_scale=s`: the simulator stretches its prefill iterations by `s`.
+Simulate = Callable[..., SimResult]
 
 
 def _stretched(result: SimResult, effect: FrontEndEffect) -> SimResult:
@@ -68,6 +70,11 @@ class RateJudge:
 
     def _run(self, trace: SyntheticTrace, rate: float, effect: FrontEndEffect, stop: bool) -> SimResult:
         arrivals = trace.arrivals_at(rate)
+        if effect.prefill_scale != 1.0:  # only prefill slows: no uniform clock to stretch
+            slo = self.slo.model_copy(update={"ttft_s": max(self.slo.ttft_s - effect.ttft_add_s, 0.0)})
+            r = self.simulate(arrivals, trace, stop, slo, prefill_scale=effect.prefill_scale)
+            return SimResult(r.ttft_s + effect.ttft_add_s, r.tpot_s, r.e2e_s + effect.ttft_add_s,
+                             r.transfer_s, r.stopped_early)
         if effect.scale == 1.0 and effect.ttft_add_s == 0.0:
             return self.simulate(arrivals, trace, stop, self.slo)
         slo = self.slo.model_copy(update={

@@ -153,11 +153,13 @@ class FrontEndSpec(_Strict):
     )
     cpu_ms_per_output_token: float = Field(
         0.0, ge=0, description="CPU milliseconds the front end spends per output token.")
-    layout: Literal["shared", "reserved", "auto"] = Field(
+    layout: Literal["shared", "reserved", "with_prefill", "auto"] = Field(
         "auto", description="shared: the front end runs on the engines' cores and slows them; "
         "reserved: it has `reserved_cores` cores of its own, out of the budget "
-        "(`ray.front_end_cores`); auto: plan both and keep the one with more goodput "
-        "(max goodput) or fewer cores (a target rate).",
+        "(`ray.front_end_cores`); with_prefill: it runs on the prefill instances' cores and "
+        "slows only them, the decode instances keep their cores (disaggregated plans only); "
+        "auto: plan every layout and keep the one with the most goodput (max goodput) or the "
+        "fewest cores (a target rate).",
     )
     reserved_cores: int = Field(1, ge=1, description="Cores a reserved front end takes.")
     shared_core_step_ms: float = Field(
@@ -182,10 +184,10 @@ class FrontEndSpec(_Strict):
             if unused:
                 raise ValueError(f"front_end.{', front_end.'.join(unused)} need the front end's "
                                  "cost: set cpu_ms_per_request or cpu_ms_per_output_token")
-        elif self.layout == "shared" and self.reserved_cores != 1:
-            raise ValueError("front_end.reserved_cores applies to layout reserved or auto, not shared")
-        elif self.layout == "reserved" and self.shared_core_step_ms != 0:
-            raise ValueError("front_end.shared_core_step_ms applies to layout shared or auto, not reserved")
+        elif self.layout in ("shared", "with_prefill") and self.reserved_cores != 1:
+            raise ValueError(f"front_end.reserved_cores applies to layout reserved or auto, not {self.layout}")
+        elif self.layout in ("reserved", "with_prefill") and self.shared_core_step_ms != 0:
+            raise ValueError(f"front_end.shared_core_step_ms applies to layout shared or auto, not {self.layout}")
         return self
 
 
@@ -252,15 +254,24 @@ class PlanRequest(_Strict):
         if self.engine.iteration_time_scale != 1.0:
             raise ValueError("front_end and engine.iteration_time_scale both account for the "
                              "front end's CPU; set one of them")
-        if fe.layout != "shared" and fe.reserved_cores >= c.gpu_budget:
+        if fe.layout == "with_prefill" and self.search.compare_colocated:
+            raise ValueError("front_end.layout with_prefill plans disaggregated deployments only "
+                             "(a colocated engine sharing the front end's cores is layout shared); "
+                             "use layout auto to compare them")
+        if fe.layout in ("reserved", "auto") and fe.reserved_cores >= c.gpu_budget:
             raise ValueError(f"front_end.reserved_cores ({fe.reserved_cores}) leaves no core of the "
                              f"{c.gpu_budget}-core budget to the engines")
         return self
 
-    def with_front_end_layout(self, layout: Literal["shared", "reserved", "auto"]) -> "PlanRequest":
+    def with_front_end_layout(self, layout: Literal["shared", "reserved", "with_prefill", "auto"]
+                              ) -> "PlanRequest":
         """This request with one front-end layout; a reserved front end's cores leave the
-        engines' budget and node (they are the node's first cores)."""
+        engines' budget and node (they are the node's first cores). The with_prefill layout
+        plans disaggregated deployments only, so it compares no colocated baseline."""
         fe = self.front_end.model_copy(update={"layout": layout})
+        if layout == "with_prefill":
+            search = self.search.model_copy(update={"compare_colocated": False})
+            return self.model_copy(update={"front_end": fe, "search": search})
         if layout != "reserved" or not fe.modelled:
             return self.model_copy(update={"front_end": fe})
         k, c = fe.reserved_cores, self.cluster

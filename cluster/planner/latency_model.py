@@ -60,6 +60,12 @@ class LatencyProfile(BaseModel):
     kv_capacity_tokens: int | None = Field(
         None, ge=0, description="Measured KV-cache capacity of one instance (pipeline degree 1)."
     )
+    whole_iterations: bool = Field(
+        False, description="The coefficients time whole engine iterations, the engine's own "
+        "scheduling and output processing included (`pdserve profile` times vLLM's "
+        "`LLMEngine.step()`), so `engine.framework_overhead` is not added to them again. "
+        "DistServe's published profiles time the model alone (false)."
+    )
 
     def prefill_ms(self, input_lens: Iterable[int]) -> float:
         """One unpipelined prefill iteration over prompts of the given lengths."""
@@ -179,6 +185,11 @@ class EngineTiming:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size must be >= 1")
 
+    @property
+    def adds_overhead(self) -> bool:
+        """Whether iterations pay the framework overhead on top of the profile's times."""
+        return self.framework_overhead and not self.profile.whole_iterations
+
     def _fixed_ms(self, a: float) -> float:
         """Fixed cost of one stage."""
         return a if self.stage_fixed_cost == "per_stage" else a / self.pipeline_parallel_size
@@ -187,7 +198,7 @@ class EngineTiming:
         """(first stage, each later stage) seconds of one prefill batch."""
         a, b, c = self.profile.prefill
         stage = self._fixed_ms(a) + (b * sum_lens + c * sum_sq_lens) / self.pipeline_parallel_size
-        first = stage + (2.0 + 1e-4 * sum_lens if self.framework_overhead else 0.0)
+        first = stage + (2.0 + 1e-4 * sum_lens if self.adds_overhead else 0.0)
         return first / 1000.0, stage / 1000.0
 
     def prefill_latency_s(self, sum_lens: float, sum_sq_lens: float) -> float:
@@ -206,14 +217,14 @@ class EngineTiming:
         small = batch_size < p.decoding_large_small_bs_threshold
         a, b, c = p.decoding_smallbs if small else p.decoding_largebs
         ms = self._fixed_ms(a) * self.pipeline_parallel_size + b * (sum_context + batch_size) + c * batch_size
-        if self.framework_overhead:
+        if self.adds_overhead:
             ms += 2.0 + 1e-4 * sum_context
         return ms / 1000.0
 
     def decode_coefficients_ms(self) -> tuple[int, Coefficients, Coefficients, float, float]:
         """(threshold, small, large, overhead a, overhead per context token) for hot loops."""
         p = self.profile
-        oa, ob = (2.0, 1e-4) if self.framework_overhead else (0.0, 0.0)
+        oa, ob = (2.0, 1e-4) if self.adds_overhead else (0.0, 0.0)
         scale = self._fixed_ms(1.0) * self.pipeline_parallel_size  # fixed cost of all stages
         small = (p.decoding_smallbs[0] * scale,) + tuple(p.decoding_smallbs[1:])
         large = (p.decoding_largebs[0] * scale,) + tuple(p.decoding_largebs[1:])
@@ -241,6 +252,6 @@ class EngineTiming:
             ms += db * (sum_context + batch_size) + dc * batch_size
             fixed = max(pa, da)
         ms += fixed
-        if self.framework_overhead:
+        if self.adds_overhead:
             ms += 2.0 + 1e-4 * (sum_context + new)
         return ms / 1000.0

@@ -89,11 +89,11 @@ def phase_goodput(
     """(goodput of one instance, simulations run)."""
     slo = problem.request.slo
     if phase == "prefill":
-        pool = problem.prefill_pool(config, 1)
         guess = prefill_rate_guess(problem, config)
 
-        def simulate(arrival_s, trace, stop, slo):
-            return simulate_prefill_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
+        def simulate(arrival_s, trace, stop, slo, prefill_scale=1.0):
+            return simulate_prefill_only(problem.prefill_pool(config, 1, prefill_scale), arrival_s,
+                                         trace.input_lens, trace.output_lens, slo, stop)
     else:
         pool = problem.decode_pool(config, 1)
         guess = decode_rate_guess(problem, config)
@@ -102,7 +102,8 @@ def phase_goodput(
             return simulate_decode_only(pool, arrival_s, trace.input_lens, trace.output_lens, slo, stop)
 
     # A plan's front end serves every request in both phases: as if one instance of each.
-    judge = RateJudge(simulate, traces, slo, problem.front_end_effect(2 * config.num_gpus))
+    judge = RateJudge(simulate, traces, slo, problem.front_end_effect(
+        2 * config.num_gpus, config.num_gpus if phase == "prefill" else 0))
     # Per-phase goodputs only order and size candidates (co-simulation decides), so they
     # are bisected twice as coarsely.
     rate = max_feasible_rate(judge.feasible, guess, PHASE_TOL_FACTOR * problem.request.search.rel_tol)

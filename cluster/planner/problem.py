@@ -36,16 +36,22 @@ class PlanningProblem:
         return EngineTiming(self.profiles[config.tp], config.pp, e.framework_overhead,
                             e.pipeline_stage_fixed_cost)
 
-    def front_end_effect(self, engine_units: int) -> EffectAt | None:
+    def front_end_effect(self, engine_units: int, prefill_units: int = 0) -> EffectAt | None:
         """The front end's effect at each rate on a deployment of `engine_units` engine
-        units (`front_end.py`), or None where it is not modelled. "auto" reads as shared:
-        `search` splits it into one problem per layout first."""
+        units, `prefill_units` of them prefill instances' (`front_end.py`), or None where it
+        is not modelled or, in the with_prefill layout, where no prefill instance is judged
+        (the decode phase alone). "auto" reads as shared: `search` splits it into one
+        problem per layout first."""
         fe = self.request.front_end
         if not fe.modelled:
             return None
         load = FrontEndLoad(fe.cpu_ms_per_request / 1000.0, fe.cpu_ms_per_output_token / 1000.0,
                             self.lengths["output_mean"])
-        return load.reserved(fe.reserved_cores) if fe.layout == "reserved" else load.shared(engine_units)
+        if fe.layout == "reserved":
+            return load.reserved(fe.reserved_cores)
+        if fe.layout == "with_prefill":
+            return load.with_prefill(prefill_units) if prefill_units else None
+        return load.shared(engine_units)
 
     def kv_capacity(self, config: ParallelConfig) -> int:
         """KV tokens of one instance: capacity table > measured (profile, pp 1) > computed."""
@@ -81,8 +87,13 @@ class PlanningProblem:
             return f"KV cache ({capacity} tokens) is smaller than the longest prompt"
         return None
 
-    def prefill_pool(self, config: ParallelConfig, num_instances: int) -> PrefillPool:
-        return PrefillPool(num_instances, self.timing(config), self.request.engine.prefill_token_budget)
+    def prefill_pool(self, config: ParallelConfig, num_instances: int, scale: float = 1.0) -> PrefillPool:
+        """`scale`: every prefill iteration that many times its profiled time (a front end
+        sharing the prefill instances' cores, `FrontEndEffect.prefill_scale`)."""
+        timing = self.timing(config)
+        if scale != 1.0:
+            timing = replace(timing, profile=scale_profile(timing.profile, scale))
+        return PrefillPool(num_instances, timing, self.request.engine.prefill_token_budget)
 
     def decode_pool(self, config: ParallelConfig, num_instances: int) -> DecodePool:
         e = self.request.engine

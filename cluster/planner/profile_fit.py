@@ -122,8 +122,10 @@ def fit_profile(
     hardware: str | None = None,
     kv_bytes_per_token: int | None = None,
     kv_capacity_tokens: int | None = None,
+    whole_iterations: bool = False,
 ) -> dict:
-    """One profile entry (the value under `{model: {tp: ...}}`), validated, as plain JSON."""
+    """One profile entry (the value under `{model: {tp: ...}}`), validated, as plain JSON.
+    `whole_iterations`: the samples time whole engine iterations (`LatencyProfile`)."""
     small, large = fit_decode(decode_samples, threshold)
     profile = LatencyProfile(
         prefill=fit_prefill(prefill_samples),
@@ -133,6 +135,7 @@ def fit_profile(
         hardware=hardware,
         kv_bytes_per_token=kv_bytes_per_token,
         kv_capacity_tokens=kv_capacity_tokens,
+        whole_iterations=whole_iterations,
     )
     return profile.model_dump(mode="json", exclude_none=True)
 

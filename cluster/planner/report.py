@@ -111,16 +111,23 @@ def _front_end_header(outcome: PlanOutcome, problem: PlanningProblem) -> list[st
     fe = problem.request.front_end
     if not fe.modelled:
         return []
-    where = ("shared with the engines' cores" if outcome.front_end_layout == "shared"
-             else f"on {outcome.front_end_cores} core(s) of its own")
+    where = _where(outcome, "the engines' cores")
     return [f"  front end    {fe.cpu_ms_per_request:g} ms CPU per request + "
             f"{fe.cpu_ms_per_output_token:g} ms per output token; planned {where}"
             + (" (layout auto)" if fe.layout == "auto" else "")]
 
 
+def _where(o: PlanOutcome, engines: str = "the engines") -> str:
+    """Where the outcome's front end runs, in words."""
+    if o.front_end_layout == "shared":
+        return f"shared with {engines}"
+    if o.front_end_layout == "with_prefill":
+        return "on the prefill instances' cores (decode alone on its own)"
+    return f"on {o.front_end_cores} core(s) of its own"
+
+
 def _layout_summary(o: PlanOutcome, unit: str) -> str:
-    where = ("shared with the engines" if o.front_end_layout == "shared"
-             else f"on {o.front_end_cores} reserved core(s)")
+    where = _where(o)
     if o.serve_colocated:
         top = o.best_colocated
         what = f"colocated {top.label} x{top.num_instances}"
@@ -133,12 +140,10 @@ def _layout_summary(o: PlanOutcome, unit: str) -> str:
 
 
 def _front_end_verdict(outcome: PlanOutcome, unit: str) -> list[str]:
-    other = outcome.other_layout
-    if other is None:
+    if not outcome.other_layouts:
         return []
-    return ["", "Front-end layout (both planned):",
-            f"  chosen  {_layout_summary(outcome, unit)}",
-            f"  other   {_layout_summary(other, unit)}"]
+    return (["", "Front-end layouts (each planned):", f"  chosen  {_layout_summary(outcome, unit)}"]
+            + [f"  other   {_layout_summary(o, unit)}" for o in outcome.other_layouts])
 
 
 def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: float | None = None) -> str:

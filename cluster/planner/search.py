@@ -86,11 +86,11 @@ class PlanOutcome:
     fallback: EvaluatedPlan | None  # min_gpus infeasible: the max-goodput plan instead
     num_simulations: int
     # Where a front end is modelled (`front_end.py`): the layout this outcome plans
-    # ("shared" or "reserved"), the cores a reserved front end takes, and the other
-    # layout's outcome when `front_end.layout` is auto.
+    # ("shared", "reserved" or "with_prefill"), the cores a reserved front end takes, and
+    # the other layouts' outcomes when `front_end.layout` is auto.
     front_end_layout: str | None = None
     front_end_cores: int = 0
-    other_layout: "PlanOutcome | None" = None
+    other_layouts: "tuple[PlanOutcome, ...]" = ()
 
     @property
     def units(self) -> int:
@@ -166,27 +166,27 @@ class _Search:
             scale = min(MAX_TRACE_SCALE, max(1.0, (plan.num_prefill + plan.num_decode) / 2))
             traces = self.traces(int(self.req.search.num_requests * scale))
 
-            def simulate(arrival_s, trace, stop, slo):
-                pre = self.prefill_pass(plan, arrival_s, trace, stop, slo)
+            def simulate(arrival_s, trace, stop, slo, prefill_scale=1.0):
+                pre = self.prefill_pass(plan, arrival_s, trace, stop, slo, prefill_scale)
                 return simulate_disaggregated(system, arrival_s, trace.input_lens,
                                               trace.output_lens, slo, stop, prefill=pre)
 
-            self._judges[plan] = RateJudge(simulate, traces, slo,
-                                           self.problem.front_end_effect(plan.num_gpus))
+            self._judges[plan] = RateJudge(simulate, traces, slo, self.problem.front_end_effect(
+                plan.num_gpus, plan.num_prefill * plan.prefill.num_gpus))
         return self._judges[plan]
 
     def prefill_pass(self, plan: Plan, arrival_s, trace: SyntheticTrace, stop: bool,
-                     slo: SLOConfig) -> PrefillOutcome:
+                     slo: SLOConfig, prefill_scale: float = 1.0) -> PrefillOutcome:
         """The prefill pass of a co-simulation, shared by every plan with the same prefill
         pool (prefill never waits on decode): candidates of one prefill pool differ only in
         their decode side, and the bar checks ask them all at the same rate."""
         # The trace's last arrival identifies the rate it was rescaled to (arrivals_at).
         # The SLO differs from the request's where a front end slows the run (RateJudge).
         key = (plan.prefill, plan.num_prefill, id(trace), float(arrival_s[-1]), stop,
-               slo.ttft_s, slo.tpot_s)
+               slo.ttft_s, slo.tpot_s, prefill_scale)
         out = self._prefill_passes.get(key)
         if out is None:
-            out = prefill_pass(self.problem.prefill_pool(plan.prefill, plan.num_prefill),
+            out = prefill_pass(self.problem.prefill_pool(plan.prefill, plan.num_prefill, prefill_scale),
                                arrival_s, trace.input_lens, slo, stop)
             self._prefill_passes[key] = out
             if len(self._prefill_passes) > PREFILL_PASS_CACHE:
@@ -489,27 +489,34 @@ def _dominated(plan: Plan, failed: Plan) -> bool:
             and plan.num_decode <= failed.num_decode)
 
 
+FRONT_END_LAYOUTS = ("shared", "reserved", "with_prefill")
+
+
 def search(problem: PlanningProblem) -> PlanOutcome:
     """Pure and deterministic: the same problem gives the same outcome. With a modelled
-    front end of layout auto, both layouts are planned and the better one is returned,
-    the other attached as `other_layout`."""
+    front end of layout auto, every layout is planned and the best one is returned, the
+    others attached as `other_layouts` (`_better_layout`)."""
     req = problem.request
     if not req.front_end.modelled:
         return _search_layout(problem)
     if req.front_end.layout != "auto":
         return _plan_layout(problem, req.front_end.layout)
-    shared, reserved = _plan_layout(problem, "shared"), _plan_layout(problem, "reserved")
-    tol = req.search.rel_tol
-    if req.workload.rate is None:  # the most goodput, then (a tie) the fewest units
-        g_s, g_r = shared.deployment_goodput_rps, reserved.deployment_goodput_rps
-        keep_reserved = g_r > g_s * (1 + tol) or (g_r >= g_s / (1 + tol) and g_r > 0
-                                                   and reserved.units < shared.units)
-    else:  # the fewest units sustaining the rate
-        keep_reserved = reserved.best is not None and (shared.best is None
-                                                       or reserved.units < shared.units)
-    chosen, other = (reserved, shared) if keep_reserved else (shared, reserved)
-    return replace(chosen, other_layout=other,
-                   num_simulations=shared.num_simulations + reserved.num_simulations)
+    outcomes = [_plan_layout(problem, layout) for layout in FRONT_END_LAYOUTS]
+    chosen = outcomes[0]
+    for o in outcomes[1:]:
+        if _better_layout(o, chosen, req.workload.rate is None, req.search.rel_tol):
+            chosen = o
+    return replace(chosen, other_layouts=tuple(o for o in outcomes if o is not chosen),
+                   num_simulations=sum(o.num_simulations for o in outcomes))
+
+
+def _better_layout(a: PlanOutcome, b: PlanOutcome, max_goodput: bool, tol: float) -> bool:
+    """Whether layout outcome `a` beats `b`. Max goodput: more goodput beyond the bisection's
+    tolerance, or (a tie) fewer units. A target rate: sustaining it on fewer units."""
+    if not max_goodput:
+        return a.best is not None and (b.best is None or a.units < b.units)
+    g_a, g_b = a.deployment_goodput_rps, b.deployment_goodput_rps
+    return g_a > g_b * (1 + tol) or (g_a >= g_b / (1 + tol) and g_a > 0 and a.units < b.units)
 
 
 def _plan_layout(problem: PlanningProblem, layout: str) -> PlanOutcome:

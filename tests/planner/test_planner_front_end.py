@@ -9,14 +9,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cluster.config import load_config
+from cluster.config import SLOConfig, load_config
 from cluster.planner import cli
 from cluster.planner.front_end import FrontEndEffect, FrontEndLoad
 from cluster.planner.goodput import RateJudge
 from cluster.planner.inputs import PlanRequest
 from cluster.planner.plans import ParallelConfig
 from cluster.planner.problem import build_problem, for_front_end_layout, scale_profile
-from cluster.planner.search import search
+from cluster.planner.search import _Search, search
 from cluster.planner.simulator import simulate_colocated
 from cluster.planner.workload import make_trace
 
@@ -45,6 +45,10 @@ def test_a_shared_front_end_slows_the_engines_by_its_share_of_their_cores():
     assert reserved(50.0) == pytest.approx(FrontEndEffect(1.0, 0.016))  # M/M/1 at 50%
     assert reserved(100.0) is None
     assert load.max_rate(1) == pytest.approx(100.0)
+    # On the prefill instances' core only: prefill iterations stretch, decode steps do not.
+    with_prefill = load.with_prefill(prefill_cores=1)
+    assert with_prefill(50.0) == pytest.approx(FrontEndEffect(1.0, 0.016, prefill_scale=2.0))
+    assert with_prefill(100.0) is None
 
 
 def test_the_judge_runs_a_slowed_deployment_as_the_same_system_stretched_in_time(
@@ -105,20 +109,21 @@ def _engine_cores(config) -> set[int]:
     return {c for pool in pools for cores in pool.cpu_cores for c in cores}
 
 
-def test_plan_gives_a_heavy_front_end_its_own_core_and_writes_that_layout(
+def test_plan_keeps_a_heavy_front_end_off_the_decode_cores_and_writes_that_layout(
         synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
-    # 3 cores. A front end that costs 60 ms of CPU per request, on the engines' cores, slows
-    # every step (and each step also waits 4 ms for its scheduler's time slice) past what
-    # TPOT 20 ms allows at the rates 3 engines could carry; on a core of its own it leaves
-    # 2 engines at full speed.
+    # 3 cores. A front end that costs 60 ms of CPU per request, on every engine's cores,
+    # slows every step (and each step also waits 4 ms for its scheduler's time slice) past
+    # what TPOT 20 ms allows at the rates 3 engines could carry. On a core of its own, or on
+    # the prefill instances' cores only, it leaves the decode engines at full speed.
     out = tmp_path / "plan.yaml"
     assert _run(_plan_args(synthetic_profile_path, tiny_model_dir, out, "60", "4")) == 0
     report = capsys.readouterr().out
-    assert "Front-end layout (both planned):" in report
-    assert "chosen  front end on 1 reserved core(s)" in report, report
+    assert "Front-end layouts (each planned):" in report
+    assert "chosen  front end shared" not in report, report
     config = load_config(out)
-    assert config.ray.front_end_cores == [0]
-    assert _engine_cores(config) == {1, 2}
+    fe_cores = set(config.ray.front_end_cores)
+    assert fe_cores and not fe_cores & {c for cores in config.decode.cpu_cores for c in cores}
+    assert _engine_cores(config) | fe_cores == {0, 1, 2}
 
     request = PlanRequest.model_validate(
         {**_request(synthetic_profile_path, tiny_model_dir).model_dump(mode="json"),
@@ -126,12 +131,50 @@ def test_plan_gives_a_heavy_front_end_its_own_core_and_writes_that_layout(
          "cluster": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 3, "gpu_memory_gib": 4},
          "front_end": {"cpu_ms_per_request": 60, "shared_core_step_ms": 4}})
     outcome = search(build_problem(request))
-    assert outcome.front_end_layout == "reserved" and outcome.units == 3
-    other = outcome.other_layout
-    assert other.front_end_layout == "shared" and other.units == 3
-    assert outcome.deployment_goodput_rps > other.deployment_goodput_rps > 0
-    # Never more than the reserved core can carry: 1 core / 60 ms.
-    assert outcome.deployment_goodput_rps < FrontEndLoad(0.06, 0.0, 1).max_rate(1)
+    others = {o.front_end_layout: o for o in outcome.other_layouts}
+    assert outcome.front_end_layout in ("reserved", "with_prefill") and outcome.units == 3
+    assert set(others) | {outcome.front_end_layout} == {"shared", "reserved", "with_prefill"}
+    assert outcome.deployment_goodput_rps > others["shared"].deployment_goodput_rps > 0
+    # Never more than the front end's cores can carry: 1 or 2 cores / 60 ms.
+    fe_cores = 1 if outcome.front_end_layout == "reserved" else outcome.best.plan.num_prefill
+    assert outcome.deployment_goodput_rps < FrontEndLoad(0.06, 0.0, 1).max_rate(fe_cores)
+
+
+def test_a_tight_tpot_puts_the_front_end_with_prefill_and_decode_alone_on_its_core(
+        synthetic_profile_path, tiny_model_dir, tmp_path, capsys):
+    # 2 cores, TPOT 11 ms, TTFT 2 s, a 20 ms front end. Shared, it slows the decode steps
+    # past TPOT; reserved, it leaves one colocated engine whose prefills stall its decodes.
+    # With the prefill instance, only TTFT pays for it, and TTFT has room.
+    argv = ["--model", str(tiny_model_dir), "--profile", str(synthetic_profile_path),
+            "--input-len-range", "256", "768", "--output-len-range", "16", "112",
+            "--ttft-s", "2", "--tpot-s", "0.011", "--device", "cpu", "--nodes", "1",
+            "--gpus-per-node", "2", "--gpu-memory-gib", "4", "--compare-colocated",
+            "--front-end-cpu-ms", "20", "--shared-core-step-ms", "2", "--no-framework-overhead",
+            "--num-requests", "300", "--num-seeds", "1", "--output", str(tmp_path / "plan.yaml")]
+    assert _run(argv) == 0
+    report = capsys.readouterr().out
+    assert "chosen  front end on the prefill instances' cores" in report, report
+    config = load_config(tmp_path / "plan.yaml")
+    assert config.mode == "disaggregated"
+    assert config.ray.front_end_cores == [0]
+    assert config.prefill.cpu_cores == [[0]] and config.decode.cpu_cores == [[1]]
+
+    request = _request(synthetic_profile_path, tiny_model_dir, cpu_ms_per_request=20,
+                       shared_core_step_ms=2).model_copy(
+        update={"slo": SLOConfig(ttft_s=2.0, tpot_s=0.011, attainment=0.9)})
+    outcome = search(build_problem(request))
+    others = {o.front_end_layout: o for o in outcome.other_layouts}
+    assert outcome.front_end_layout == "with_prefill" and not outcome.serve_colocated
+    for other in others.values():
+        assert outcome.deployment_goodput_rps > 2 * other.deployment_goodput_rps
+    # Its decode runs at profiled speed: at the plan's goodput, TPOT is what the same plan
+    # gives with no front end at all (up to prefills finishing later), and TTFT pays.
+    plan, rate = outcome.best.plan, outcome.best.goodput_rps
+    ours = _Search(for_front_end_layout(build_problem(request), "with_prefill")).judge(plan).measure(rate)
+    free = _Search(build_problem(_request(synthetic_profile_path, tiny_model_dir).model_copy(
+        update={"slo": request.slo}))).judge(plan).measure(rate)
+    assert ours.mean_tpot_s == pytest.approx(free.mean_tpot_s, rel=0.05)
+    assert ours.mean_ttft_s > free.mean_ttft_s + 0.02
 
 
 def test_plan_keeps_a_light_front_end_on_the_engines_cores(

@@ -40,6 +40,11 @@ def test_pipeline_divides_prefill_per_stage(synthetic_profile_path):
     assert timing.prefill_latency_s(100, 100**2) == pytest.approx(p.prefill_ms([100]) / 1000)
     overhead = EngineTiming(p, 1, framework_overhead=True)
     assert overhead.prefill_stage_s(100, 100**2)[0] == pytest.approx((p.prefill_ms([100]) + 2.01) / 1000)
+    # A profile of whole engine iterations (`pdserve profile`) already holds that overhead.
+    whole = EngineTiming(p.model_copy(update={"whole_iterations": True}), 1, framework_overhead=True)
+    assert whole.prefill_stage_s(100, 100**2)[0] == pytest.approx(p.prefill_ms([100]) / 1000)
+    assert whole.decode_step_s(8, 800) == pytest.approx(EngineTiming(p).decode_step_s(8, 800))
+    assert whole.mixed_step_s([50], [0], 8, 800) == pytest.approx(EngineTiming(p).mixed_step_s([50], [0], 8, 800))
 
 
 def test_chunked_prefill_cost_sums_to_whole_prompt(synthetic_profile_path):

@@ -114,6 +114,7 @@ def test_profile_json_loads_in_the_planner_and_plans_a_cpu_deployment(tiny_model
     assert entry.prefill == pytest.approx(TRUE.prefill, rel=1e-6)
     assert entry.hardware == "fake CPU (bound to cores 0 of 2)"
     assert entry.kv_capacity_tokens == 87296
+    assert entry.whole_iterations  # it timed whole engine steps: no framework overhead on top
     # 2 (K, V) x 8 layers x 4 KV heads x 128 head dim x 2 bytes (the engine's dtype, not the file's)
     assert entry.kv_bytes_per_token == 2 * 8 * 4 * 128 * 2
     raw = json.loads(samples.read_text())
