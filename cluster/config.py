@@ -29,7 +29,7 @@ from pydantic import (
 
 from cluster.auth import MASKED, check_secret
 
-Mode = Literal["disaggregated", "colocated"]
+Mode = Literal["disaggregated", "colocated", "auto"]
 Role = Literal["prefill", "decode", "colocated"]
 
 
@@ -482,8 +482,42 @@ class ReplanConfig(_Strict):
         return self
 
 
+class PlannerConfig(_Strict):
+    """Mode auto: `pdserve serve` asks the planner for the mode, the pools and the front
+    end's cores on the CPU host it starts (pdserve/auto_mode.py, docs/planner.md)."""
+
+    workload: Path | None = Field(
+        None, description="The workload to plan for: a workload file (cluster/workload_schema.py, "
+        "the file `pdserve bench --workload` sends). Unset: the lengths of vLLM's benchmark "
+        "defaults, 1,024-token prompts and 128-token outputs.",
+    )
+    profile: Path | None = Field(
+        None, description="Latency profile of one engine on one core (`pdserve profile`). "
+        "Unset: the profile pdserve ships for an embedded model; required for a model directory.",
+    )
+    kv_cache_gib: int = Field(1, ge=1, description="KV-cache space of every instance it starts, GiB.")
+    front_end_cpu_ms: float = Field(
+        12.0, gt=0, description="CPU milliseconds the front end spends per request (the "
+        "planner's `front_end.cpu_ms_per_request`; measured on the tiny model, 2 cores).",
+    )
+    front_end_cpu_ms_per_token: float = Field(
+        0.0, ge=0, description="CPU milliseconds the front end spends per output token.")
+    shared_core_step_ms: float = Field(
+        2.4, ge=0, description="Extra milliseconds per engine iteration where engines share "
+        "cores with the front end (the planner's `front_end.shared_core_step_ms`; measured).",
+    )
+
+
+# Pool fields that mode auto decides; a config that sets one of them chooses its own pools.
+_AUTO_POOL_FIELDS = ("num_instances", "tensor_parallel_size", "pipeline_parallel_size",
+                     "cpu_cores", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens")
+
+
 class ServeConfig(_Strict):
-    mode: Mode = Field("disaggregated", description="Disaggregated P/D pools or colocated instances.")
+    mode: Mode = Field(
+        "disaggregated", description="Disaggregated P/D pools, colocated instances, or auto: "
+        "`pdserve serve` plans the mode and the pools for the SLO and workload on the CPU host it "
+        "starts (the `planner` section).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)
@@ -494,9 +528,15 @@ class ServeConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     replan: ReplanConfig = Field(default_factory=ReplanConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
 
     @model_validator(mode="after")
     def _pools_present(self) -> "ServeConfig":
+        if self.mode == "auto":
+            return self._auto_leaves_pools_alone()
+        if self.planner != PlannerConfig():
+            raise ValueError("planner: these settings are for mode auto; this config's mode is "
+                             f"{self.mode}")
         if self.mode == "disaggregated":
             if self.prefill.num_instances < 1 or self.decode.num_instances < 1:
                 raise ValueError(
@@ -527,8 +567,26 @@ class ServeConfig(_Strict):
                              "ray.router_replicas 1 (each replica sees only its share)")
         return self
 
+    def _auto_leaves_pools_alone(self) -> "ServeConfig":
+        default = PoolConfig()
+        for role in ("prefill", "decode", "colocated"):
+            pool = getattr(self, role)
+            chosen = [f"{role}.{f}" for f in _AUTO_POOL_FIELDS if getattr(pool, f) != getattr(default, f)]
+            if chosen:
+                raise ValueError(f"mode auto chooses the pools: {', '.join(chosen)} belong to mode "
+                                 "disaggregated or colocated (planner.kv_cache_gib sizes the KV cache)")
+        if self.replan.enabled:
+            raise ValueError("replan resizes a disaggregated deployment: give mode disaggregated "
+                             "(`pdserve serve --mode auto --print-config` shows the plan to start from)")
+        if self.ray.address is not None:
+            raise ValueError("mode auto plans the CPU host `pdserve serve` starts Ray on; for a "
+                             "running cluster (ray.address) plan with `pdserve plan` and serve its config")
+        return self
+
     def pools(self) -> dict[Role, PoolConfig]:
         """The pools this mode runs, by role."""
+        if self.mode == "auto":
+            raise ValueError("mode auto has no pools until `pdserve serve` plans them")
         if self.mode == "disaggregated":
             return {"prefill": self.prefill, "decode": self.decode}
         return {"colocated": self.colocated}

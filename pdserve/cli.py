@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,20 @@ from cluster.config import ConfigError, dump_config, load_config
 from cluster.planner import cli as planner_cli
 
 
-def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _mode(args: argparse.Namespace) -> str | None:
+    """`--mode`, or auto where nothing else chooses the deployment: no config file, no pool
+    flag, no cluster to join, and a CPU host (the planner's profiles are of CPU engines)."""
+    if args.mode is not None:
+        return args.mode
+    if args.config is not None or args.ray_address is not None or any(
+            v is not None for v in (args.num_prefill, args.num_decode, args.num_instances)):
+        return None
+    from cluster.engine_host import is_cuda_available
+
+    return None if is_cuda_available() else "auto"
+
+
+def _serve_overrides(args: argparse.Namespace, mode: str | None = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
 
     def put(path: str, value: Any) -> None:
@@ -34,7 +48,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("model.path", args.model)
     put("model.embedded", args.embedded_model)
     put("model.max_model_len", args.max_model_len)
-    put("mode", args.mode)
+    put("mode", mode)
     put("router.host", args.host)
     put("router.port", args.port)
     put("router.api_key", args.api_key)
@@ -46,7 +60,11 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("slo.ttft_s", args.ttft_slo)
     put("slo.tpot_s", args.tpot_slo)
     put("ray.address", args.ray_address)
-    if args.kv_cache_gib is not None:
+    put("planner.workload", args.workload)
+    put("planner.profile", args.planner_profile)
+    if mode == "auto":
+        put("planner.kv_cache_gib", args.kv_cache_gib)
+    elif args.kv_cache_gib is not None:
         for role in ("prefill", "decode", "colocated"):
             put(f"{role}.kv_cache_gib", args.kv_cache_gib)
     return o
@@ -60,7 +78,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (default: embedded model)")
     p.add_argument("--embedded-model", choices=["tiny", "small"], help="embedded model to serve")
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--mode", choices=["disaggregated", "colocated"])
+    p.add_argument("--mode", choices=["disaggregated", "colocated", "auto"],
+                   help="auto: plan the mode and pools for the SLO and --workload on this CPU "
+                   "host (the default without --config or pool flags on a CPU host)")
+    p.add_argument("--workload", type=Path, metavar="FILE",
+                   help="mode auto: the workload to plan for (a `pdserve bench --workload` file)")
+    p.add_argument("--planner-profile", type=Path, metavar="FILE",
+                   help="mode auto: latency profile of the model (`pdserve profile`); the "
+                   "embedded models have one")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API (also "
@@ -88,11 +113,13 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config, _serve_overrides(args))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config(args.config, _serve_overrides(args, _mode(args)))
+    if config.mode == "auto":
+        config = _plan_auto(config)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.runtime == "actors":
         from pdserve.launcher import StartupError, serve
 
@@ -124,6 +151,18 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"pdserve: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plan_auto(config):
+    """Mode auto's deployment for this host (pdserve/auto_mode.py)."""
+    from cluster.engine_host import is_cuda_available
+    from pdserve.auto_mode import resolve_auto_mode
+    from pdserve.launcher import resolve_model_path
+
+    if is_cuda_available():
+        raise ConfigError("mode auto plans a CPU host's cores; on GPUs, plan with `pdserve plan` "
+                          "and a profile of your GPU, then serve the config it writes")
+    return resolve_auto_mode(config, resolve_model_path(config), sorted(os.sched_getaffinity(0)))
 
 
 def _add_scale(sub) -> None:

@@ -11,9 +11,15 @@ per output token) and where they run:
 - **shared**: on the engines' own cores, spread evenly. At rate `λ` the front end keeps
   `L = λ (c_req + c_tok · E[output])` cores busy, so each of the `N` engine cores has
   `1 - L/N` of its time left and every engine iteration (and every CPU-side KV copy) takes
-  `s = 1 / (1 - L/N)` times its profiled time (processor sharing). At `L >= N` nothing
-  is served. A request also waits for its own front-end work, `c_req · s`, before its first
-  token.
+  `s = 1 / (1 - L/N)` times its profiled time (processor sharing). The front end itself
+  is a queue that gets its fair share of those cores against the `N` busy engine runners,
+  `f = N / (N + 1)` of a core: a request's front-end work takes `c_req / f` and waits as in
+  M/M/1 at utilisation `L / f`, and at `L >= f` nothing is served. (Its fair share, not
+  the `N - L` cores left over: vLLM's CPU engine keeps its scheduler and runner processes
+  runnable under load, so the front end does not get a core whenever it wants one.
+  Measured on the tiny model, 2 cores: two engines on shared cores reach 8-16 req/s where
+  one engine with the front end on its own core reaches 64,
+  `bench/results/serving-vs-vllm-cpu-2core/run-2026-12-07-layouts`.)
 - **reserved**: on `k` cores of its own that no engine uses (`ray.front_end_cores`). The
   engines keep their profiled speed; the front end is one queue of `k` cores at
   utilisation `ρ = L/k`, which adds its sojourn `c_req / (1 - ρ)` (M/M/1) to TTFT, and
@@ -86,18 +92,20 @@ class FrontEndLoad:
         return at
 
     def _on(self, cores: int, slows_engines: bool) -> EffectAt:
-        """At utilisation `rho` of its cores the front end's own work takes `1/(1-rho)` of
-        its CPU time (M/M/1 sojourn, or processor sharing's stretch); engines sharing those
-        cores are stretched by the same factor."""
+        """On cores of its own the front end is a queue of `cores` cores; on the engines'
+        cores, a queue of its fair share of them, `cores / (cores + 1)` of one core, and
+        the engines keep `1 - L/cores` of theirs (processor sharing)."""
         if cores < 1:
             raise ValueError("the front end needs at least one core")
+        capacity = cores / (cores + 1) if slows_engines else float(cores)
+        speed = min(capacity, 1.0)  # one request's front-end work runs on one core at most
 
         def at(rate: float) -> FrontEndEffect | None:
-            rho = self.cores_busy(rate) / cores
-            if rho >= 1.0:
+            load = self.cores_busy(rate)
+            if load >= capacity:
                 return None
-            stretch = 1.0 / (1.0 - rho)
-            return FrontEndEffect(stretch if slows_engines else 1.0, self.cpu_s_per_request * stretch)
+            wait = self.cpu_s_per_request / speed / (1.0 - load / capacity)
+            return FrontEndEffect(1.0 / (1.0 - load / cores) if slows_engines else 1.0, wait)
         return at
 
     def max_rate(self, cores: float) -> float:

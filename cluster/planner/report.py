@@ -126,7 +126,7 @@ def _where(o: PlanOutcome, engines: str = "the engines") -> str:
     return f"on {o.front_end_cores} core(s) of its own"
 
 
-def _layout_summary(o: PlanOutcome, unit: str) -> str:
+def layout_summary(o: PlanOutcome, unit: str) -> str:
     where = _where(o)
     if o.serve_colocated:
         top = o.best_colocated
@@ -142,8 +142,8 @@ def _layout_summary(o: PlanOutcome, unit: str) -> str:
 def _front_end_verdict(outcome: PlanOutcome, unit: str) -> list[str]:
     if not outcome.other_layouts:
         return []
-    return (["", "Front-end layouts (each planned):", f"  chosen  {_layout_summary(outcome, unit)}"]
-            + [f"  other   {_layout_summary(o, unit)}" for o in outcome.other_layouts])
+    return (["", "Front-end layouts (each planned):", f"  chosen  {layout_summary(outcome, unit)}"]
+            + [f"  other   {layout_summary(o, unit)}" for o in outcome.other_layouts])
 
 
 def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: float | None = None) -> str:

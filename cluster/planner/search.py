@@ -489,7 +489,10 @@ def _dominated(plan: Plan, failed: Plan) -> bool:
             and plan.num_decode <= failed.num_decode)
 
 
-FRONT_END_LAYOUTS = ("shared", "reserved", "with_prefill")
+# In the order ties go: the measured goodput of a shared layout has always come out below
+# its prediction (docs/planner.md, "The front end on a CPU host"), so a layout that keeps
+# the front end off the engines (or off the decode engines) wins a tie.
+FRONT_END_LAYOUTS = ("reserved", "with_prefill", "shared")
 
 
 def search(problem: PlanningProblem) -> PlanOutcome:
