@@ -506,6 +506,11 @@ class PlannerConfig(_Strict):
         2.4, ge=0, description="Extra milliseconds per engine iteration where engines share "
         "cores with the front end (the planner's `front_end.shared_core_step_ms`; measured).",
     )
+    scheduler_poll_share: float = Field(
+        0.4, ge=0, le=4, description="What an engine scheduler's busy-polling costs an engine "
+        "computing on the same core (the planner's `front_end.scheduler_poll_share`; measured "
+        "on the small model, 2 cores).",
+    )
 
 
 # Pool fields that mode auto decides; a config that sets one of them chooses its own pools.

@@ -65,6 +65,7 @@ def plan_request(config: ServeConfig, model_path: Path, num_cores: int) -> PlanR
         # One core has no other for the front end: only the shared layout exists there.
         "layout": "auto" if num_cores > 1 else "shared",
         "shared_core_step_ms": p.shared_core_step_ms,
+        "scheduler_poll_share": p.scheduler_poll_share,
     }
     try:
         return PlanRequest.model_validate({

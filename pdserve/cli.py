@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import cli as bench_cli
 from cluster import profiler
-from cluster.config import ConfigError, dump_config, load_config
+from cluster.config import ConfigError, ServeConfig, dump_config, load_config
 from cluster.planner import cli as planner_cli
 
 
@@ -153,7 +153,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_auto(config):
+def _plan_auto(config: ServeConfig) -> ServeConfig:
     """Mode auto's deployment for this host (pdserve/auto_mode.py)."""
     from cluster.engine_host import is_cuda_available
     from pdserve.auto_mode import resolve_auto_mode

@@ -219,9 +219,14 @@ def parse_args(args: Any) -> ServeConfig:
     data = dict(args or {})
     path = data.pop("config", None)
     try:
-        return load_config(Path(path) if path else None, data)
+        config = load_config(Path(path) if path else None, data)
     except ConfigError as e:
         raise ConfigError(config_error_line(e)) from None
+    if config.mode == "auto":
+        raise ConfigError("mode auto is planned by `pdserve serve` on the host it starts; for "
+                          "Serve's own tools write the plan first (`pdserve serve --mode auto "
+                          "--print-config > plan.yaml`) and deploy that")
+    return config
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

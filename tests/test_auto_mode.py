@@ -54,14 +54,19 @@ def test_the_slo_decides_the_mode_and_the_cores_are_this_hosts(planner_files):
     assert tight.prefill.cpu_cores == [[4]] and tight.decode.cpu_cores == [[7]]
     assert tight.ray.front_end_cores == [4]
     assert tight.prefill.kv_cache_gib == tight.decode.kv_cache_gib == 2
-    # A tight TTFT: two colocated engines, each prefilling its own requests.
+    # A tight TTFT: one engine alone on its core, the front end and the engine's scheduler
+    # on the other, since an engine sharing its core with polling schedulers prefills slower.
     fast = resolve_auto_mode(_auto(planner_files, 0.3, 0.05), planner_files["model"], host)
-    assert fast.mode == "colocated" and fast.colocated.cpu_cores == [[4], [7]]
-    assert fast.ray.front_end_cores is None
+    assert fast.mode == "colocated" and fast.colocated.cpu_cores == [[7]]
+    assert fast.ray.front_end_cores == [4]
+    # Room in both: two engines, one per core, the front end among them.
+    loose = resolve_auto_mode(_auto(planner_files, 1.0, 0.1), planner_files["model"], host)
+    assert loose.mode == "disaggregated" and loose.ray.front_end_cores is None
+    assert loose.prefill.cpu_cores == [[4]] and loose.decode.cpu_cores == [[7]]
     # What the config said itself stays: the model as named, the SLO, the router.
-    for resolved in (tight, fast):
+    for resolved, ttft_s in ((tight, 2.0), (fast, 0.3), (loose, 1.0)):
         assert resolved.model.path is None and resolved.model.embedded == "tiny"
-        assert (resolved.slo.ttft_s, resolved.router.port) in ((2.0, 8123), (0.3, 8123))
+        assert (resolved.slo.ttft_s, resolved.router.port) == (ttft_s, 8123)
         assert resolved.planner == ServeConfig().planner  # served configs have no planner section
 
 
@@ -101,3 +106,11 @@ def test_mode_auto_refuses_what_it_would_ignore(tmp_path, planner_files, capsys)
         load_config(overrides={"mode": "auto", "replan": {"enabled": True, "plan_config": "p.yaml"}})
     with pytest.raises(ValueError, match="no pools until"):
         load_config(overrides={"mode": "auto"}).pools()
+
+
+def test_serve_tools_are_told_to_deploy_the_written_plan():
+    pytest.importorskip("ray")
+    from pdserve.serve_app import parse_args
+
+    with pytest.raises(ConfigError, match="--print-config > plan.yaml"):
+        parse_args({"mode": "auto"})

@@ -109,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-core-step-ms", type=float, metavar="MS",
                    help="extra ms per engine iteration when the engines share their cores with "
                    "their schedulers and the front end (measured; default 0)")
+    g.add_argument("--scheduler-poll-share", type=float, metavar="X",
+                   help="an engine computing on a core that hosts k engine schedulers takes "
+                   "1 + X*k times its profiled time (measured; default 0)")
     g = parser.add_argument_group("search")
     g.add_argument("--placement", choices=sorted(_PLACEMENTS), help="placement algorithms (default both)")
     g.add_argument("--max-pipeline-parallel", type=int, help="largest pipeline degree to try")
@@ -160,6 +163,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "front_end_cpu_ms_per_token": "front_end.cpu_ms_per_output_token",
         "front_end_layout": "front_end.layout", "front_end_cores": "front_end.reserved_cores",
         "shared_core_step_ms": "front_end.shared_core_step_ms",
+        "scheduler_poll_share": "front_end.scheduler_poll_share",
     }
     for attr, dotted in simple.items():
         value = getattr(args, attr, None)

@@ -81,14 +81,16 @@ class FrontEndLoad:
         """The front end alone on `cores` cores of its own: the engines keep their speed."""
         return self._on(cores, slows_engines=False)
 
-    def with_prefill(self, prefill_cores: int) -> EffectAt:
+    def with_prefill(self, prefill_cores: int, slowdown: float = 1.0) -> EffectAt:
         """The front end on the prefill instances' `prefill_cores` cores: it slows prefill
-        iterations by processor sharing and leaves decode steps alone."""
+        iterations by processor sharing (and by `slowdown`, what sharing a core with
+        busy-polling processes costs an engine) and leaves decode steps alone."""
         shared = self._on(prefill_cores, slows_engines=True)
 
         def at(rate: float) -> FrontEndEffect | None:
             effect = shared(rate)
-            return None if effect is None else FrontEndEffect(1.0, effect.ttft_add_s, effect.scale)
+            return None if effect is None else FrontEndEffect(1.0, effect.ttft_add_s,
+                                                              effect.scale * slowdown)
         return at
 
     def _on(self, cores: int, slows_engines: bool) -> EffectAt:

@@ -170,6 +170,17 @@ class FrontEndSpec(_Strict):
         "tiny model on 2 cores: ~2.4 ms (docs/planner.md, 'The front end on a CPU host').",
     )
 
+    scheduler_poll_share: float = Field(
+        0.0, ge=0.0, le=4.0, description="What one engine's scheduler process costs an engine "
+        "that computes on the same core: vLLM's CPU engine runs its scheduler beside the front "
+        "end (on the front end's cores and its own) and it busy-polls while its engine "
+        "computes. An engine whose core hosts `k` schedulers takes `1 + share x k` times its "
+        "profiled time: k = 1 in the shared layout (a scheduler per engine core), (P + D) / P "
+        "on the prefill cores of with_prefill, 0 for engines on cores of their own. Measured "
+        "on an idle deployment as served over profiled prefill time (docs/planner.md, 'The "
+        "front end on a CPU host').",
+    )
+
     @property
     def modelled(self) -> bool:
         return self.cpu_ms_per_request > 0 or self.cpu_ms_per_output_token > 0
@@ -179,7 +190,8 @@ class FrontEndSpec(_Strict):
         if not self.modelled:
             unused = [name for name, on in (("layout", self.layout != "auto"),
                                             ("reserved_cores", self.reserved_cores != 1),
-                                            ("shared_core_step_ms", self.shared_core_step_ms != 0))
+                                            ("shared_core_step_ms", self.shared_core_step_ms != 0),
+                                            ("scheduler_poll_share", self.scheduler_poll_share != 0))
                       if on]
             if unused:
                 raise ValueError(f"front_end.{', front_end.'.join(unused)} need the front end's "
@@ -188,6 +200,8 @@ class FrontEndSpec(_Strict):
             raise ValueError(f"front_end.reserved_cores applies to layout reserved or auto, not {self.layout}")
         elif self.layout in ("reserved", "with_prefill") and self.shared_core_step_ms != 0:
             raise ValueError(f"front_end.shared_core_step_ms applies to layout shared or auto, not {self.layout}")
+        elif self.layout == "reserved" and self.scheduler_poll_share != 0:
+            raise ValueError("front_end.scheduler_poll_share applies to layouts that share cores, not reserved")
         return self
 
 

@@ -50,7 +50,9 @@ class PlanningProblem:
         if fe.layout == "reserved":
             return load.reserved(fe.reserved_cores)
         if fe.layout == "with_prefill":
-            return load.with_prefill(prefill_units) if prefill_units else None
+            # Every engine's scheduler runs on the front end's cores, here the prefill ones.
+            return (load.with_prefill(prefill_units, 1.0 + fe.scheduler_poll_share * engine_units / prefill_units)
+                    if prefill_units else None)
         return load.shared(engine_units)
 
     def kv_capacity(self, config: ParallelConfig) -> int:
@@ -145,12 +147,19 @@ def add_step_cost(profile: LatencyProfile, ms: float) -> LatencyProfile:
 
 def for_front_end_layout(problem: PlanningProblem, layout: str) -> PlanningProblem:
     """The problem with one front-end layout (`PlanRequest.with_front_end_layout`); in the
-    shared layout every iteration also pays `front_end.shared_core_step_ms`."""
+    shared layout every iteration takes `1 + front_end.scheduler_poll_share` times its
+    profiled time (one scheduler per engine core) and `front_end.shared_core_step_ms` more
+    (with_prefill slows its prefill instances alone, through the judge:
+    `FrontEndLoad.with_prefill`)."""
     request = problem.request.with_front_end_layout(layout)
-    step_ms = request.front_end.shared_core_step_ms if layout == "shared" else 0.0
+    fe = request.front_end
+    shared = layout == "shared"
+    step_ms = fe.shared_core_step_ms if shared else 0.0
+    scale = 1.0 + fe.scheduler_poll_share if shared else 1.0
 
     def slower(profiles):
-        return None if profiles is None else {tp: add_step_cost(p, step_ms) for tp, p in profiles.items()}
+        return None if profiles is None else {
+            tp: add_step_cost(scale_profile(p, scale), step_ms) for tp, p in profiles.items()}
 
     return replace(problem, request=request, profiles=slower(problem.profiles),
                    colocated_profiles=slower(problem.colocated_profiles))

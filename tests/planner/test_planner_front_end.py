@@ -199,15 +199,24 @@ def test_plan_keeps_a_light_front_end_on_the_engines_cores(
 def test_the_shared_layout_pays_its_step_cost_and_the_reserved_one_does_not(
         synthetic_profile_path, tiny_model_dir):
     base = _request(synthetic_profile_path, tiny_model_dir, cpu_ms_per_request=5,
-                    shared_core_step_ms=3)
+                    shared_core_step_ms=3, scheduler_poll_share=0.5)
     problem = build_problem(base)
     shared = for_front_end_layout(problem, "shared")
     reserved = for_front_end_layout(problem, "reserved")
     for tp, profile in problem.profiles.items():
-        assert shared.profiles[tp].decoding_smallbs[0] == pytest.approx(profile.decoding_smallbs[0] + 3)
-        assert shared.profiles[tp].prefill[1:] == profile.prefill[1:]
+        # One polling scheduler on each engine's core: x1.5, then 3 ms more per iteration.
+        assert shared.profiles[tp].decoding_smallbs[0] == pytest.approx(1.5 * profile.decoding_smallbs[0] + 3)
+        assert shared.profiles[tp].prefill[1:] == pytest.approx(tuple(1.5 * x for x in profile.prefill[1:]))
         assert reserved.profiles[tp] == profile
     assert reserved.request.cluster.gpu_budget == 1 and reserved.request.cluster.gpus_per_node == 1
+    # With the front end on the prefill cores, every engine's scheduler is there too: one
+    # prefill core with the schedulers of 1 prefill + 1 decode runs prefill x(1 + 0.5 x 2),
+    # on top of the front end's processor share; the decode phase alone is not slowed.
+    with_prefill = for_front_end_layout(problem, "with_prefill")
+    assert with_prefill.profiles == problem.profiles
+    effect = with_prefill.front_end_effect(engine_units=2, prefill_units=1)(0.0)
+    assert effect.prefill_scale == pytest.approx(2.0) and effect.scale == 1.0
+    assert with_prefill.front_end_effect(engine_units=2, prefill_units=0) is None
 
 
 @pytest.mark.parametrize("front_end, message", [
@@ -215,6 +224,8 @@ def test_the_shared_layout_pays_its_step_cost_and_the_reserved_one_does_not(
     ({"shared_core_step_ms": 2}, "need the front end's cost"),
     ({"cpu_ms_per_request": 5, "layout": "shared", "reserved_cores": 2}, "not shared"),
     ({"cpu_ms_per_request": 5, "layout": "reserved", "shared_core_step_ms": 2}, "not reserved"),
+    ({"cpu_ms_per_request": 5, "layout": "reserved", "scheduler_poll_share": 0.4}, "not reserved"),
+    ({"scheduler_poll_share": 0.4}, "need the front end's cost"),
 ])
 def test_a_front_end_setting_that_would_be_ignored_is_refused(
         synthetic_profile_path, tiny_model_dir, front_end, message):
