@@ -59,6 +59,9 @@ def plan_request(config: ServeConfig, model_path: Path, num_cores: int) -> PlanR
                     if p.workload is not None else DEFAULT_WORKLOAD)
     except WorkloadError as e:
         raise ConfigError(f"planner.workload: {e}") from None
+    # The host is given: plan its most goodput (a rate would ask for the fewest cores and
+    # leave the rest idle). `resolve_auto_mode` checks the plan against the file's rate.
+    workload = {k: v for k, v in workload.items() if k != "rate"}
     front_end: dict[str, Any] = {
         "cpu_ms_per_request": p.front_end_cpu_ms,
         "cpu_ms_per_output_token": p.front_end_cpu_ms_per_token,
@@ -126,4 +129,15 @@ def resolve_auto_mode(config: ServeConfig, model_path: Path, host_cores: list[in
             "mode": "colocated", "planner": PlannerConfig(),
             "colocated": config.colocated.model_copy(update={"kv_cache_gib": config.planner.kv_cache_gib})})
     log.info("mode auto: serving %s mode for %s", planned.mode, what)
+    rate = _workload_rate(config)
+    if rate is not None:
+        goodput = outcome.deployment_goodput_rps
+        (log.info if goodput >= rate else log.warning)(
+            "mode auto: predicted goodput %.2f req/s %s the workload's rate of %g req/s",
+            goodput, "covers" if goodput >= rate else "falls short of", rate)
     return _on_host(planned, host_cores)
+
+
+def _workload_rate(config: ServeConfig) -> float | None:
+    path = config.planner.workload
+    return None if path is None else load_workload_file(path).rate

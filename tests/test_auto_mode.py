@@ -70,6 +70,21 @@ def test_the_slo_decides_the_mode_and_the_cores_are_this_hosts(planner_files):
         assert resolved.planner == ServeConfig().planner  # served configs have no planner section
 
 
+def test_a_workload_rate_is_checked_against_the_plan_not_used_to_shrink_it(
+        tmp_path, planner_files, caplog):
+    caplog.set_level("INFO", logger="pdserve.auto")
+    for rate, verdict in ((0.5, "covers"), (1000.0, "falls short of")):
+        workload = tmp_path / f"rate-{rate}.yaml"
+        workload.write_text(yaml.safe_dump({**yaml.safe_load(planner_files["workload"].read_text()),
+                                            "rate": rate}))
+        config = _auto(planner_files, 1.0, 0.1).model_copy(update={
+            "planner": _auto(planner_files, 1.0, 0.1).planner.model_copy(update={"workload": workload})})
+        resolved = resolve_auto_mode(config, planner_files["model"], [0, 1])
+        # The host's cores are planned either way: the same deployment as without a rate.
+        assert resolved.mode == "disaggregated" and resolved.prefill.cpu_cores == [[0]]
+        assert f"the workload's rate of {rate:g} req/s" in caplog.text and verdict in caplog.text
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_plain_pdserve_serve_plans_the_embedded_model_on_this_host(capsys, caplog):
     # No config, no mode: the planner picks, with the embedded tiny model's shipped profile.
