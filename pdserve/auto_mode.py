@@ -47,20 +47,27 @@ def bundled_profile(config: ServeConfig) -> Path | None:
     return path if path.exists() else None
 
 
-def plan_request(config: ServeConfig, model_path: Path, num_cores: int) -> PlanRequest:
-    """The planner's question for this config on a host of `num_cores` cores."""
+def planner_workload(config: ServeConfig) -> dict[str, Any]:
+    """The workload mode auto plans for, read once (its `rate` included, if any)."""
+    if config.planner.workload is None:
+        return DEFAULT_WORKLOAD
+    try:
+        return load_workload_file(config.planner.workload).model_dump(mode="json", exclude_none=True)
+    except WorkloadError as e:
+        raise ConfigError(f"planner.workload: {e}") from None
+
+
+def plan_request(config: ServeConfig, model_path: Path, num_cores: int,
+                 workload: dict[str, Any]) -> PlanRequest:
+    """The planner's question for this config and `workload` (`planner_workload`) on a host
+    of `num_cores` cores."""
     p = config.planner
     profile = p.profile or bundled_profile(config)
     if profile is None:
         raise ConfigError("mode auto needs planner.profile for a model directory: measure one "
                           f"with `pdserve profile --model {model_path} --cpu-cores 1 -o FILE`")
-    try:
-        workload = (load_workload_file(p.workload).model_dump(mode="json", exclude_none=True)
-                    if p.workload is not None else DEFAULT_WORKLOAD)
-    except WorkloadError as e:
-        raise ConfigError(f"planner.workload: {e}") from None
     # The host is given: plan its most goodput (a rate would ask for the fewest cores and
-    # leave the rest idle). `resolve_auto_mode` checks the plan against the file's rate.
+    # leave the rest idle). `resolve_auto_mode` checks the plan against the rate instead.
     workload = {k: v for k, v in workload.items() if k != "rate"}
     front_end: dict[str, Any] = {
         "cpu_ms_per_request": p.front_end_cpu_ms,
@@ -114,7 +121,8 @@ def deployment_of(outcome: PlanOutcome, request: PlanRequest, config: ServeConfi
 
 def resolve_auto_mode(config: ServeConfig, model_path: Path, host_cores: list[int]) -> ServeConfig:
     """Plan mode auto on this host's cores and return the config to serve."""
-    request = plan_request(config, model_path, len(host_cores))
+    workload = planner_workload(config)
+    request = plan_request(config, model_path, len(host_cores), workload)
     outcome = search(build_problem(request))
     planned = deployment_of(outcome, request, config)
     slo = config.slo
@@ -129,15 +137,10 @@ def resolve_auto_mode(config: ServeConfig, model_path: Path, host_cores: list[in
             "mode": "colocated", "planner": PlannerConfig(),
             "colocated": config.colocated.model_copy(update={"kv_cache_gib": config.planner.kv_cache_gib})})
     log.info("mode auto: serving %s mode for %s", planned.mode, what)
-    rate = _workload_rate(config)
+    rate = workload.get("rate")
     if rate is not None:
         goodput = outcome.deployment_goodput_rps
         (log.info if goodput >= rate else log.warning)(
             "mode auto: predicted goodput %.2f req/s %s the workload's rate of %g req/s",
             goodput, "covers" if goodput >= rate else "falls short of", rate)
     return _on_host(planned, host_cores)
-
-
-def _workload_rate(config: ServeConfig) -> float | None:
-    path = config.planner.workload
-    return None if path is None else load_workload_file(path).rate

@@ -44,10 +44,17 @@ def _reserved_front_end_cores(request: PlanRequest) -> int:
     return fe.reserved_cores if fe.modelled and fe.layout == "reserved" else 0
 
 
-def _pin_front_end(data: dict[str, Any], request: PlanRequest) -> None:
-    k = _reserved_front_end_cores(request)
-    if k:
-        data["ray"] = {**data["ray"], "front_end_cores": list(range(k))}
+def _pin_front_end(data: dict[str, Any], request: PlanRequest,
+                   prefill_cores: list[list[int]] | None = None) -> None:
+    """Pin the front end where its layout puts it: a reserved front end on the node's first
+    cores, a with_prefill one on the prefill instances' cores."""
+    fe = request.front_end
+    if fe.modelled and fe.layout == "with_prefill" and prefill_cores:
+        cores = sorted({c for inst in prefill_cores for c in inst})
+    else:
+        cores = list(range(_reserved_front_end_cores(request)))
+    if cores:
+        data["ray"] = {**data["ray"], "front_end_cores": cores}
 
 
 def _cpu_cores(plan: Plan, request: PlanRequest) -> tuple[list[list[int]], list[list[int]]]:
@@ -74,9 +81,6 @@ def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | N
     data["mode"] = "disaggregated"
     is_cpu = request.cluster.device == "cpu"
     cores = _cpu_cores(plan, request) if is_cpu else (None, None)
-    fe = request.front_end
-    if is_cpu and fe.modelled and fe.layout == "with_prefill":
-        data["ray"] = {**data["ray"], "front_end_cores": sorted({c for cs in cores[0] for c in cs})}
     for (role, config, n), role_cores in zip((("prefill", plan.prefill, plan.num_prefill),
                                               ("decode", plan.decode, plan.num_decode)), cores):
         pool = dict(data[role])
@@ -96,7 +100,7 @@ def plan_to_serve_config(plan: Plan, request: PlanRequest, base: ServeConfig | N
     data["model"] = model
     data["slo"] = request.slo.model_dump()
     if is_cpu:
-        _pin_front_end(data, request)
+        _pin_front_end(data, request, cores[0])
     return ServeConfig.model_validate(data)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from cluster.config import load_config
 from cluster.planner.problem import build_problem
 from cluster.planner.search import search
-from pdserve.auto_mode import plan_request
+from pdserve.auto_mode import plan_request, planner_workload
 from pdserve.launcher import resolve_model_path
 
 HERE = Path(__file__).parent
@@ -39,7 +39,8 @@ def pick(ttft: float, tpot: float) -> str:
         "mode": "auto", "model": {"embedded": "small", "max_model_len": 2048},
         "slo": {"ttft_s": ttft, "tpot_s": tpot},
         "planner": {"workload": str(HERE / "configs" / "small-workload-512-1536.yaml"), "kv_cache_gib": 2}})
-    outcome = search(build_problem(plan_request(config, resolve_model_path(config), 2)))
+    request = plan_request(config, resolve_model_path(config), 2, planner_workload(config))
+    outcome = search(build_problem(request))
     if outcome.front_end_layout == "reserved":
         return "pdserve-in-router"
     if outcome.front_end_layout == "with_prefill":
