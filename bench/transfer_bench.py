@@ -719,7 +719,10 @@ def simulate_layerwise_prefill(device: str, prompt_tokens: int = 2048, layer_ms:
             "model": shape, "kv_bytes": layer_bytes * model.num_layers,
             "compute_alone_s": base_s, "compute_with_streaming_s": compute_with_s,
             "last_byte_s": total_with_s, "transfer_alone_s": transfer_s,
-            "transfer_hidden_share": 1 - exposed_s / transfer_s if transfer_s > 0 else 1.0,
+            "transfer_exposed_s": exposed_s,
+            # Exposed time over the transfer's own time (a thread start and the GIL on a busy
+            # host can make it longer) hides nothing, not a negative share.
+            "transfer_hidden_share": max(0.0, 1 - exposed_s / transfer_s) if transfer_s > 0 else 1.0,
             "ttft_added_s": added_s, "ttft_added_share": added_s / base_s}
 
 

@@ -49,4 +49,7 @@ def test_device_path_bench_runs_on_host_tensors():
     sim = simulate_layerwise_prefill("cpu", prompt_tokens=128, layer_ms=2.0, reps=1, shape=small)
     assert sim["kv_bytes"] == 4 * 8 * 2 * 16 * 32 * 2  # layers x blocks x heads x tokens x 2D x 2 B
     assert sim["compute_alone_s"] >= 4 * 2e-3  # four layers of at least 2 ms each
-    assert 0 <= sim["transfer_hidden_share"] <= 1
+    assert sim["transfer_exposed_s"] >= 0 and sim["transfer_alone_s"] > 0
+    # The share hidden behind compute is the transfer time not exposed after it, at least none.
+    expected = max(0.0, 1 - sim["transfer_exposed_s"] / sim["transfer_alone_s"])
+    assert sim["transfer_hidden_share"] == expected and 0 <= expected <= 1
