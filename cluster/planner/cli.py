@@ -119,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-seeds", type=int, help="independent traces per evaluation")
     g.add_argument("--seed", type=int, help="base seed")
     g.add_argument("--num-verify", type=int, help="configurations co-simulated in full")
+    g.add_argument("--workers", type=int,
+                   help="processes for independent simulations (default: this process's cores)")
     g.add_argument("--compare-colocated", action="store_true", default=None,
                    help="also report the best colocated deployment")
     g.add_argument("--colocated-profile", type=Path,
@@ -157,7 +159,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "iteration_time_scale": "engine.iteration_time_scale",
         "max_pipeline_parallel": "search.max_pipeline_parallel",
         "num_requests": "search.num_requests", "num_seeds": "search.num_seeds",
-        "seed": "search.seed", "num_verify": "search.num_verify",
+        "seed": "search.seed", "num_verify": "search.num_verify", "workers": "search.workers",
         "compare_colocated": "search.compare_colocated",
         "front_end_cpu_ms": "front_end.cpu_ms_per_request",
         "front_end_cpu_ms_per_token": "front_end.cpu_ms_per_output_token",

@@ -26,9 +26,11 @@ Two schedulers, one iteration at a time per instance:
 Pipeline parallelism (`pipeline_parallel_size` p > 1): an instance runs p interleaved
 micro-batch lanes (vLLM's virtual engines), each with its own scheduler and 1/p of the
 instance's KV cache; a lane's iteration visits every stage, so it takes the unpipelined time
-of its own batch (`timing` is then the lane timing: pipeline degree 1, with the fixed cost of
-all p stages, see `EngineTiming.stage_fixed_cost`). Requests are routed to the lane with the
-fewest outstanding prompt tokens.
+of its own batch (`timing` is then the lane timing: pipeline degree 1, see
+`EngineTiming.stage_fixed_cost`), or, when the busy lanes together keep a stage busy for
+longer, one turn of all of them (the sum of their iteration times over p): the lanes share
+the stages (as `decode_pool`'s lanes do). Requests are routed to the lane with the fewest
+outstanding prompt tokens.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class ColocatedOutcome:
 
 class _Instance:
     __slots__ = ("waiting", "prefilling", "progress", "b", "ctx", "step", "fin", "reserved",
-                 "admitted", "busy", "outstanding", "running")
+                 "admitted", "busy", "outstanding", "running", "own_s")
 
     def __init__(self) -> None:
         self.waiting: deque[int] = deque()
@@ -88,6 +90,7 @@ class _Instance:
         self.fin: list[tuple[int, int, int]] = []  # (finish step, request, its epoch)
         self.running: set[int] = set()  # requests in the decode batch (paged: preemptible)
         self.busy = False
+        self.own_s = 0.0  # the current iteration's own time (its batch through every stage)
 
 
 def simulate_colocated_pool(
@@ -180,6 +183,11 @@ def simulate_colocated_pool(
         else:
             st.busy = False
             return
+        if lanes > 1:  # the lanes share the stages: one turn of every busy lane, at least
+            st.own_s = dt
+            start = i - i % lanes
+            turn = sum(insts[o].own_s for o in range(start, start + lanes) if o != i and insts[o].busy)
+            dt = max(dt, (dt + turn) / lanes)
         st.busy = True
         heapq.heappush(events, (now + dt, seq, i, (tuple(chunks), decode_b)))
         seq += 1

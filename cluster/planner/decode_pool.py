@@ -31,15 +31,20 @@ inside its step loop, so the step the request joins takes `prompt tokens x
 kv_load_s_per_token` longer for every request of the lane. DistServe's decode engine
 migrates KV block by block between steps (`post_process` awaits each migration); vLLM's
 connector loads synchronously before the forward of the step. 0: the load overlaps steps.
-With pipeline lanes the load holds the instance's one step loop, so every other running
-lane's next step waits for it as well (a pipeline bubble): this is what makes DistServe's
-TP1xPP2 decode collapse between 8 and 10 req/s.
+With pipeline lanes the load holds the instance's one step loop: it waits for the
+micro-batches in flight to leave every stage (the youngest has p - 1 of p stages to go), and
+every lane's next step waits for the load. This pipeline drain is what makes DistServe's
+TP1xPP2 decode collapse between 8 and 10 req/s: once most loop turns carry a migration, the
+two micro-batches no longer overlap and the instance runs at half speed.
 
 Admission limits (both models): `max_num_seqs` sequences per instance and
 `max_num_batched_tokens` tokens per step (a decode step schedules one token per sequence).
 A request that can never fit (prompt + output over the whole cache) fails (finish = inf).
-A decode instance with p pipeline stages runs p interleaved micro-batches ("lanes"); each
-lane's step takes the unpipelined step time of its own batch (see `EngineTiming`).
+A decode instance with p pipeline stages runs p interleaved micro-batches ("lanes"). A
+lane's step takes the unpipelined step time of its own batch (see `EngineTiming`), or, when
+the instance's lanes together keep a stage busy for longer, one turn of every lane through
+that stage (the sum of their step times over p): lanes share the stages, so a light lane
+waits for a heavy one and every request of the instance sees about the same TPOT.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ def simulate_decode_pool(
     lane_ctx = [0] * num_lanes  # sum of context lengths of running requests
     lane_step = [0] * num_lanes  # steps completed
     lane_busy = [False] * num_lanes
+    lane_own = [0.0] * num_lanes  # own_ms of the lane's current step (pipeline lanes only)
     # KV loads by other lanes of the same instance, not yet charged to this lane: the
     # instance's step loop awaits each load (DistServe's decode loop migrates between
     # steps), so every running lane's next step waits for it: a pipeline bubble.
@@ -195,6 +201,27 @@ def simulate_decode_pool(
         """KV tokens admission allocates for r."""
         return ins[r] + generated[r] + slack if paged else ins[r] + outs[r]
 
+    def own_ms(lane: int) -> float:
+        """The lane's batch through all stages, unpipelined."""
+        b, ctx = lane_b[lane], lane_ctx[lane]
+        a, bb, c = small if b < thr else large
+        return a + bb * (ctx + b) + c * b + oa + ob * ctx
+
+    def lane_ms(lane: int) -> float:
+        """One step of the lane: its own batch through all stages, or, when the instance's
+        lanes together keep a stage busy for longer, one turn of every lane on that stage
+        (the other lanes at the batch of the step they run now)."""
+        own = own_ms(lane)
+        if lanes_per == 1:
+            return own
+        lane_own[lane] = own
+        first = lane - lane % lanes_per
+        total = own
+        for other in range(first, first + lanes_per):
+            if other != lane and lane_busy[other] and lane_b[other]:
+                total += lane_own[other]
+        return max(own, total / lanes_per)
+
     def start_step(lane: int, now: float) -> None:
         nonlocal seq
         pend = lane_pending[lane]
@@ -217,15 +244,19 @@ def simulate_decode_pool(
                 heapq.heappush(fin, (step + outs[r] - 1 - g, r, epoch[r]))
             lane_b[lane], lane_ctx[lane] = b, ctx
             pend.clear()
-            extra_ms += load_ms
             if load_ms and lanes_per > 1:
+                # The load waits for the micro-batches in flight to leave every stage (the
+                # youngest has p - 1 stages to go), and the next launch waits for the load.
                 first = lane - lane % lanes_per
+                others = [o for o in range(first, first + lanes_per)
+                          if o != lane and lane_busy[o] and lane_b[o]]
+                if others:
+                    load_ms += max(lane_own[o] for o in others) * (lanes_per - 1) / lanes_per
                 for other in range(first, first + lanes_per):
                     if other != lane and lane_busy[other]:  # an idle lane has no step to delay
                         lane_stall_ms[other] += load_ms
-        b, ctx = lane_b[lane], lane_ctx[lane]
-        a, bb, c = small if b < thr else large
-        dt = (a + bb * (ctx + b) + c * b + oa + ob * ctx + extra_ms) / 1000.0
+            extra_ms += load_ms
+        dt = (lane_ms(lane) + extra_ms) / 1000.0
         lane_busy[lane] = True
         heapq.heappush(events, (now + dt, _STEP_DONE, seq, lane))
         seq += 1
@@ -343,8 +374,17 @@ def simulate_decode_pool(
                 elif b := lane_b[lane]:  # start_step without joins, inlined (the hot path)
                     ctx = lane_ctx[lane]
                     a, bb, c = small if b < thr else large
-                    heapq.heappush(events, (now + (a + bb * (ctx + b) + c * b + oa + ob * ctx) / 1000.0,
-                                            _STEP_DONE, seq, lane))
+                    ms = a + bb * (ctx + b) + c * b + oa + ob * ctx
+                    if lanes_per > 1:  # lane_ms, inlined: this lane is busy, so in `total`
+                        lane_own[lane] = ms
+                        first = lane - lane % lanes_per
+                        turn = 0.0
+                        for other in range(first, first + lanes_per):
+                            if lane_busy[other] and lane_b[other]:
+                                turn += lane_own[other]
+                        if turn > ms * lanes_per:
+                            ms = turn / lanes_per
+                    heapq.heappush(events, (now + ms / 1000.0, _STEP_DONE, seq, lane))
                     seq += 1
                 else:
                     lane_busy[lane] = False

@@ -128,10 +128,10 @@ class EngineModelSpec(_Strict):
         "overlaps decode steps; only the request itself waits for its transfer."
     )
     pipeline_stage_fixed_cost: Literal["per_stage", "split"] = Field(
-        "per_stage", description="per_stage: every pipeline stage pays the profile's fixed "
-        "per-iteration cost (kernel launches, scheduling); split: the whole iteration divides "
-        "by the stage count (DistServe's simulator). Real DistServe traces with decode PP2 "
-        "match per_stage (docs/planner.md, 'Fidelity')."
+        "split", description="split: the whole iteration divides by the stage count "
+        "(DistServe's simulator; real DistServe decode PP2 TPOTs match it, docs/planner.md "
+        "'Fidelity'); per_stage: every pipeline stage pays the profile's whole fixed "
+        "per-iteration cost (kernel launches, scheduling)."
     )
     iteration_time_scale: float = Field(
         1.0, ge=1.0, le=10.0,
@@ -227,6 +227,12 @@ class SearchSpec(_Strict):
     rel_tol: float = Field(0.03, gt=0, lt=0.5, description="Relative precision of goodput bisection.")
     compare_colocated: bool = Field(
         False, description="Also report the best colocated (vLLM-style) deployment for contrast."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Processes for the search's independent simulations (per-phase "
+        "goodputs, colocated baselines, the report's measurements). Unset: the cores this "
+        "process may use. The plan does not depend on it; a process with threads running "
+        "searches in one process (no fork under threads)."
     )
 
 

@@ -20,9 +20,14 @@ GPU wins. `min_gpus` (target rate): the fewest GPUs whose plan sustains the rate
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import multiprocessing
+import os
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal, TypeVar
 
 from cluster.config import SLOConfig
 
@@ -46,6 +51,10 @@ PRUNE_RATIO = 0.5
 # A candidate that passed the bar sits just above the incumbent: its goodput is bracketed
 # from the bar in steps of this factor (a doubling costs more passing, full-length runs).
 BAR_GROWTH = 1.25
+# Candidates whose bars are checked together (in parallel where the search has processes):
+# each is judged against the bar as it stood when the batch began. Fixed, so the plan does
+# not depend on how many processes run it.
+BAR_BATCH = 4
 PREFILL_PASS_CACHE = 256  # prefill passes kept (each a few hundred KB at most)
 
 
@@ -208,12 +217,27 @@ class _Search:
             judge, tol = self.judge(plan), self.req.search.rel_tol
             before = judge.num_runs
             if passed is not None:
-                rate = max_feasible_rate(judge.feasible, passed, tol, growth=BAR_GROWTH)
+                # Failing just above the bar, the plan ties with the bar within the bisection's
+                # precision: its goodput is the bar (no bisection to pin it closer).
+                tie = passed * (1 + tol)
+                rate = max_feasible_rate(judge.feasible, tie, tol, growth=BAR_GROWTH) if judge.feasible(tie) else passed
             else:
                 rate = max_feasible_rate(judge.feasible, max(self.estimate(plan), 1e-3), tol)
             self.num_runs += judge.num_runs - before
             self._evaluated[plan] = EvaluatedPlan(plan, self.estimate(plan), rate, None, None, None)
         return self._evaluated[plan]
+
+    def evaluate_all(self, plans: list[Plan], passed: float, pool: Executor | None) -> list[EvaluatedPlan]:
+        """`evaluate(plan, passed)` of each plan, in the pool's processes when there is one."""
+        if pool is None or len(plans) < 2:
+            return [self.evaluate(plan, passed) for plan in plans]
+        out = []
+        jobs = [(self.problem, self.goodput, p, passed) for p in plans]
+        for e, runs in _map(pool, _evaluate_job, jobs):
+            self.num_runs += runs
+            self._evaluated[e.plan] = e
+            out.append(e)
+        return out
 
     def measured(self, e: EvaluatedPlan) -> EvaluatedPlan:
         """`e` with full runs at its goodput, just above it, and at the target rate."""
@@ -237,6 +261,18 @@ class _Search:
         ok = judge.feasible(rate)
         self.num_runs += judge.num_runs - before
         return ok
+
+    def bars(self, plans: list[Plan], bar: float, pool: Executor | None) -> list[bool]:
+        """`passes(plan, bar)` of each plan, in the pool's processes when there is one (the
+        verdicts are kept here, so an evaluation from the bar does not run it again)."""
+        if pool is None or len(plans) < 2:
+            return [self.passes(plan, bar) for plan in plans]
+        verdicts = []
+        for plan, (ok, runs) in zip(plans, _map(pool, _bar_job, [(self.problem, p, bar) for p in plans])):
+            self.judge(plan).verdicts[bar] = ok
+            self.num_runs += runs
+            verdicts.append(ok)
+        return verdicts
 
     # -- candidate instance counts -------------------------------------------------------
     def pairs(self, configs: list[ParallelConfig]) -> Iterator[tuple[str, ParallelConfig, ParallelConfig]]:
@@ -300,26 +336,32 @@ class _Search:
         return [p for p in out if self.feasible_layout(p)]
 
     # -- colocated baseline --------------------------------------------------------------
-    def colocated_baselines(self, configs: list[ParallelConfig]) -> list[ColocatedGoodput]:
+    def colocated_baselines(self, configs: list[ParallelConfig], pool: Executor | None) -> list[ColocatedGoodput]:
         """Every colocated TP x PP (inside one node) and scheduler: one instance's goodput,
         then the whole budget of such instances co-simulated (pooled routing), so the
         verdict compares deployments of equal cost."""
-        c, out = self.cluster, []
         tps = set(self.problem.colocated_tps())
-        for config in (cfg for cfg in configs if cfg.tp in tps and cfg.num_gpus <= c.gpus_per_node):
-            count = (c.gpus_per_node // config.num_gpus) * c.num_nodes
-            count = min(count, c.gpu_budget // config.num_gpus)
-            for scheduler in ("prefill_priority", "chunked_prefill"):
-                one, runs = colocated_goodput(self.problem, config, scheduler, self.traces(self.req.search.num_requests))
-                self.num_runs += runs
-                total = 0.0
-                if one > 0 and count >= 1:
-                    scale = min(MAX_TRACE_SCALE, max(1.0, count / 2))
-                    traces = self.traces(int(self.req.search.num_requests * scale))
-                    total, runs = colocated_goodput(self.problem, config, scheduler, traces, count, one * count)
-                    self.num_runs += runs
-                out.append(ColocatedGoodput(config.tp, scheduler, one, config.pp, count, total))
+        jobs = [(self.problem, config, scheduler)
+                for config in configs if config.tp in tps and config.num_gpus <= self.cluster.gpus_per_node
+                for scheduler in ("prefill_priority", "chunked_prefill")]
+        out = []
+        for baseline, runs in _map(pool, _colocated_job, jobs):
+            self.num_runs += runs
+            out.append(baseline)
         return out
+
+    def colocated_baseline(self, config: ParallelConfig, scheduler) -> ColocatedGoodput:
+        c = self.cluster
+        count = min((c.gpus_per_node // config.num_gpus) * c.num_nodes, c.gpu_budget // config.num_gpus)
+        one, runs = colocated_goodput(self.problem, config, scheduler, self.traces(self.req.search.num_requests))
+        self.num_runs += runs
+        total = 0.0
+        if one > 0 and count >= 1:
+            scale = min(MAX_TRACE_SCALE, max(1.0, count / 2))
+            traces = self.traces(int(self.req.search.num_requests * scale))
+            total, runs = colocated_goodput(self.problem, config, scheduler, traces, count, one * count)
+            self.num_runs += runs
+        return ColocatedGoodput(config.tp, scheduler, one, config.pp, count, total)
 
     # -- objectives ----------------------------------------------------------------------
     def better(self, a: EvaluatedPlan, b: EvaluatedPlan) -> bool:
@@ -364,7 +406,7 @@ class _Search:
                 if self.feasible_layout(plan):
                     yield plan
 
-    def max_goodput(self, configs: list[ParallelConfig]) -> list[EvaluatedPlan]:
+    def max_goodput(self, configs: list[ParallelConfig], pool: Executor | None = None) -> list[EvaluatedPlan]:
         """Branch and bound on co-simulated goodput.
 
         1. Co-simulate the `num_verify` plans with the best per-phase estimates, plus the
@@ -390,22 +432,25 @@ class _Search:
         scored = [((self.estimate(p), -p.num_gpus), p) for p in plans]
         shortlist = self.shortlist(scored)
         incumbent = self.evaluate(shortlist[0])
-        tol = self.req.search.rel_tol
         floor = 0.0 if exhaustive else PRUNE_RATIO * self.estimate(plans[0])
         first = set(shortlist)
         failed: list[Plan] = []  # plans that failed a bar (bars only rise)
-        for plan in shortlist[1:] + [p for p in plans if p not in first]:
-            if plan in self._evaluated or (plan not in first and self.estimate(plan) < floor):
-                continue
-            if not exhaustive and any(_dominated(plan, f) for f in failed):
-                continue
+        queue = deque(shortlist[1:] + [p for p in plans if p not in first])
+        while queue:
+            batch: list[Plan] = []
+            while queue and len(batch) < BAR_BATCH:
+                plan = queue.popleft()
+                if plan in self._evaluated or (plan not in first and self.estimate(plan) < floor):
+                    continue
+                if not exhaustive and any(_dominated(plan, f) for f in failed):
+                    continue
+                batch.append(plan)
             bar = max(incumbent.goodput_rps, 1e-3)
-            if self.passes(plan, bar):
-                e = self.evaluate(plan, passed=bar)
+            verdicts = self.bars(batch, bar, pool)
+            failed += [plan for plan, ok in zip(batch, verdicts) if not ok]
+            for e in self.evaluate_all([plan for plan, ok in zip(batch, verdicts) if ok], bar, pool):
                 if self.better(e, incumbent):
                     incumbent = e
-            else:
-                failed.append(plan)
         current = incumbent
         for _ in range(MAX_LOCAL_STEPS):
             challengers = [self.evaluate(p) for p in self.neighbours(current.plan)]
@@ -529,36 +574,122 @@ def _plan_layout(problem: PlanningProblem, layout: str) -> PlanOutcome:
                    front_end_cores=fe.reserved_cores if layout == "reserved" else 0)
 
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _workers(problem: PlanningProblem) -> int:
+    """Processes for independent simulations: `search.workers`, else this process's cores.
+    One (no pool) where the pool would fork a process that runs other threads."""
+    n = problem.request.search.workers
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return n
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[Executor | None]:
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
+
+
+def _map(pool: Executor | None, fn: Callable[[_T], _R], jobs: list[_T]) -> list[_R]:
+    """`fn` over `jobs` in order, in the pool's processes when there is one. Every job is a
+    pure function of its arguments, so the outcome does not depend on the pool."""
+    if pool is None or len(jobs) < 2:
+        return [fn(job) for job in jobs]
+    return list(pool.map(fn, jobs))
+
+
+_worker_search: list[_Search] = []  # in a pool's process: the last problem's search state
+
+
+def _search_for(problem: PlanningProblem) -> _Search:
+    """A search of `problem` that keeps its traces, judges and prefill passes across the
+    jobs a pool's process runs for it (each job's runs are counted from zero)."""
+    if not _worker_search or _worker_search[0].problem != problem:
+        _worker_search[:] = [_Search(problem)]
+    s = _worker_search[0]
+    s.num_runs = 0
+    return s
+
+
+def _phase_job(job: tuple) -> tuple[PhaseGoodput, int]:
+    return phase_goodput(*job)
+
+
+def _colocated_job(job: tuple) -> tuple[ColocatedGoodput, int]:
+    problem, config, scheduler = job
+    s = _search_for(problem)
+    return s.colocated_baseline(config, scheduler), s.num_runs
+
+
+def _bar_job(job: tuple[PlanningProblem, Plan, float]) -> tuple[bool, int]:
+    problem, plan, bar = job
+    s = _search_for(problem)
+    return s.passes(plan, bar), s.num_runs
+
+
+def _evaluate_job(job: tuple) -> tuple[EvaluatedPlan, int]:
+    problem, goodput, plan, passed = job
+    s = _search_for(problem)
+    s.goodput.update(goodput)  # the per-phase goodputs the estimate reads
+    s.judge(plan).verdicts[passed] = True  # the bar it passed in the parent
+    return s.evaluate(plan, passed), s.num_runs
+
+
+def _measure_job(job: tuple[PlanningProblem, EvaluatedPlan]) -> tuple[EvaluatedPlan, int]:
+    problem, e = job
+    s = _search_for(problem)
+    return s.measured(e), s.num_runs
+
+
 def _search_layout(problem: PlanningProblem) -> PlanOutcome:
+    with _pool(_workers(problem)) as pool:
+        return _search_layout_in(problem, pool)
+
+
+def _search_layout_in(problem: PlanningProblem, pool: Executor | None) -> PlanOutcome:
     s = _Search(problem)
     req = problem.request
     configs, excluded = enumerate_configs(problem)
     phase_traces = s.traces(req.search.num_requests)
+    jobs = [(problem, phase, config, phase_traces) for phase in ("prefill", "decode") for config in configs]
     phases = []
-    for phase in ("prefill", "decode"):
-        for config in configs:
-            g, runs = phase_goodput(problem, phase, config, phase_traces)
-            s.num_runs += runs
-            s.goodput[(phase, config)] = g.goodput_rps
-            phases.append(g)
+    for (_, phase, config, _), (g, runs) in zip(jobs, _map(pool, _phase_job, jobs)):
+        s.num_runs += runs
+        s.goodput[(phase, config)] = g.goodput_rps
+        phases.append(g)
 
     colocated = []
     if req.search.compare_colocated:
-        colocated = s.colocated_baselines(configs)
+        colocated = s.colocated_baselines(configs, pool)
 
     rate = req.workload.rate
     fallback = None
     if rate is None:
-        ranked = s.max_goodput(configs)
+        ranked = s.max_goodput(configs, pool)
     else:
         ranked = s.min_gpus(configs, rate)
         if not ranked:
-            alternatives = s.max_goodput(configs)
+            alternatives = s.max_goodput(configs, pool)
             fallback = alternatives[0] if alternatives else None
-    best = s.measured(ranked[0]) if ranked else None
-    runners = tuple(s.measured(e) for e in [e for e in ranked[1:] if e.goodput_rps > 0][:3])
+    # The report's full runs: one job per plan it shows.
+    runners_up = [e for e in ranked[1:] if e.goodput_rps > 0][:3]
+    shown = ranked[:1] + runners_up + ([fallback] if fallback is not None else [])
+    measured: dict[Plan, EvaluatedPlan] = {}
+    for e, runs in _map(pool, _measure_job, [(problem, e) for e in {e.plan: e for e in shown}.values()]):
+        s.num_runs += runs
+        measured[e.plan] = e
+    best = measured[ranked[0].plan] if ranked else None
+    runners = tuple(measured[e.plan] for e in runners_up)
     if fallback is not None:
-        fallback = s.measured(fallback)
+        fallback = measured[fallback.plan]
     return PlanOutcome(
         objective="max_goodput" if rate is None else "min_gpus", target_rate=rate, best=best,
         runners_up=runners, phases=tuple(phases), excluded=tuple(excluded),

@@ -10,10 +10,11 @@ arrivals and lengths to the simulator and compares the share of requests meeting
 250 ms and TPOT <= 100 ms with the measured share, trace by trace, saturated ones included.
 
 The engine settings are the ones DistServe ran with (context batch 8192 tokens, decode batch
-1024, 0.95 of GPU memory: `max_num_tokens.csv`). `kv_load_gb_s: 50` is the one number
-fitted to these traces (DistServe migrates KV inside its decode loop); the rest is the
-published profile, framework overhead on, paged decode (and colocated) memory and
-per-stage fixed cost.
+1024, 0.95 of GPU memory: `max_num_tokens.csv`). `kv_load_gb_s: 60` is the one number
+fitted to these traces (DistServe migrates KV inside its decode loop; the TPOT medians fit
+50-60 equally well, the attainment rows pick 60); the rest is the published profile,
+framework overhead on, paged decode (and colocated) memory, pipeline stages sharing the
+decode instance's micro-batches and drained by each migration.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cluster.planner.simulator import DisaggregatedSystem, simulate_colocated, s
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DATA = Path(__file__).parent / "data" / "distserve_opt13b_sharegpt_a100.csv.gz"
 SLO = SLOConfig(ttft_s=0.25, tpot_s=0.1, attainment=0.9)
-DISTSERVE_ENGINE = {"prefill_token_budget": 8192, "max_num_seqs": 1024, "kv_load_gb_s": 50.0}
+DISTSERVE_ENGINE = {"prefill_token_budget": 8192, "max_num_seqs": 1024, "kv_load_gb_s": 60.0}
 VLLM_ENGINE = {"prefill_token_budget": 16384, "max_num_seqs": 1024}
 
 
@@ -98,13 +99,13 @@ def test_disaggregated_replay_within_five_points_but_at_the_pp2_cliff(replay_tab
     assert len(errors) == 20
     # Every TP2 -> TP1 trace, from 98% down to 10% attainment, within 5 points.
     assert max(e for n, e in errors.items() if "c21d11" in n) <= 5.0 + 1e-9
-    # Decode TP1 x PP2: the decode loop awaits each KV migration, so every pipeline lane
-    # stalls for it (decode_pool's lane stalls). Within 5 points except at 8 and 10 req/s,
-    # the two rates on either side of the real collapse, where the model's cliff sits a
-    # little early (8: -9.1) and a little late (10: +5.8): the open gap, docs/planner.md.
+    # Decode TP1 x PP2: the decode loop awaits each KV migration, which drains the pipeline
+    # (decode_pool's lane stalls). Within 5 points except at 10 req/s, past the real
+    # collapse, where the model's cliff sits a little late (+6.1): the open gap,
+    # docs/planner.md.
     pp2 = {n: e for n, e in errors.items() if "c21d12" in n}
-    assert sorted(pp2.values())[-3] <= 5.0 and max(pp2.values()) <= 10.0
-    assert np.mean(list(errors.values())) <= 2.0
+    assert sorted(pp2.values())[-2] <= 5.0 and max(pp2.values()) <= 7.0
+    assert np.mean(list(errors.values())) <= 1.6
 
 
 def test_colocated_vllm_replay(replay_table):

@@ -100,6 +100,19 @@ def test_search_is_deterministic(synthetic_profile_path, tiny_model_dir):
     assert a.best.plan == b.best.plan and a.best.goodput_rps == b.best.goodput_rps
 
 
+def test_worker_processes_do_not_change_the_outcome(synthetic_profile_path, tiny_model_dir):
+    # Per-phase goodputs, bar checks, evaluations and the report's runs go to a process
+    # pool; every job is pure, so one process and three give the same outcome, runs included.
+    outcomes = [search(build_problem(_request(synthetic_profile_path, tiny_model_dir,
+                                              search__workers=n, search__compare_colocated=True)))
+                for n in (1, 3)]
+    one, three = outcomes
+    assert one.best == three.best and one.runners_up == three.runners_up
+    assert one.phases == three.phases and one.colocated == three.colocated
+    assert one.num_simulations == three.num_simulations
+    assert len(one.runners_up) >= 1 and one.best.at_goodput is not None
+
+
 def test_layouts_and_links():
     tp2 = ParallelConfig(2, 1)
     # High node affinity, first-fit decreasing: 3 x 2-GPU instances + 2 x 1-GPU on 2 nodes of 4.

@@ -252,22 +252,33 @@ def test_kv_load_on_the_step_path_stalls_every_running_request():
     assert out.finish_s.tolist() == pytest.approx([(step0 + step1) / 1000] * 2)
 
 
-def test_kv_load_stalls_every_pipeline_lane_of_the_instance():
+def test_kv_load_drains_the_pipeline_of_the_instance():
     from cluster.planner.decode_pool import simulate_decode_pool
-    # PP2: A runs in lane 0; B lands 1 ms later in the idle lane 1, and its 1000-token load
-    # (10 ms) holds the instance's step loop, so lane 0's next step waits for it too
-    # (DistServe's decode loop awaits each migration between steps).
+    # PP2: A runs in lane 0; B lands 1 ms later in the idle lane 1. Its 1000-token load
+    # (10 ms) holds the instance's step loop (DistServe's decode loop awaits each migration
+    # between steps), and it waits first for A's micro-batch to leave the other stage (half
+    # of A's step). Lane 0's next step waits for both.
     arrival, ins, outs = _arrays((0.0, 100, 3), (0.001, 1000, 2))
     timing = EngineTiming(PROFILE, 2)
     out = simulate_decode_pool(arrival, ins, outs, DecodePool(1, timing, 10_000, kv_load_s_per_token=1e-5))
     a_step0 = _step_ms(1, 100) + 1.0
-    a_step1 = _step_ms(1, 101) + 10.0
-    b_step0 = _step_ms(1, 1000) + 10.0
+    stall = 10.0 + _step_ms(1, 100) / 2
+    b_step0 = _step_ms(1, 1000) + stall  # B's batch is the heavier: its own time
+    # A's second step: the stages serve both micro-batches, so the lighter lane waits one
+    # turn of both (their mean step), not its own.
+    a_step1 = (_step_ms(1, 101) + _step_ms(1, 1000)) / 2 + stall
     assert out.finish_s.tolist() == pytest.approx([(a_step0 + a_step1) / 1000, 0.001 + b_step0 / 1000])
-    # PP1 with the same requests: one lane, B's load is charged once, to the step it joins.
+    # PP1 with the same requests: one lane, no pipeline to drain; B's load is charged once,
+    # to the step it joins.
     pp1 = simulate_decode_pool(arrival, ins, outs,
                                DecodePool(1, EngineTiming(PROFILE), 10_000, kv_load_s_per_token=1e-5))
     assert pp1.finish_s[0] == pytest.approx((a_step0 + _step_ms(2, 101 + 1000) + 10.0) / 1000)
+    # Without a load on the step path the lanes still share the stages: A's second step is
+    # one turn of both, B's its own.
+    free = simulate_decode_pool(arrival, ins, outs, DecodePool(1, timing, 10_000))
+    assert free.finish_s.tolist() == pytest.approx(
+        [(_step_ms(1, 100) + (_step_ms(1, 101) + _step_ms(1, 1000)) / 2) / 1000,
+         0.001 + _step_ms(1, 1000) / 1000])
 
 
 def test_pipeline_stages_pay_the_fixed_cost_each():
@@ -289,6 +300,12 @@ def test_colocated_pipeline_lanes_run_side_by_side():
     pp1 = simulate_colocated(ColocatedPool(1, lane, 100_000), arrival, ins, outs)
     assert pp2.ttft_s.tolist() == pytest.approx([PROFILE.prefill_ms([400]) / 1000] * 2)
     assert pp1.ttft_s.tolist() == pytest.approx([PROFILE.prefill_ms([400, 400]) / 1000] * 2)
+    # The lanes share the stages: next to a 1000-token prompt, a 100-token one waits one turn
+    # of both (the mean of their prefills), not only its own prefill.
+    arrival, ins, outs = _arrays((0.0, 1000, 1), (0.0, 100, 1))
+    mixed = simulate_colocated(ColocatedPool(1, lane, 100_000, pipeline_parallel_size=2), arrival, ins, outs)
+    heavy, light = PROFILE.prefill_ms([1000]) / 1000, PROFILE.prefill_ms([100]) / 1000
+    assert mixed.ttft_s.tolist() == pytest.approx([heavy, (heavy + light) / 2])
     # Each lane holds half the KV: a request needing more than half fails on PP2 only.
     arrival, ins, outs = _arrays((0.0, 600, 2))
     assert np.isinf(simulate_colocated(ColocatedPool(1, lane, 1000, pipeline_parallel_size=2),
