@@ -9,9 +9,10 @@
        links of the layout, decode memory, joint TTFT+TPOT attainment) and refine the
        instance counts locally with those co-simulations.
 
-(Over ~350 lines on purpose: one search, its branch-and-bound state `_Search` and the
-dominance rule it prunes by. The pure pieces it calls live in their own modules:
-`phase_goodput`, `placement`, `goodput`, `simulator`.)
+(Over ~400 lines on purpose: one search, its branch-and-bound state `_Search`, the
+dominance rule it prunes by, and the jobs it hands to processes. The pure pieces it calls
+live in their own modules: `phase_goodput`, `placement`, `goodput`, `simulator`, and the
+process pool in `pool`.)
 
 Objectives: `max_goodput` (no target rate): the highest goodput within the GPU budget;
 goodputs within the bisection tolerance count as equal and then the higher goodput per
@@ -20,14 +21,10 @@ GPU wins. `min_gpus` (target rate): the fewest GPUs whose plan sustains the rate
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import threading
 from collections import OrderedDict, deque
-from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Literal, TypeVar
+from typing import Iterator, Literal
 
 from cluster.config import SLOConfig
 
@@ -35,6 +32,7 @@ from .goodput import MAX_RATE, RateMeasurement, RateJudge, max_feasible_rate
 from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
                             enumerate_configs, phase_goodput)
 from .placement import layout_plan, transfer_topology
+from .pool import job_pool, map_jobs
 from .plans import ParallelConfig, Plan
 from .problem import PlanningProblem, for_front_end_layout
 from .prefill_pool import PrefillOutcome
@@ -233,7 +231,7 @@ class _Search:
             return [self.evaluate(plan, passed) for plan in plans]
         out = []
         jobs = [(self.problem, self.goodput, p, passed) for p in plans]
-        for e, runs in _map(pool, _evaluate_job, jobs):
+        for e, runs in map_jobs(pool, _evaluate_job, jobs):
             self.num_runs += runs
             self._evaluated[e.plan] = e
             out.append(e)
@@ -268,7 +266,7 @@ class _Search:
         if pool is None or len(plans) < 2:
             return [self.passes(plan, bar) for plan in plans]
         verdicts = []
-        for plan, (ok, runs) in zip(plans, _map(pool, _bar_job, [(self.problem, p, bar) for p in plans])):
+        for plan, (ok, runs) in zip(plans, map_jobs(pool, _bar_job, [(self.problem, p, bar) for p in plans])):
             self.judge(plan).verdicts[bar] = ok
             self.num_runs += runs
             verdicts.append(ok)
@@ -345,7 +343,7 @@ class _Search:
                 for config in configs if config.tp in tps and config.num_gpus <= self.cluster.gpus_per_node
                 for scheduler in ("prefill_priority", "chunked_prefill")]
         out = []
-        for baseline, runs in _map(pool, _colocated_job, jobs):
+        for baseline, runs in map_jobs(pool, _colocated_job, jobs):
             self.num_runs += runs
             out.append(baseline)
         return out
@@ -574,38 +572,6 @@ def _plan_layout(problem: PlanningProblem, layout: str) -> PlanOutcome:
                    front_end_cores=fe.reserved_cores if layout == "reserved" else 0)
 
 
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-def _workers(problem: PlanningProblem) -> int:
-    """Processes for independent simulations: `search.workers`, else this process's cores.
-    One (no pool) where the pool would fork a process that runs other threads."""
-    n = problem.request.search.workers
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    return n
-
-
-@contextmanager
-def _pool(workers: int) -> Iterator[Executor | None]:
-    if workers <= 1:
-        yield None
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield pool
-
-
-def _map(pool: Executor | None, fn: Callable[[_T], _R], jobs: list[_T]) -> list[_R]:
-    """`fn` over `jobs` in order, in the pool's processes when there is one. Every job is a
-    pure function of its arguments, so the outcome does not depend on the pool."""
-    if pool is None or len(jobs) < 2:
-        return [fn(job) for job in jobs]
-    return list(pool.map(fn, jobs))
-
-
 _worker_search: list[_Search] = []  # in a pool's process: the last problem's search state
 
 
@@ -650,7 +616,7 @@ def _measure_job(job: tuple[PlanningProblem, EvaluatedPlan]) -> tuple[EvaluatedP
 
 
 def _search_layout(problem: PlanningProblem) -> PlanOutcome:
-    with _pool(_workers(problem)) as pool:
+    with job_pool(problem.request.search.workers) as pool:
         return _search_layout_in(problem, pool)
 
 
@@ -661,7 +627,7 @@ def _search_layout_in(problem: PlanningProblem, pool: Executor | None) -> PlanOu
     phase_traces = s.traces(req.search.num_requests)
     jobs = [(problem, phase, config, phase_traces) for phase in ("prefill", "decode") for config in configs]
     phases = []
-    for (_, phase, config, _), (g, runs) in zip(jobs, _map(pool, _phase_job, jobs)):
+    for (_, phase, config, _), (g, runs) in zip(jobs, map_jobs(pool, _phase_job, jobs)):
         s.num_runs += runs
         s.goodput[(phase, config)] = g.goodput_rps
         phases.append(g)
@@ -683,7 +649,7 @@ def _search_layout_in(problem: PlanningProblem, pool: Executor | None) -> PlanOu
     runners_up = [e for e in ranked[1:] if e.goodput_rps > 0][:3]
     shown = ranked[:1] + runners_up + ([fallback] if fallback is not None else [])
     measured: dict[Plan, EvaluatedPlan] = {}
-    for e, runs in _map(pool, _measure_job, [(problem, e) for e in {e.plan: e for e in shown}.values()]):
+    for e, runs in map_jobs(pool, _measure_job, [(problem, e) for e in {e.plan: e for e in shown}.values()]):
         s.num_runs += runs
         measured[e.plan] = e
     best = measured[ranked[0].plan] if ranked else None

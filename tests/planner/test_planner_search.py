@@ -139,3 +139,20 @@ def test_low_node_affinity_alone_works_on_one_node(synthetic_profile_path, tiny_
     best = search(build_problem(request)).best
     assert best.plan.placement == "low_node_affinity" and best.goodput_rps > 0
     assert best.plan.prefill.pp == best.plan.decode.pp == 1  # one node: no cross-node pipeline
+
+
+def test_no_process_pool_in_a_process_with_threads():
+    import threading
+
+    from cluster.planner.pool import num_workers
+
+    assert num_workers(3) == 3 and num_workers(None) >= 1
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert num_workers(3) == 1  # a fork would copy locks the other thread may hold
+    finally:
+        release.set()
+        other.join()
+    assert num_workers(3) == 3
