@@ -48,17 +48,27 @@ DEFAULT_WINDOW_S = 30.0
 MAX_LENGTH_SAMPLE = 2000  # newest requests of the window the sizer co-simulates
 
 
+def _output_estimate(median_out: int | None, max_tokens: int | None) -> int | None:
+    """A request in flight: the window's median output, at most its own limit."""
+    known = [x for x in (median_out, max_tokens) if x is not None]
+    return min(known) if known else None
+
+
 def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
-                         window_s: float = DEFAULT_WINDOW_S) -> TrafficSnapshot:
+                         window_s: float = DEFAULT_WINDOW_S, min_sample: int = 50) -> TrafficSnapshot:
     """What the router saw over the last `window_s` seconds.
 
     Arrival rate: requests that arrived in the window / its length (the first window is as
     long as the oldest trace). Attainment and mean TTFT/TPOT: requests that ended in the
-    window (`cluster.slo` definitions). Length sample: the (prompt, output) token counts of
-    the requests that ended in the window and also arrived in it, the traffic as it is now
-    (after a shift, what ends first is the old traffic, and in an overload the new requests
-    are the ones still queued); all that ended in the window when those are under half of
-    them (requests longer than the window).
+    window (`cluster.slo` definitions). Length sample, the traffic as it is now: the
+    (prompt, output) token counts of the requests that arrived in the newest half of the
+    window, those still in flight included (after a shift, what ends first is the old
+    traffic, and in an overload the new requests are the ones still queued), when they are
+    `min_sample` or more; a request in flight counts its prompt and, for its output, the
+    median output of the requests that ended in the window, at most its `max_tokens`.
+    Fewer than that: the requests that ended in the window and also arrived in it, or all
+    that ended in the window when those are under half of them (requests longer than the
+    window).
     Instances: every pool member, `draining` once its stats say so, else `serving`, with
     the router's own count of its requests in flight.
     """
@@ -72,6 +82,9 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
     outs: list[int] = []
     new_ins: list[int] = []  # of those, the ones that arrived in the window
     new_outs: list[int] = []
+    # Newest half window: (prompt, output; None in flight, max_tokens)
+    recent: list[tuple[int, int | None, int | None]] = []
+    recent_start = now - window_s / 2
     met = 0
     ttfts: list[float] = []
     tpots: list[float] = []
@@ -80,6 +93,11 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
             arrived += 1
             oldest = min(oldest, trace.arrival_s)
         finish = trace.events.get("finish")
+        if trace.arrival_s >= recent_start and len(recent) < MAX_LENGTH_SAMPLE:
+            if finish is None and not trace.state.is_final:
+                recent.append((max(1, trace.num_prompt_tokens), None, trace.max_tokens))
+            elif trace.num_output_tokens >= 1:
+                recent.append((max(1, trace.num_prompt_tokens), trace.num_output_tokens, None))
         if finish is None or finish < start or len(ins) >= MAX_LENGTH_SAMPLE:
             if trace.arrival_s < start - 10 * window_s:
                 break  # ordered by arrival: nothing older can have ended in the window
@@ -104,6 +122,12 @@ def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
                        v.inflight_requests)
         for v in deps.pool.all() if v.role in ("prefill", "decode"))
     sample_ins, sample_outs = (new_ins, new_outs) if 2 * len(new_ins) >= len(ins) else (ins, outs)
+    if len(recent) >= max(min_sample, 1):
+        median_out = sorted(outs)[len(outs) // 2] if outs else None
+        estimates = [(prompt, out if out is not None else _output_estimate(median_out, limit))
+                     for prompt, out, limit in recent]
+        sample_ins = [prompt for prompt, out in estimates if out is not None]
+        sample_outs = [out for _, out in estimates if out is not None]
     return TrafficSnapshot(
         time_s=now, window_s=window_s, arrival_rate_rps=arrived / span, input_lens=tuple(sample_ins),
         output_lens=tuple(sample_outs), attainment=met / len(ins) if ins else 1.0,
@@ -228,7 +252,8 @@ class ReplanTask:
     _stopping: bool = field(default=False, init=False)
 
     async def tick(self) -> list[Effect]:
-        snap = snapshot_from_router(self.deps, self.clock(), self.window_s)
+        snap = snapshot_from_router(self.deps, self.clock(), self.window_s,
+                                    self.replanner.settings.min_requests)
         seen = len(self.replanner.decisions)
         # The sizing co-simulates: off the event loop, which keeps serving meanwhile.
         effects = await asyncio.to_thread(self.replanner.observe, snap)

@@ -67,7 +67,8 @@ class Generation:
             raise oai.OpenAIError(503, "no worker is available", "service_unavailable")
         self.deps = deps
         self.p = p
-        self.trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids))
+        self.trace = RequestTrace(request_id=p.request_id, num_prompt_tokens=len(p.prompt_token_ids),
+                                  max_tokens=p.sampling.max_tokens)
         self.handoff = Handoff(deps.pool, deps.tokenizer.eos_token_ids, p.request_id,
                                p.prompt_token_ids, p.sampling, self.trace)
         self._tokens = self.handoff.tokens()

@@ -145,6 +145,7 @@ class RequestTrace:
     num_prompt_tokens_computed_on_decode: int | None = None
     kv_load_s: float | None = None
     num_output_tokens: int = 0
+    max_tokens: int | None = None  # the request's output limit (the re-planner's estimate in flight)
     finish_reason: FinishReason | None = None
     error: str | None = None
     prefill_retry_reasons: tuple[str, ...] = ()  # one reason per retry (recovery.fault_reason)

@@ -71,6 +71,35 @@ def test_snapshot_samples_the_lengths_of_the_traffic_that_arrived_in_the_window(
     assert len(snapshot_from_router(deps2, now, window_s=10.0).input_lens) == 13
 
 
+def test_snapshot_samples_the_newest_arrivals_with_those_still_in_flight():
+    # A shift half a window ago: the requests that ended are mostly the old traffic, and the
+    # new prompts are queued. The newest half window, in flight included, is the new traffic.
+    from router.handoff import RequestState
+
+    deps, _, _ = _deployment()
+    now = 1000.0
+    for i in range(60):  # old traffic, ended
+        deps.remember(_trace(f"old{i}", now - 10 + 0.08 * i, 0.1, 0.01, 32, 64))
+    for i in range(20):  # new traffic, ended
+        deps.remember(_trace(f"new{i}", now - 5 + 0.05 * i, 0.1, 0.01, 1024, 8))
+    for i in range(40):  # new traffic, queued (output limit 8, or 1000: the median caps it)
+        queued = RequestTrace(f"queued{i}", 1024, arrival_s=now - 4 + 0.1 * i, max_tokens=8 if i < 35 else 1000)
+        deps.remember(queued)
+    failed = RequestTrace("failed", 4096, arrival_s=now - 1, max_tokens=8)
+    failed.state = RequestState.FAILED
+    deps.remember(failed)  # ended without output: no lengths to learn from
+    snap = snapshot_from_router(deps, now, window_s=10.0, min_sample=50)
+    assert len(snap.input_lens) == 60 and set(snap.input_lens) == {1024}
+    # 55 known or capped at 8; five in flight with a limit of 1000 take the window's median
+    # output (the 60 old requests' 64 tokens).
+    assert sorted(snap.output_lens) == [8] * 55 + [64] * 5
+    assert snap.attainment == pytest.approx(1.0)  # the window's figures: what ended in it
+    # Under `min_sample` in the newest half window: the earlier rule (what ended and arrived
+    # in the window, here old and new alike).
+    fallback = snapshot_from_router(deps, now, window_s=10.0, min_sample=61)
+    assert sorted(fallback.input_lens) == [32] * 60 + [1024] * 20
+
+
 def test_serve_actuator_sets_each_pool_replica_count():
     calls = []
     act = ServeActuator("pdserve", {"prefill": 2, "decode": 2}, lambda role, n: calls.append((role, n)))
