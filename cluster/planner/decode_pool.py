@@ -1,6 +1,6 @@
 """Discrete-event simulation of KV transfer and a pool of decode instances.
 
-(Over ~350 lines on purpose: one event loop. Its events (arrival, transfer done, step
+(Over ~400 lines on purpose: one event loop. Its events (arrival, transfer done, step
 boundary, preemption) mutate the same per-lane state, and the loop is the planner's hot
 path, inlined for speed; split, the lifecycle below would have no single place to read.)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,6 +136,22 @@ def test_patched_version_reads_the_cpu_wheel():
         assert importlib.metadata.version("msgspec") == original("msgspec")
     finally:
         importlib.metadata.version = original
+
+
+def test_cpu_wheel_client_starts_without_target_device(tmp_path):
+    # Without VLLM_TARGET_DEVICE the CPU wheel cannot tell its platform and loads its AVX-512
+    # kernels: SIGILL on an AVX2-only host. The client names the CPU platform itself.
+    try:
+        importlib.metadata.version("vllm")
+        pytest.skip("the vllm distribution (not the CPU wheel) is installed")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_TARGET_DEVICE"}
+    done = subprocess.run([sys.executable, "-m", "bench.vllm_client", "bench", "serve", "--help"],
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: vllm bench serve")
 
 
 def test_compare_needs_two_targets_and_checks_peer_specs(capsys, tmp_path):
