@@ -100,17 +100,36 @@ def test_search_is_deterministic(synthetic_profile_path, tiny_model_dir):
     assert a.best.plan == b.best.plan and a.best.goodput_rps == b.best.goodput_rps
 
 
+_SAME_OUTCOME = """
+import sys
+from cluster.planner.pool import num_workers
+from cluster.planner.problem import build_problem
+from cluster.planner.search import search
+from tests.planner.test_planner_search import _request
+
+profile, model = sys.argv[1:]
+assert num_workers(3) == 3  # a fresh process: no other thread, so the pool forks
+one, three = (search(build_problem(_request(profile, model, search__workers=n,
+                                             search__compare_colocated=True))) for n in (1, 3))
+assert one.best == three.best and one.runners_up == three.runners_up
+assert one.phases == three.phases and one.colocated == three.colocated
+assert one.num_simulations == three.num_simulations
+assert len(one.runners_up) >= 1 and one.best.at_goodput is not None
+"""
+
+
 def test_worker_processes_do_not_change_the_outcome(synthetic_profile_path, tiny_model_dir):
     # Per-phase goodputs, bar checks, evaluations and the report's runs go to a process
-    # pool; every job is pure, so one process and three give the same outcome, runs included.
-    outcomes = [search(build_problem(_request(synthetic_profile_path, tiny_model_dir,
-                                              search__workers=n, search__compare_colocated=True)))
-                for n in (1, 3)]
-    one, three = outcomes
-    assert one.best == three.best and one.runners_up == three.runners_up
-    assert one.phases == three.phases and one.colocated == three.colocated
-    assert one.num_simulations == three.num_simulations
-    assert len(one.runners_up) >= 1 and one.best.at_goodput is not None
+    # pool; every job is pure, so one process and three give the same outcome, runs
+    # included. In a process of its own: the test process may run threads (no pool then).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _SAME_OUTCOME, str(synthetic_profile_path),
+                           str(tiny_model_dir)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_layouts_and_links():
@@ -141,18 +160,19 @@ def test_low_node_affinity_alone_works_on_one_node(synthetic_profile_path, tiny_
     assert best.plan.prefill.pp == best.plan.decode.pp == 1  # one node: no cross-node pipeline
 
 
-def test_no_process_pool_in_a_process_with_threads():
+def test_no_process_pool_in_a_process_with_threads(monkeypatch):
     import threading
 
-    from cluster.planner.pool import num_workers
+    from cluster.planner import pool
 
-    assert num_workers(3) == 3 and num_workers(None) >= 1
+    with monkeypatch.context() as m:  # as in a process with no other thread
+        m.setattr(pool.threading, "active_count", lambda: 1)
+        assert pool.num_workers(3) == 3 and pool.num_workers(None) >= 1
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()
     try:
-        assert num_workers(3) == 1  # a fork would copy locks the other thread may hold
+        assert pool.num_workers(3) == 1  # a fork would copy locks the other thread may hold
     finally:
         release.set()
         other.join()
-    assert num_workers(3) == 3
