@@ -7,12 +7,15 @@ and the plan, are the same however many processes run them.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -25,7 +28,10 @@ def num_workers(requested: int | None) -> int:
     n = requested
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if n > 1 and (threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods()):
+        if requested is not None:
+            log.warning("planner: %d worker processes asked for, running in one: this process "
+                        "runs other threads (or cannot fork)", requested)
         return 1
     return n
 

@@ -160,7 +160,7 @@ def test_low_node_affinity_alone_works_on_one_node(synthetic_profile_path, tiny_
     assert best.plan.prefill.pp == best.plan.decode.pp == 1  # one node: no cross-node pipeline
 
 
-def test_no_process_pool_in_a_process_with_threads(monkeypatch):
+def test_no_process_pool_in_a_process_with_threads(monkeypatch, caplog):
     import threading
 
     from cluster.planner import pool
@@ -173,6 +173,7 @@ def test_no_process_pool_in_a_process_with_threads(monkeypatch):
     other.start()
     try:
         assert pool.num_workers(3) == 1  # a fork would copy locks the other thread may hold
+        assert "3 worker processes asked for, running in one" in caplog.text  # not silently
     finally:
         release.set()
         other.join()
