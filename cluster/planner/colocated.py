@@ -36,12 +36,12 @@ outstanding prompt tokens.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from .jit import jit
 from .latency_model import EngineTiming
 
 ColocatedScheduler = Literal["prefill_priority", "chunked_prefill"]
@@ -78,21 +78,6 @@ class ColocatedOutcome:
     num_preemptions: int = 0
 
 
-class _Instance:
-    __slots__ = ("waiting", "prefilling", "progress", "b", "ctx", "step", "fin", "reserved",
-                 "admitted", "busy", "outstanding", "running", "own_s")
-
-    def __init__(self) -> None:
-        self.waiting: deque[int] = deque()
-        self.prefilling: list[int] = []  # admitted, prompt partly computed (chunked only)
-        self.progress: dict[int, int] = {}
-        self.b = self.ctx = self.step = self.reserved = self.admitted = self.outstanding = 0
-        self.fin: list[tuple[int, int, int]] = []  # (finish step, request, its epoch)
-        self.running: set[int] = set()  # requests in the decode batch (paged: preemptible)
-        self.busy = False
-        self.own_s = 0.0  # the current iteration's own time (its batch through every stage)
-
-
 def simulate_colocated_pool(
     arrival_s: np.ndarray,
     input_lens: np.ndarray,
@@ -103,148 +88,243 @@ def simulate_colocated_pool(
     max_violations: int | None = None,
 ) -> ColocatedOutcome:
     n = len(arrival_s)
-    arrivals, ins, outs = arrival_s.tolist(), input_lens.tolist(), output_lens.tolist()
-    first = [float("inf")] * n
-    finish = [float("inf")] * n
-    flagged = [False] * n
-    lanes = pool.pipeline_parallel_size
-    cap, budget, max_seqs = pool.kv_capacity_tokens // lanes, pool.token_budget, pool.max_num_seqs
-    timing, chunked = pool.timing, pool.scheduler == "chunked_prefill"
-    paged = pool.memory == "paged"
-    slack = pool.block_size // 2 if paged else 0
-    admit_cap = cap * (1.0 - pool.admission_watermark) if paged else cap
+    limit = max_violations if max_violations is not None else n + 1
+    timing = pool.timing  # one lane's: pipeline degree 1, so a stage is the whole iteration
+    fixed_ms, pb, pc, overhead = timing.prefill_coefficients_ms()
+    p = timing.profile
+    first, finish, counts = _colocated_kernel(
+        np.asarray(arrival_s, dtype=np.float64), np.asarray(input_lens, dtype=np.int64),
+        np.asarray(output_lens, dtype=np.int64),
+        int(pool.num_instances * pool.pipeline_parallel_size), int(pool.pipeline_parallel_size),
+        int(pool.kv_capacity_tokens // pool.pipeline_parallel_size), int(pool.token_budget),
+        int(pool.max_num_seqs), pool.scheduler == "chunked_prefill", pool.memory == "paged",
+        int(pool.block_size), float(pool.admission_watermark),
+        float(fixed_ms), float(p.prefill[0]), float(pb), float(pc), bool(overhead),
+        int(p.decoding_large_small_bs_threshold), np.array(p.decoding_smallbs, dtype=np.float64),
+        np.array(p.decoding_largebs, dtype=np.float64), float(ttft_limit_s), float(tpot_limit_s),
+        int(limit))
+    violations = int(counts[_VIOLATIONS])
+    return ColocatedOutcome(first, finish, violations, violations > limit, int(counts[_PREEMPTIONS]))
+
+
+# Counters of the kernel, one int64 array (its helpers cannot rebind the caller's scalars).
+_SEQ, _VIOLATIONS, _PREEMPTIONS = 0, 1, 2
+# What admission decides for the request at the head of WAITING.
+_ADMITTED, _MUST_WAIT, _NEVER_FITS = 0, 1, 2
+
+
+@jit
+def _colocated_kernel(
+    arrivals, ins, outs, k, lanes, cap, budget, max_seqs, chunked, paged, block_size, watermark,
+    prefill_fixed_ms, pa, pb, pc, overhead, thr, small, large, ttft_limit_s, tpot_limit_s,
+    limit,
+):
+    """The event loop (numba-compiled: a hot path of the search's colocated baselines);
+    `simulate_colocated_pool` gives the contract. arrivals: [N] float64, ascending; ins, outs:
+    [N] int64; k lanes in all (`lanes` per instance), `cap` tokens of KV each; small, large:
+    decode coefficients (a, b, c) below / from `thr`; pa: the prefill profile's fixed cost,
+    `prefill_fixed_ms` the same for one (lane-)stage. Iteration times are `EngineTiming`'s
+    `prefill_latency_s`, `decode_step_s` and `mixed_step_s` at pipeline degree 1, written out."""
+    n = len(arrivals)
+    inf = np.inf
+    first = np.full(n, inf)
+    finish = np.full(n, inf)
+    flagged = np.zeros(n, dtype=np.bool_)
+    counts = np.zeros(3, dtype=np.int64)
+    slack = block_size // 2 if paged else 0
+    admit_cap = cap * (1.0 - watermark) if paged else float(cap)
     # Tokens a request's prefill computes: its prompt, or after a preemption its prompt
     # and every token it had generated (recompute); the KV then holds plen[r] tokens and
     # grows by one per decode step. done[r]: output tokens produced so far.
-    plen = list(ins)
-    done = [0] * n
-    join_step = [0] * n
-    epoch = [0] * n
-    preemptions = 0
-    insts = [_Instance() for _ in range(pool.num_instances * lanes)]  # lanes of every instance
-    events: list[tuple[float, int, int, tuple]] = []
-    seq = 0
-    violations = 0
-    limit = max_violations if max_violations is not None else n + 1
+    plen = ins.copy()
+    done = np.zeros(n, dtype=np.int64)
+    join_step = np.zeros(n, dtype=np.int64)
+    epoch = np.zeros(n, dtype=np.int64)
+    progress = np.zeros(n, dtype=np.int64)  # prompt tokens computed (chunked, while prefilling)
+    in_running = np.zeros(n, dtype=np.bool_)  # in its lane's decode batch (paged: preemptible)
+    # Per lane (every instance's lanes, flat). WAITING is FCFS with preempted requests back
+    # at its head: linked lists, head/tail per lane and next per request (-1: none).
+    w_head = np.full(k, -1, dtype=np.int64)
+    w_tail = np.full(k, -1, dtype=np.int64)
+    w_next = np.full(n, -1, dtype=np.int64)
+    b = np.zeros(k, dtype=np.int64)  # decode batch size
+    ctx = np.zeros(k, dtype=np.int64)  # its context tokens
+    step = np.zeros(k, dtype=np.int64)  # decode steps done
+    reserved = np.zeros(k, dtype=np.int64)
+    admitted = np.zeros(k, dtype=np.int64)
+    outstanding = np.zeros(k, dtype=np.int64)  # prompt tokens waiting or prefilling: dispatch balances on it
+    busy = np.zeros(k, dtype=np.bool_)
+    own_s = np.zeros(k)  # the current iteration's own time (its batch through every stage)
+    cur_decode_b = np.zeros(k, dtype=np.int64)  # decode batch of the iteration in flight
+    prefilling = [[0] for _ in range(k)]  # admitted, prompt partly computed (chunked only)
+    cur = [[(0, 0, 0)] for _ in range(k)]  # the iteration in flight: (request, new, prefix tokens)
+    fin = [[(0, 0, 0)] for _ in range(k)]  # heaps of (finish step, request, its epoch)
+    newest = [[(0, 0)] for _ in range(k)]  # max-heaps of (-request, epoch), lazily pruned
+    for i in range(k):  # the literals above only fix the element types
+        prefilling[i].pop()
+        cur[i].pop()
+        fin[i].pop()
+        newest[i].pop()
+    events = [(0.0, 0, 0, 0)]  # (time, seq, lane, 1: iteration done / 0: kick)
+    events.pop()
 
-    def violate(r: int) -> None:
-        nonlocal violations
+    def violate(r):
         if not flagged[r]:
             flagged[r] = True
-            violations += 1
+            counts[_VIOLATIONS] += 1
 
-    def try_reserve(st: _Instance, r: int) -> bool | None:
-        """True: admitted; False: must wait; None: can never fit (request failed)."""
-        if ins[r] + outs[r] + slack > cap:
-            violate(r)
-            return None
-        need = plen[r] + slack if paged else ins[r] + outs[r]
-        if st.reserved + need > admit_cap or st.admitted >= max_seqs:
-            return False
-        st.reserved += need
-        st.admitted += 1
-        return True
+    def decode_ms(batch, context):
+        """`EngineTiming.decode_step_s`, in ms."""
+        co = small if batch < thr else large
+        ms = co[0] + co[1] * (context + batch) + co[2] * batch
+        if overhead:
+            ms += 2.0 + 1e-4 * context
+        return ms
 
-    def schedule(i: int, now: float) -> None:
-        nonlocal seq
-        st = insts[i]
-        chunks: list[tuple[int, int, int]] = []  # (request, new tokens, prefix tokens)
-        left = budget - (st.b if chunked else 0)
-        for r in st.prefilling:  # chunked: continue admitted prompts first
+    def join(i, r):
+        b[i] += 1
+        ctx[i] += plen[r]
+        join_step[r] = step[i]
+        in_running[r] = True
+        heapq.heappush(newest[i], (-r, epoch[r]))
+        heapq.heappush(fin[i], (step[i] + outs[r] - done[r], r, epoch[r]))
+
+    def schedule(i, now):
+        chunks = cur[i]
+        chunks.clear()
+        left = budget - (b[i] if chunked else 0)
+        for r in prefilling[i]:  # chunked: continue admitted prompts first
             if left <= 0:
                 break
-            take = min(plen[r] - st.progress[r], left)
-            chunks.append((r, take, st.progress[r]))
+            take = min(plen[r] - progress[r], left)
+            chunks.append((r, take, progress[r]))
             left -= take
-        while st.waiting and left > 0:
-            r = st.waiting[0]
-            if not chunked and chunks and plen[r] > left:
+        while w_head[i] >= 0 and left > 0:
+            r = w_head[i]
+            if not chunked and len(chunks) and plen[r] > left:
                 break
-            ok = try_reserve(st, r)
-            if ok is False:
+            verdict = _ADMITTED
+            if ins[r] + outs[r] + slack > cap:
+                violate(r)
+                verdict = _NEVER_FITS
+            else:
+                need = plen[r] + slack if paged else ins[r] + outs[r]
+                if reserved[i] + need > admit_cap or admitted[i] >= max_seqs:
+                    verdict = _MUST_WAIT
+                else:
+                    reserved[i] += need
+                    admitted[i] += 1
+            if verdict == _MUST_WAIT:
                 break
-            st.waiting.popleft()
-            if ok is None:
+            w_head[i] = w_next[r]
+            if w_head[i] < 0:
+                w_tail[i] = -1
+            w_next[r] = -1
+            if verdict == _NEVER_FITS:
                 continue
             take = min(plen[r], left) if chunked else plen[r]
             if chunked:
-                st.prefilling.append(r)
-                st.progress[r] = 0
+                prefilling[i].append(r)
+                progress[r] = 0
             chunks.append((r, take, 0))
             left -= take
-        if chunks and not chunked:
-            tokens = sum(c[1] for c in chunks)
-            dt = timing.prefill_latency_s(tokens, sum(c[1] * c[1] for c in chunks))
+        if len(chunks) and not chunked:  # `prefill_latency_s`
+            tokens = sq = 0
+            for _, take, _ in chunks:
+                tokens += take
+                sq += take * take
+            ms = prefill_fixed_ms + (pb * tokens + pc * sq)
+            if overhead:
+                ms += 2.0 + 1e-4 * tokens
             decode_b = 0
-        elif chunks or st.b:
-            decode_b = st.b if (chunked or not chunks) else 0
-            dt = timing.mixed_step_s([c[1] for c in chunks], [c[2] for c in chunks],
-                                     decode_b, st.ctx if decode_b else 0)
+        elif len(chunks):  # `mixed_step_s` (chunked)
+            decode_b = b[i]
+            new = quad = 0
+            for _, take, prefix in chunks:
+                new += take
+                quad += take * take + 2 * take * prefix
+            context = ctx[i] if decode_b else 0
+            ms = pb * new + pc * quad
+            fixed = pa
+            if decode_b:
+                co = small if decode_b < thr else large
+                ms += co[1] * (context + decode_b) + co[2] * decode_b
+                fixed = max(pa, co[0])
+            ms += fixed
+            if overhead:
+                ms += 2.0 + 1e-4 * (context + new)
+        elif b[i]:
+            decode_b = b[i]
+            ms = decode_ms(decode_b, ctx[i])
         else:
-            st.busy = False
+            busy[i] = False
             return
+        dt = ms / 1000.0
         if lanes > 1:  # the lanes share the stages: one turn of every busy lane, at least
-            st.own_s = dt
+            own_s[i] = dt
             start = i - i % lanes
-            turn = sum(insts[o].own_s for o in range(start, start + lanes) if o != i and insts[o].busy)
+            turn = 0.0
+            for o in range(start, start + lanes):
+                if o != i and busy[o]:
+                    turn += own_s[o]
             dt = max(dt, (dt + turn) / lanes)
-        st.busy = True
-        heapq.heappush(events, (now + dt, seq, i, (tuple(chunks), decode_b)))
-        seq += 1
+        busy[i] = True
+        cur_decode_b[i] = decode_b
+        heapq.heappush(events, (now + dt, counts[_SEQ], i, 1))
+        counts[_SEQ] += 1
 
-    def held(st: _Instance, r: int) -> int:
-        """KV tokens a running request holds: its last prefill's plus one per step since."""
-        return plen[r] + st.step - join_step[r]
-
-    def preempt(st: _Instance) -> None:
+    def preempt(i):
         """Newest running requests out (vLLM: the last of its FCFS running list) until the
         lane's KV fits; each goes back to the head of WAITING and will recompute."""
-        nonlocal preemptions
-        while st.reserved > cap and st.running:
-            r = max(st.running)  # request ids are in arrival order
-            st.running.discard(r)
-            kv = held(st, r)
-            done[r] += st.step - join_step[r]
+        while reserved[i] > cap and b[i]:  # b[i]: the lane's running requests
+            neg, e = heapq.heappop(newest[i])
+            r = -neg
+            if not in_running[r] or e != epoch[r]:
+                continue  # finished or preempted since this entry was pushed
+            in_running[r] = False
+            kv = plen[r] + step[i] - join_step[r]  # its last prefill's KV plus a token per step since
+            done[r] += step[i] - join_step[r]
             epoch[r] += 1  # its finish-heap entry is void
-            st.b -= 1
-            st.ctx -= kv
-            st.reserved -= kv + slack
-            st.admitted -= 1
+            b[i] -= 1
+            ctx[i] -= kv
+            reserved[i] -= kv + slack
+            admitted[i] -= 1
             plen[r] = kv + 1  # its KV, and the newest token, which was never fed
-            st.outstanding += plen[r]
-            st.waiting.appendleft(r)
-            preemptions += 1
+            outstanding[i] += plen[r]
+            w_next[r] = w_head[i]
+            w_head[i] = r
+            if w_tail[i] < 0:
+                w_tail[i] = r
+            counts[_PREEMPTIONS] += 1
 
-    def iteration_done(i: int, now: float, chunks: tuple, decode_b: int) -> None:
-        st = insts[i]
-        if decode_b:
-            st.step += 1
-            st.ctx += st.b
+    def iteration_done(i, now):
+        if cur_decode_b[i]:
+            step[i] += 1
+            ctx[i] += b[i]
             if paged:
-                st.reserved += st.b
-            while st.fin and st.fin[0][0] <= st.step:
-                _, r, e = heapq.heappop(st.fin)
+                reserved[i] += b[i]
+            heap = fin[i]
+            while len(heap) and heap[0][0] <= step[i]:
+                _, r, e = heapq.heappop(heap)
                 if e != epoch[r]:
                     continue  # preempted since this entry was pushed
                 finish[r] = now
-                st.running.discard(r)
-                st.b -= 1
-                st.ctx -= ins[r] + outs[r] - 1
-                st.reserved -= (ins[r] + outs[r] - 1 + slack) if paged else ins[r] + outs[r]
-                st.admitted -= 1
-                # cluster.slo.tpot_s, inlined: this is the simulator's hot loop
-                if (now - first[r]) / (outs[r] - 1) > tpot_limit_s:
+                in_running[r] = False
+                b[i] -= 1
+                ctx[i] -= ins[r] + outs[r] - 1
+                reserved[i] -= (ins[r] + outs[r] - 1 + slack) if paged else ins[r] + outs[r]
+                admitted[i] -= 1
+                if (now - first[r]) / (outs[r] - 1) > tpot_limit_s:  # cluster.slo.tpot_s
                     violate(r)
-            if paged and st.reserved > cap:
-                preempt(st)
-        for r, take, prefix in chunks:
+            if paged and reserved[i] > cap:
+                preempt(i)
+        for r, take, prefix in cur[i]:
             if prefix + take < plen[r]:
-                st.progress[r] = prefix + take
+                progress[r] = prefix + take
                 continue
             if chunked:
-                st.prefilling.remove(r)
-                del st.progress[r]
-            st.outstanding -= plen[r]
+                prefilling[i].remove(r)
+            outstanding[i] -= plen[r]
             done[r] += 1  # a prefill (first or recompute) yields the next token
             if done[r] == 1:
                 first[r] = now
@@ -252,40 +332,40 @@ def simulate_colocated_pool(
                     violate(r)
             if done[r] >= outs[r]:
                 finish[r] = now
-                st.reserved -= (plen[r] + slack) if paged else ins[r] + outs[r]
-                st.admitted -= 1
+                reserved[i] -= (plen[r] + slack) if paged else ins[r] + outs[r]
+                admitted[i] -= 1
                 if outs[r] > 1 and (now - first[r]) / (outs[r] - 1) > tpot_limit_s:
                     violate(r)
             else:
-                st.b += 1
-                st.ctx += plen[r]
-                join_step[r] = st.step
-                st.running.add(r)
-                heapq.heappush(st.fin, (st.step + outs[r] - done[r], r, epoch[r]))
+                join(i, r)
 
-    k = len(insts)
     nxt = 0
-    while nxt < n or events:
-        # Arrivals at time t are taken before events at t; an idle instance starts in a
-        # kick event (chunks None) after them, so requests arriving together batch together.
-        if events and (nxt >= n or events[0][0] < arrivals[nxt]):
-            now, _, i, (chunks, decode_b) = heapq.heappop(events)
-            if chunks is not None:
-                iteration_done(i, now, chunks, decode_b)
-                if violations > limit:
+    while nxt < n or len(events):
+        # Arrivals at time t are taken before events at t; an idle lane starts in a kick
+        # event after them, so requests arriving together batch together.
+        if len(events) and (nxt >= n or events[0][0] < arrivals[nxt]):
+            now, _, i, is_iteration = heapq.heappop(events)
+            if is_iteration:
+                iteration_done(i, now)
+                if counts[_VIOLATIONS] > limit:
                     break
             schedule(i, now)
         else:
             r = nxt
             nxt += 1
             now = arrivals[r]
-            i = min(range(k), key=lambda j: insts[j].outstanding) if k > 1 else 0
-            st = insts[i]
-            st.waiting.append(r)
-            st.outstanding += ins[r]
-            if not st.busy:
-                st.busy = True  # until the kick schedules an iteration
-                heapq.heappush(events, (now, seq, i, (None, 0)))
-                seq += 1
-    return ColocatedOutcome(np.array(first), np.array(finish), violations, violations > limit,
-                            preemptions)
+            i = 0
+            for j in range(1, k):  # the fewest outstanding prompt tokens, first on ties
+                if outstanding[j] < outstanding[i]:
+                    i = j
+            if w_tail[i] < 0:
+                w_head[i] = r
+            else:
+                w_next[w_tail[i]] = r
+            w_tail[i] = r
+            outstanding[i] += ins[r]
+            if not busy[i]:
+                busy[i] = True  # until the kick schedules an iteration
+                heapq.heappush(events, (now, counts[_SEQ], i, 0))
+                counts[_SEQ] += 1
+    return first, finish, counts

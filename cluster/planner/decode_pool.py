@@ -2,7 +2,8 @@
 
 (Over ~400 lines on purpose: one event loop. Its events (arrival, transfer done, step
 boundary, preemption) mutate the same per-lane state, and the loop is the planner's hot
-path, inlined for speed; split, the lifecycle below would have no single place to read.)
+path, compiled with numba (`jit.py`); split, the lifecycle below would have no single place
+to read.)
 
 Request lifecycle on the decode side (push model: decode allocates KV, then prefill writes):
 
@@ -50,12 +51,12 @@ waits for a heavy one and every request of the instance sees about the same TPOT
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from .jit import jit
 from .latency_model import EngineTiming
 
 # Event kinds in the order they are handled at equal times: a transfer landing at the end
@@ -135,79 +136,147 @@ def simulate_decode_pool(
     `already_violating` are not counted twice. Stops after `max_violations`.
     """
     n = len(ready_s)
-    ins, outs = input_lens.tolist(), output_lens.tolist()
-    kv_ready = [float("inf")] * n
-    finish = [float("inf")] * n
-    xfer = [0.0] * n
-    base = tpot_base_s.tolist() if tpot_base_s is not None else None
-    deadline = ttft_deadline_s.tolist() if ttft_deadline_s is not None else None
-    flagged = already_violating.tolist() if already_violating is not None else [False] * n
-    pids = prefill_ids.tolist() if prefill_ids is not None else [0] * n
+    ready = np.asarray(ready_s, dtype=np.float64)
+    ins = np.asarray(input_lens, dtype=np.int64)
+    outs = np.asarray(output_lens, dtype=np.int64)
+    eligible = np.flatnonzero(outs >= 2)
+    order = eligible[np.argsort(ready[eligible], kind="stable")]  # by (ready time, id)
+    empty_f = np.zeros(0)
+    base = np.asarray(tpot_base_s, dtype=np.float64) if tpot_base_s is not None else empty_f
+    deadline = np.asarray(ttft_deadline_s, dtype=np.float64) if ttft_deadline_s is not None else empty_f
+    flagged = (np.array(already_violating, dtype=np.bool_) if already_violating is not None
+               else np.zeros(n, dtype=np.bool_))
+    pids = np.asarray(prefill_ids, dtype=np.int64) if prefill_ids is not None else np.zeros(n, np.int64)
     limit = max_violations if max_violations is not None else n + 1
-    violations = 0
-    preemptions = 0
-
-    k, lanes_per = pool.num_instances, pool.num_lanes
-    cap, max_seqs = pool.kv_capacity_tokens, pool.max_num_seqs
-    paged = pool.memory == "paged"
-    slack = pool.block_size // 2 if paged else 0  # unused slots of a request's last block
-    admit_cap = cap * (1.0 - pool.admission_watermark)
-    max_tokens = pool.max_num_batched_tokens if pool.max_num_batched_tokens is not None else max_seqs
-    max_seqs = min(max_seqs, max_tokens)  # one token per sequence and step
-    thr, small, large, oa, ob = pool.timing.decode_coefficients_ms()
-    recompute_ms = pool.timing.profile.prefill_ms  # unpipelined prefill of the recomputed context
-    load_ms_per_token = 1000.0 * pool.kv_load_s_per_token
-    all_ids = tuple(range(k))
+    k = pool.num_instances
     if topology is not None:
-        cands, link_ids, spt = topology.decode_candidates, topology.link_ids, topology.seconds_per_token
-        link_free = [0.0] * topology.num_links
-        lat = topology.latency_s
+        widest = max(len(c) for c in topology.decode_candidates)
+        cands = np.full((len(topology.decode_candidates), widest), -1, dtype=np.int64)
+        for p, allowed in enumerate(topology.decode_candidates):
+            cands[p, :len(allowed)] = allowed
+        link_ids = np.array(topology.link_ids, dtype=np.int64).reshape(-1, k)
+        spt = np.array(topology.seconds_per_token, dtype=np.float64).reshape(-1, k)
+        num_links, lat = topology.num_links, topology.latency_s
+    else:
+        cands = np.arange(k, dtype=np.int64).reshape(1, k)
+        link_ids, spt, num_links, lat = np.zeros((1, k), np.int64), np.zeros((1, k)), 0, 0.0
+    thr, small, large, oa, ob = pool.timing.decode_coefficients_ms()
+    max_tokens = pool.max_num_batched_tokens if pool.max_num_batched_tokens is not None else pool.max_num_seqs
+    kv_ready, finish, xfer, counts = _decode_pool_kernel(
+        ins, outs, ready[order], order, base, deadline, flagged, pids, cands, link_ids, spt,
+        int(num_links), float(lat), topology is not None, int(k), int(pool.num_lanes),
+        int(pool.kv_capacity_tokens), int(min(pool.max_num_seqs, max_tokens)),  # one token per sequence and step
+        pool.memory == "paged", int(pool.block_size), float(pool.admission_watermark),
+        int(thr), np.array(small, dtype=np.float64), np.array(large, dtype=np.float64), float(oa), float(ob),
+        np.array(pool.timing.profile.prefill, dtype=np.float64),
+        1000.0 * pool.kv_load_s_per_token, float(tpot_limit_s),
+        tpot_limit_s != float("inf") and max_violations is not None, int(limit))
+    violations, preemptions = int(counts[_VIOLATIONS]), int(counts[_PREEMPTIONS])
+    return DecodeOutcome(kv_ready, finish, xfer, violations, violations > limit, preemptions)
 
-    used = [0] * k  # KV tokens held (paged: current contexts; reserve: final footprints)
-    admitted = [0] * k
-    waiting: list[deque[int]] = [deque() for _ in range(k)]
-    waiting_tokens = [0] * k
-    generated = [0] * n  # decode steps done before a preemption (recomputed on re-admission)
-    epoch = [0] * n  # bumped on preemption: invalidates the request's finish-heap entry
-    join_step = [0] * n
+
+# Counters of the kernel, one int64 array (its helpers cannot rebind the caller's scalars).
+_SEQ, _VIOLATIONS, _PREEMPTIONS = 0, 1, 2
+
+
+@jit
+def _decode_pool_kernel(
+    ins, outs, arrivals, arrival_ids, base, deadline, flagged, pids, cands, link_ids, spt, num_links, lat,
+    has_topology, k, lanes_per, cap, max_seqs, paged, block_size, watermark,
+    thr, small, large, oa, ob, recompute, load_ms_per_token, tpot_limit_s, check_deadlines, limit,
+):
+    """The event loop (numba-compiled: it is the planner's hot path). Arrays in, per-request
+    times and counters out; `simulate_decode_pool` documents the arguments' meaning.
+
+    ins, outs, pids: [N] int64; arrival_ids: the requests with output >= 2 by ready time
+    (`arrivals`, float64);
+    base, deadline: [N] float64 or empty (absent); flagged: [N] bool, updated in place;
+    cands: [num_prefill, widest] allowed decode ids, -1 padded; link_ids, spt: [num_prefill, k];
+    small, large: decode coefficients (a, b, c) below / from `thr`; recompute: prefill (a, b, c).
+    """
+    n = len(ins)
+    inf = np.inf
+    kv_ready = np.full(n, inf)
+    finish = np.full(n, inf)
+    xfer = np.zeros(n)
+    counts = np.zeros(3, dtype=np.int64)
+    has_base, has_deadline = len(base) > 0, len(deadline) > 0
+    slack = block_size // 2 if paged else 0  # unused slots of a request's last block
+    admit_cap = cap * (1.0 - watermark)
+    link_free = np.zeros(max(num_links, 1))
+
+    used = np.zeros(k, dtype=np.int64)  # KV tokens held (paged: current contexts; reserve: final footprints)
+    admitted = np.zeros(k, dtype=np.int64)
+    # FCFS waiting queue per instance as linked lists (a request waits in one queue at most):
+    # head/tail per instance, next per request, -1 = none.
+    w_head = np.full(k, -1, dtype=np.int64)
+    w_tail = np.full(k, -1, dtype=np.int64)
+    w_next = np.full(n, -1, dtype=np.int64)
+    waiting_tokens = np.zeros(k, dtype=np.int64)
+    generated = np.zeros(n, dtype=np.int64)  # decode steps done before a preemption (recomputed on re-admission)
+    epoch = np.zeros(n, dtype=np.int64)  # bumped on preemption: invalidates the request's finish-heap entry
+    join_step = np.zeros(n, dtype=np.int64)
+    running = np.zeros(n, dtype=np.bool_)
     # Lane state, flat index = instance * lanes_per + lane.
     num_lanes = k * lanes_per
-    lane_b = [0] * num_lanes  # running batch size
-    lane_ctx = [0] * num_lanes  # sum of context lengths of running requests
-    lane_step = [0] * num_lanes  # steps completed
-    lane_busy = [False] * num_lanes
-    lane_own = [0.0] * num_lanes  # own_ms of the lane's current step (pipeline lanes only)
+    lane_b = np.zeros(num_lanes, dtype=np.int64)  # running batch size
+    lane_ctx = np.zeros(num_lanes, dtype=np.int64)  # sum of context lengths of running requests
+    lane_step = np.zeros(num_lanes, dtype=np.int64)  # steps completed
+    lane_busy = np.zeros(num_lanes, dtype=np.bool_)
+    lane_own = np.zeros(num_lanes)  # own ms of the lane's current step (pipeline lanes only)
     # KV loads by other lanes of the same instance, not yet charged to this lane: the
     # instance's step loop awaits each load (DistServe's decode loop migrates between
     # steps), so every running lane's next step waits for it: a pipeline bubble.
-    lane_stall_ms = [0.0] * num_lanes
-    lane_pending: list[list[int]] = [[] for _ in range(num_lanes)]
-    lane_finish: list[list[tuple[int, int, int]]] = [[] for _ in range(num_lanes)]  # (step, req, epoch)
-    lane_order: list[list[int]] = [[] for _ in range(num_lanes)]  # join order, lazily pruned
-    running = [False] * n
-    events: list[tuple[float, int, int, int]] = []
-    seq = 0
+    lane_stall_ms = np.zeros(num_lanes)
+    pending = [[0] for _ in range(num_lanes)]  # ready requests joining the lane's next step
+    finishing = [[(0, 0, 0)] for _ in range(num_lanes)]  # heaps of (step, request, epoch)
+    joined = [[0] for _ in range(num_lanes)]  # join order, lazily pruned
+    for lane in range(num_lanes):  # the literals above only fix the element types
+        pending[lane].pop()
+        finishing[lane].pop()
+        joined[lane].pop()
+    events = [(0.0, 0, 0, 0)]  # (time, kind, seq, payload)
+    events.pop()
     # TPOT deadlines (base + limit x (output - 1)) of unfinished requests: once the clock
     # passes one, that request cannot meet TPOT any more, so it counts as a violation at
     # once instead of at its (late) finish. Overloaded runs then stop early.
-    deadlines: list[tuple[float, int]] = []
-    check_deadlines = tpot_limit_s != float("inf") and max_violations is not None
+    deadlines = [(0.0, 0)]
+    deadlines.pop()
 
-    order = sorted((t, r) for r, t in enumerate(ready_s.tolist()) if outs[r] >= 2)
-    arrivals = [t for t, _ in order]
-    arrival_ids = [r for _, r in order]
+    def push(time, kind, payload):
+        heapq.heappush(events, (time, kind, counts[_SEQ], payload))
+        counts[_SEQ] += 1
 
-    def footprint(r: int) -> int:
+    def fail(r):
+        if not flagged[r]:
+            counts[_VIOLATIONS] += 1
+            flagged[r] = True
+
+    def pop_waiting(d):
+        r = w_head[d]
+        w_head[d] = w_next[r]
+        if w_head[d] < 0:
+            w_tail[d] = -1
+        w_next[r] = -1
+
+    def append_waiting(d, r):
+        if w_tail[d] < 0:
+            w_head[d] = r
+        else:
+            w_next[w_tail[d]] = r
+        w_tail[d] = r
+
+    def footprint(r):
         """KV tokens admission allocates for r."""
         return ins[r] + generated[r] + slack if paged else ins[r] + outs[r]
 
-    def own_ms(lane: int) -> float:
+    def own_ms(lane):
         """The lane's batch through all stages, unpipelined."""
         b, ctx = lane_b[lane], lane_ctx[lane]
-        a, bb, c = small if b < thr else large
-        return a + bb * (ctx + b) + c * b + oa + ob * ctx
+        co = small if b < thr else large
+        return co[0] + co[1] * (ctx + b) + co[2] * b + oa + ob * ctx
 
-    def lane_ms(lane: int) -> float:
+    def lane_ms(lane):
         """One step of the lane: its own batch through all stages, or, when the instance's
         lanes together keep a stage busy for longer, one turn of every lane on that stage
         (the other lanes at the batch of the step they run now)."""
@@ -222,25 +291,25 @@ def simulate_decode_pool(
                 total += lane_own[other]
         return max(own, total / lanes_per)
 
-    def start_step(lane: int, now: float) -> None:
-        nonlocal seq
-        pend = lane_pending[lane]
+    def start_step(lane, now):
+        pend = pending[lane]
         extra_ms = lane_stall_ms[lane]
         lane_stall_ms[lane] = 0.0
-        if pend:
+        if len(pend):
             load_ms = 0.0
-            b, ctx, step, fin = lane_b[lane], lane_ctx[lane], lane_step[lane], lane_finish[lane]
+            b, ctx, step, fin = lane_b[lane], lane_ctx[lane], lane_step[lane], finishing[lane]
             for r in pend:
                 b += 1
                 g = generated[r]
                 ctx += ins[r] + g
-                if g:
-                    extra_ms += recompute_ms((ins[r] + g,))
+                if g:  # the profile's unpipelined prefill of the recomputed context
+                    length = ins[r] + g
+                    extra_ms += recompute[0] + recompute[1] * length + recompute[2] * (length * length)
                 else:
                     load_ms += load_ms_per_token * ins[r]
                 join_step[r] = step
                 running[r] = True
-                lane_order[lane].append(r)
+                joined[lane].append(r)
                 heapq.heappush(fin, (step + outs[r] - 1 - g, r, epoch[r]))
             lane_b[lane], lane_ctx[lane] = b, ctx
             pend.clear()
@@ -248,63 +317,53 @@ def simulate_decode_pool(
                 # The load waits for the micro-batches in flight to leave every stage (the
                 # youngest has p - 1 stages to go), and the next launch waits for the load.
                 first = lane - lane % lanes_per
-                others = [o for o in range(first, first + lanes_per)
-                          if o != lane and lane_busy[o] and lane_b[o]]
-                if others:
-                    load_ms += max(lane_own[o] for o in others) * (lanes_per - 1) / lanes_per
+                busy_others, slowest = False, 0.0
+                for o in range(first, first + lanes_per):
+                    if o != lane and lane_busy[o] and lane_b[o]:
+                        slowest = lane_own[o] if not busy_others else max(slowest, lane_own[o])
+                        busy_others = True
+                if busy_others:
+                    load_ms += slowest * (lanes_per - 1) / lanes_per
                 for other in range(first, first + lanes_per):
                     if other != lane and lane_busy[other]:  # an idle lane has no step to delay
                         lane_stall_ms[other] += load_ms
             extra_ms += load_ms
         dt = (lane_ms(lane) + extra_ms) / 1000.0
         lane_busy[lane] = True
-        heapq.heappush(events, (now + dt, _STEP_DONE, seq, lane))
-        seq += 1
+        push(now + dt, _STEP_DONE, lane)
 
-    def fail(r: int) -> None:
-        nonlocal violations
-        if not flagged[r]:
-            violations += 1
-            flagged[r] = True
-
-    def admit(d: int, now: float) -> None:
-        nonlocal seq
-        q = waiting[d]
-        while q:
-            r = q[0]
+    def admit(d, now):
+        while w_head[d] >= 0:
+            r = w_head[d]
             if ins[r] + outs[r] + slack > cap:  # can never finish here: fail, do not block the queue
-                q.popleft()
+                pop_waiting(d)
                 waiting_tokens[d] -= ins[r] + outs[r]
                 fail(r)
                 continue
             need = footprint(r)
             if admitted[d] >= max_seqs or (admitted[d] and used[d] + need > admit_cap):
                 return
-            q.popleft()
+            pop_waiting(d)
             waiting_tokens[d] -= ins[r] + outs[r]
             used[d] += need
             admitted[d] += 1
             if generated[r]:  # preempted earlier: recomputes locally, no transfer
-                heapq.heappush(events, (now, _TRANSFER_DONE, seq, r * k + d))
-                seq += 1
+                push(now, _TRANSFER_DONE, r * k + d)
                 continue
-            if topology is None:
-                done = now
-            else:
+            done = now
+            if has_topology:
                 p = pids[r]
-                link = link_ids[p][d]
-                dur = lat + ins[r] * spt[p][d]
+                link = link_ids[p, d]
+                dur = lat + ins[r] * spt[p, d]
                 start = link_free[link] if link_free[link] > now else now
                 done = start + dur
                 link_free[link] = done
                 xfer[r] = dur
-            heapq.heappush(events, (done, _TRANSFER_DONE, seq, r * k + d))
-            seq += 1
+            push(done, _TRANSFER_DONE, r * k + d)
 
-    def preempt(lane: int, d: int) -> None:
+    def preempt(lane, d):
         """Free KV by evicting the lane's newest requests until the instance fits."""
-        nonlocal preemptions
-        order_l = lane_order[lane]
+        order_l = joined[lane]
         while used[d] > cap and lane_b[lane] > 1:
             r = order_l.pop()
             if not running[r]:
@@ -317,21 +376,24 @@ def simulate_decode_pool(
             generated[r] = g
             running[r] = False
             epoch[r] += 1
-            preemptions += 1
-            waiting[d].appendleft(r)
+            counts[_PREEMPTIONS] += 1
+            w_next[r] = w_head[d]  # back to the head of the queue
+            w_head[d] = r
+            if w_tail[d] < 0:
+                w_tail[d] = r
             waiting_tokens[d] += ins[r] + outs[r]
 
     nxt = 0
-    total = len(arrivals)
-    while nxt < total or events:
-        if events and (nxt >= total or events[0][0] < arrivals[nxt]):
+    total = len(arrival_ids)
+    while nxt < total or len(events):
+        if len(events) and (nxt >= total or events[0][0] < arrivals[nxt]):
             now, kind, _, payload = heapq.heappop(events)
             if check_deadlines:
-                while deadlines and deadlines[0][0] < now:
+                while len(deadlines) and deadlines[0][0] < now:
                     _, r = heapq.heappop(deadlines)
-                    if finish[r] == float("inf"):
+                    if finish[r] == inf:
                         fail(r)
-                if violations > limit:
+                if counts[_VIOLATIONS] > limit:
                     break
             if kind == _KICK:
                 start_step(payload, now)
@@ -344,9 +406,9 @@ def simulate_decode_pool(
                 lane_ctx[lane] += b
                 if paged:
                     used[d] += b
-                fin = lane_finish[lane]
+                fin = finishing[lane]
                 freed = False
-                while fin and fin[0][0] <= step:
+                while len(fin) and fin[0][0] <= step:
                     _, r, ep = heapq.heappop(fin)
                     if ep != epoch[r]:
                         continue  # preempted since this entry was pushed
@@ -358,24 +420,21 @@ def simulate_decode_pool(
                     admitted[d] -= 1
                     freed = True
                     if not flagged[r]:
-                        t0 = base[r] if base is not None else kv_ready[r]
-                        # cluster.slo.tpot_s, inlined: this is the simulator's hot loop
-                        if (now - t0) / (outs[r] - 1) > tpot_limit_s:
-                            violations += 1
+                        t0 = base[r] if has_base else kv_ready[r]
+                        if (now - t0) / (outs[r] - 1) > tpot_limit_s:  # cluster.slo.tpot_s
+                            counts[_VIOLATIONS] += 1
                             flagged[r] = True
-                if violations > limit:
+                if counts[_VIOLATIONS] > limit:
                     break
                 if paged and used[d] > cap:
                     preempt(lane, d)
                 if freed:
                     admit(d, now)
-                if lane_pending[lane] or lane_stall_ms[lane]:
+                if len(pending[lane]) or lane_stall_ms[lane]:
                     start_step(lane, now)
-                elif b := lane_b[lane]:  # start_step without joins, inlined (the hot path)
-                    ctx = lane_ctx[lane]
-                    a, bb, c = small if b < thr else large
-                    ms = a + bb * (ctx + b) + c * b + oa + ob * ctx
-                    if lanes_per > 1:  # lane_ms, inlined: this lane is busy, so in `total`
+                elif lane_b[lane]:  # start_step without joins, shortened
+                    ms = own_ms(lane)
+                    if lanes_per > 1:  # lane_ms, with this lane busy and so in the turn
                         lane_own[lane] = ms
                         first = lane - lane % lanes_per
                         turn = 0.0
@@ -384,45 +443,45 @@ def simulate_decode_pool(
                                 turn += lane_own[other]
                         if turn > ms * lanes_per:
                             ms = turn / lanes_per
-                    heapq.heappush(events, (now + ms / 1000.0, _STEP_DONE, seq, lane))
-                    seq += 1
+                    push(now + ms / 1000.0, _STEP_DONE, lane)
                 else:
                     lane_busy[lane] = False
             else:  # transfer done (or a preempted request re-admitted)
                 r, d = divmod(payload, k)
                 if not generated[r]:
                     kv_ready[r] = now
-                    if check_deadlines and base is None and not flagged[r]:  # TPOT from KV-ready
+                    if check_deadlines and not has_base and not flagged[r]:  # TPOT from KV-ready
                         heapq.heappush(deadlines, (now + tpot_limit_s * (outs[r] - 1), r))
-                    if deadline is not None and not flagged[r] and now > deadline[r]:
+                    if has_deadline and not flagged[r] and now > deadline[r]:
                         fail(r)
-                        if violations > limit:
+                        if counts[_VIOLATIONS] > limit:
                             break
                 first = d * lanes_per
-                lane = first if lanes_per == 1 else min(
-                    range(first, first + lanes_per), key=lambda l: lane_b[l] + len(lane_pending[l]))
-                lane_pending[lane].append(r)
+                lane = first
+                for other in range(first + 1, first + lanes_per):  # the least loaded, first on ties
+                    if lane_b[other] + len(pending[other]) < lane_b[lane] + len(pending[lane]):
+                        lane = other
+                pending[lane].append(r)
                 if not lane_busy[lane]:
                     lane_busy[lane] = True  # until the kick starts the step
-                    heapq.heappush(events, (now, _KICK, seq, lane))
-                    seq += 1
+                    push(now, _KICK, lane)
         else:
             now = arrivals[nxt]
             r = arrival_ids[nxt]
             nxt += 1
-            allowed = cands[pids[r]] if topology is not None else all_ids
-            # The router's "most free KV": capacity minus held KV and queued demand.
-            # (The first of the least-loaded, written out: this loop is hot.)
-            d = allowed[0]
+            p = pids[r] if has_topology else 0
+            # The router's "most free KV": capacity minus held KV and queued demand (the
+            # first of the least loaded).
+            d = cands[p, 0]
             load = used[d] + waiting_tokens[d]
-            for j in allowed[1:]:
+            for j in cands[p, 1:]:
+                if j < 0:
+                    break
                 if used[j] + waiting_tokens[j] < load:
                     d, load = j, used[j] + waiting_tokens[j]
-            waiting[d].append(r)
+            append_waiting(d, r)
             waiting_tokens[d] += ins[r] + outs[r]
-            if check_deadlines and base is not None and not flagged[r]:
+            if check_deadlines and has_base and not flagged[r]:
                 heapq.heappush(deadlines, (base[r] + tpot_limit_s * (outs[r] - 1), r))
             admit(d, now)
-    stopped = violations > limit
-    return DecodeOutcome(np.array(kv_ready), np.array(finish), np.array(xfer), violations, stopped,
-                         preemptions)
+    return kv_ready, finish, xfer, counts

@@ -201,6 +201,11 @@ class EngineTiming:
         first = stage + (2.0 + 1e-4 * sum_lens if self.adds_overhead else 0.0)
         return first / 1000.0, stage / 1000.0
 
+    def prefill_coefficients_ms(self) -> tuple[float, float, float, bool]:
+        """(fixed ms of one stage, b, c, adds overhead): `prefill_stage_s` for hot loops."""
+        a, b, c = self.profile.prefill
+        return self._fixed_ms(a), b, c, self.adds_overhead
+
     def prefill_latency_s(self, sum_lens: float, sum_sq_lens: float) -> float:
         """Start-to-finish seconds of one prefill batch through an idle pipeline."""
         first, later = self.prefill_stage_s(sum_lens, sum_sq_lens)
