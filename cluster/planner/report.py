@@ -40,6 +40,10 @@ def _phase(outcome: PlanOutcome, phase: str, plan_config) -> PhaseGoodput:
     return next(g for g in outcome.phases if g.phase == phase and g.config == plan_config)
 
 
+def _pooled(g: PhaseGoodput) -> str:
+    return f"{g.num_pooled}x {g.pooled_goodput_rps:.2f}" if g.num_pooled > 1 else "-"
+
+
 def _why(e: EvaluatedPlan, outcome: PlanOutcome, problem: PlanningProblem) -> list[str]:
     plan = e.plan
     gp, gd = _phase(outcome, "prefill", plan.prefill), _phase(outcome, "decode", plan.decode)
@@ -50,9 +54,9 @@ def _why(e: EvaluatedPlan, outcome: PlanOutcome, problem: PlanningProblem) -> li
         f"{plan.decode.label} instance alone sustains {gd.goodput_rps:.2f} req/s within TPOT "
         f"{slo.tpot_s:g} s ({gd.goodput_per_gpu:.2f}/{unit}, {gd.kv_capacity_tokens} KV tokens)",
         f"{plan.num_prefill}:{plan.num_decode} prefill:decode balances the phases "
-        f"({plan.num_prefill * gp.goodput_rps:.2f} vs {plan.num_decode * gd.goodput_rps:.2f} "
-        f"req/s by the per-phase estimate); co-simulated together the plan reaches "
-        f"{e.goodput_rps:.2f} req/s",
+        f"({gp.pooled_rps(plan.num_prefill):.2f} vs {gd.pooled_rps(plan.num_decode):.2f} "
+        f"req/s by the per-phase estimate, pooling counted); co-simulated together the plan "
+        f"reaches {e.goodput_rps:.2f} req/s",
     ]
     if e.beyond is not None:
         lines.append(
@@ -198,13 +202,16 @@ def render_report(outcome: PlanOutcome, problem: PlanningProblem, elapsed_s: flo
             for i, e in enumerate(outcome.runners_up, start=2):
                 out.append(f"  #{i} {e.plan.label}: {e.goodput_rps:.2f} req/s on {e.plan.num_gpus} {unit}s "
                            f"({e.goodput_per_gpu:.3f}/{unit}; {_compare(e, best, unit, problem)})")
-    out += ["", f"Per-phase goodput of one instance (req/s; per {unit}):",
-            f"  {'config':<10} {'prefill (TTFT)':>18} {'decode (TPOT)':>18} {'KV tokens':>10}"]
+    out += ["", f"Per-phase goodput of one instance (req/s; per {unit}), and of the most "
+                f"instances a plan could hold, routed together:",
+            f"  {'config':<10} {'prefill (TTFT)':>18} {'pooled':>14} {'decode (TPOT)':>18} "
+            f"{'pooled':>14} {'KV tokens':>10}"]
     configs = sorted({g.config for g in outcome.phases})
     for config in configs:
         gp, gd = _phase(outcome, "prefill", config), _phase(outcome, "decode", config)
-        out.append(f"  {config.label:<10} {gp.goodput_rps:>8.2f} ({gp.goodput_per_gpu:>6.2f})  "
-                   f"{gd.goodput_rps:>8.2f} ({gd.goodput_per_gpu:>6.2f})  {gd.kv_capacity_tokens:>10}")
+        out.append(f"  {config.label:<10} {gp.goodput_rps:>8.2f} ({gp.goodput_per_gpu:>6.2f})  {_pooled(gp):>14} "
+                   f"{gd.goodput_rps:>8.2f} ({gd.goodput_per_gpu:>6.2f})  {_pooled(gd):>14} "
+                   f"{gd.kv_capacity_tokens:>10}")
     if outcome.excluded:
         out += ["", "Excluded configurations:"]
         out += [f"  {config.label}: {reason}" for config, reason in outcome.excluded]

@@ -1,10 +1,12 @@
 """Placement search: which parallelism, how many instances of each phase, where.
 
     1. enumerate (TP, PP) per phase; drop what does not fit memory / nodes / profile;
-    2. per-phase goodput of one instance of each (`phase_goodput`, DistServe's pruning);
+    2. per-phase goodput of each (`phase_goodput`, DistServe's pruning), of one instance
+       and of the most a plan could hold, routed together (pooling);
     3. per placement and (prefill config, decode config) pair, size instance counts from
-       those goodputs: estimate(n_p, n_d) = min(n_p * g_p, n_d * g_d), within the GPU
-       budget and the node layout (`placement.layout_plan`);
+       those goodputs: estimate(n_p, n_d) = min(G_p(n_p), G_d(n_d)), G the pooled per-phase
+       goodput (`PhaseGoodput.pooled_rps`), within the GPU budget and the node layout
+       (`placement.layout_plan`);
     4. co-simulate the most promising pairs in full (every instance, KV transfer over the
        links of the layout, decode memory, joint TTFT+TPOT attainment) and refine the
        instance counts locally with those co-simulations.
@@ -29,8 +31,8 @@ from typing import Iterator, Literal
 from cluster.config import SLOConfig
 
 from .goodput import MAX_RATE, RateMeasurement, RateJudge, max_feasible_rate
-from .phase_goodput import (ColocatedGoodput, PhaseGoodput, ceil_div, colocated_goodput,
-                            enumerate_configs, phase_goodput)
+from .phase_goodput import (ColocatedGoodput, PhaseGoodput, colocated_goodput, enumerate_configs,
+                            phase_goodput)
 from .placement import layout_plan, transfer_topology
 from .pool import job_pool, map_jobs
 from .plans import ParallelConfig, Plan
@@ -141,7 +143,7 @@ class _Search:
         self._traces: dict[int, list[SyntheticTrace]] = {}
         self._judges: dict[Plan, RateJudge] = {}
         self._evaluated: dict[Plan, EvaluatedPlan] = {}
-        self.goodput: dict[tuple[str, ParallelConfig], float] = {}
+        self.phase: dict[tuple[str, ParallelConfig], PhaseGoodput] = {}
         self._prefill_passes: OrderedDict[tuple, PrefillOutcome] = OrderedDict()
 
     # -- traces and co-simulation --------------------------------------------------------
@@ -170,8 +172,7 @@ class _Search:
     def judge(self, plan: Plan) -> RateJudge:
         if plan not in self._judges:
             system, slo = self.system(plan), self.req.slo
-            scale = min(MAX_TRACE_SCALE, max(1.0, (plan.num_prefill + plan.num_decode) / 2))
-            traces = self.traces(int(self.req.search.num_requests * scale))
+            traces = self.traces(self.trace_length(plan.num_prefill + plan.num_decode))
 
             def simulate(arrival_s, trace, stop, slo, prefill_scale=1.0):
                 pre = self.prefill_pass(plan, arrival_s, trace, stop, slo, prefill_scale)
@@ -202,9 +203,33 @@ class _Search:
             self._prefill_passes.move_to_end(key)
         return out
 
+    def phase_goodputs(self, configs: list[ParallelConfig], pool: Executor | None) -> list[PhaseGoodput]:
+        """Every configuration's per-phase goodput, of one instance and of the most instances
+        a plan could hold (the budget less one instance of the smallest configuration),
+        those on traces as long as a co-simulation of that many instances would use."""
+        budget = self.cluster.gpu_budget
+        smallest = min(c.num_gpus for c in configs)
+        jobs = []
+        for phase in ("prefill", "decode"):
+            for config in configs:
+                most = max(1, (budget - smallest) // config.num_gpus)
+                jobs.append((self.problem, phase, config, self.traces(self.req.search.num_requests),
+                             most, self.traces(self.trace_length(most))))
+        out = []
+        for (_, phase, config, *_), (g, runs) in zip(jobs, map_jobs(pool, _phase_job, jobs)):
+            self.num_runs += runs
+            self.phase[(phase, config)] = g
+            out.append(g)
+        return out
+
+    def trace_length(self, num_instances: int) -> int:
+        """Requests per trace for a run of `num_instances` instances in all."""
+        scale = min(MAX_TRACE_SCALE, max(1.0, num_instances / 2))
+        return int(self.req.search.num_requests * scale)
+
     def estimate(self, plan: Plan) -> float:
-        return min(plan.num_prefill * self.goodput[("prefill", plan.prefill)],
-                   plan.num_decode * self.goodput[("decode", plan.decode)])
+        return min(self.phase[("prefill", plan.prefill)].pooled_rps(plan.num_prefill),
+                   self.phase[("decode", plan.decode)].pooled_rps(plan.num_decode))
 
     def evaluate(self, plan: Plan, passed: float | None = None) -> EvaluatedPlan:
         """Co-simulated goodput of a plan (bisection). Measurements around it are taken
@@ -230,7 +255,7 @@ class _Search:
         if pool is None or len(plans) < 2:
             return [self.evaluate(plan, passed) for plan in plans]
         out = []
-        jobs = [(self.problem, self.goodput, p, passed) for p in plans]
+        jobs = [(self.problem, self.phase, p, passed) for p in plans]
         for e, runs in map_jobs(pool, _evaluate_job, jobs):
             self.num_runs += runs
             self._evaluated[e.plan] = e
@@ -279,10 +304,10 @@ class _Search:
                     and "high_node_affinity" in self.req.search.placements):
                 continue  # one node: high node affinity already keeps every transfer on NVLink
             for cp in configs:
-                if self.goodput[("prefill", cp)] <= 0:
+                if self.phase[("prefill", cp)].goodput_rps <= 0:
                     continue
                 for cd in configs:
-                    if self.goodput[("decode", cd)] <= 0:
+                    if self.phase[("decode", cd)].goodput_rps <= 0:
                         continue
                     if placement == "low_node_affinity" and cp.pp != cd.pp:
                         continue
@@ -299,10 +324,12 @@ class _Search:
                         if plan.num_gpus <= budget:
                             yield plan
             return
-        gp, gd = self.goodput[("prefill", cp)], self.goodput[("decode", cd)]
+        gp, gd = self.phase[("prefill", cp)], self.phase[("decode", cd)]
         for n_p in range(1, budget // cp.num_gpus + 1):
             room = (budget - n_p * cp.num_gpus) // cd.num_gpus
-            balance = ceil_div(n_p * gp, gd)
+            # The fewest decode instances that keep up with n_p prefills (room + 1: none fit).
+            target = gp.pooled_rps(n_p)
+            balance = next((n for n in range(1, room + 1) if gd.pooled_rps(n) >= target), room + 1)
             # More decode than balance adds nothing to the estimate, so offer the largest
             # layout-feasible count up to balance, and balance + 1 as a hedge.
             for n_d in range(min(room, balance), 0, -1):
@@ -355,8 +382,7 @@ class _Search:
         self.num_runs += runs
         total = 0.0
         if one > 0 and count >= 1:
-            scale = min(MAX_TRACE_SCALE, max(1.0, count / 2))
-            traces = self.traces(int(self.req.search.num_requests * scale))
+            traces = self.traces(self.trace_length(count))
             total, runs = colocated_goodput(self.problem, config, scheduler, traces, count, one * count)
             self.num_runs += runs
         return ColocatedGoodput(config.tp, scheduler, one, config.pp, count, total)
@@ -602,9 +628,9 @@ def _bar_job(job: tuple[PlanningProblem, Plan, float]) -> tuple[bool, int]:
 
 
 def _evaluate_job(job: tuple) -> tuple[EvaluatedPlan, int]:
-    problem, goodput, plan, passed = job
+    problem, phases, plan, passed = job
     s = _search_for(problem)
-    s.goodput.update(goodput)  # the per-phase goodputs the estimate reads
+    s.phase.update(phases)  # the per-phase goodputs the estimate reads
     s.judge(plan).verdicts[passed] = True  # the bar it passed in the parent
     return s.evaluate(plan, passed), s.num_runs
 
@@ -624,13 +650,7 @@ def _search_layout_in(problem: PlanningProblem, pool: Executor | None) -> PlanOu
     s = _Search(problem)
     req = problem.request
     configs, excluded = enumerate_configs(problem)
-    phase_traces = s.traces(req.search.num_requests)
-    jobs = [(problem, phase, config, phase_traces) for phase in ("prefill", "decode") for config in configs]
-    phases = []
-    for (_, phase, config, _), (g, runs) in zip(jobs, map_jobs(pool, _phase_job, jobs)):
-        s.num_runs += runs
-        s.goodput[(phase, config)] = g.goodput_rps
-        phases.append(g)
+    phases = s.phase_goodputs(configs, pool) if configs else []
 
     colocated = []
     if req.search.compare_colocated:

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from cluster.planner.inputs import PlanRequest
-from cluster.planner.phase_goodput import enumerate_configs, phase_goodput
+from cluster.planner.phase_goodput import enumerate_configs
 from cluster.planner.placement import layout_plan, transfer_topology
 from cluster.planner.plans import ParallelConfig, Plan
 from cluster.planner.problem import build_problem
@@ -43,10 +43,7 @@ def _all_plans(s: _Search, configs, budget):
 def _prepared(problem):
     s = _Search(problem)
     configs, _ = enumerate_configs(problem)
-    for phase in ("prefill", "decode"):
-        for config in configs:
-            g, _ = phase_goodput(problem, phase, config, s.traces(problem.request.search.num_requests))
-            s.goodput[(phase, config)] = g.goodput_rps
+    s.phase_goodputs(configs, None)
     return s, configs
 
 
