@@ -8,8 +8,8 @@ for each phase in isolation.
 Each phase is measured twice: one instance, and the most instances a plan could hold,
 routed together. Several instances sharing a router sustain more than that many times one
 under a tight SLO (a queue's tail shrinks when it is pooled): on OPT-13B ShareGPT at TTFT
-0.25 s, one TP1 prefill sustains 2.6 req/s and six pooled about 41. `PhaseGoodput.pooled_rps`
-interpolates between the two. These numbers rank configurations and size instance counts
+0.25 s, one TP1 prefill sustains 2.6 req/s and fifteen pooled 128 (8.5 each).
+`PhaseGoodput.pooled_rps` interpolates between the two. These numbers rank configurations and size instance counts
 cheaply; full plans are then co-simulated (`search`). Analytic capacity estimates only seed
 the bisection.
 """
