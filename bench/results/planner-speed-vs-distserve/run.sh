@@ -12,7 +12,6 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
 shared="$root/../shared/data"
 procs="${PROCS:-$(nproc)}"
-"$DS_PYTHON" "$here/make_dataset.py" "$shared/sharegpt_opt_lengths.csv" "$DISTSERVE/simdistserve/data/sharegpt.dataset"
 py="$root/.venv/bin/python"
 cases="opt13b-sharegpt-1x4 opt13b-sharegpt-2x8 opt66b-sharegpt-1x8 opt66b-humaneval-1x8"
 if [ -n "${BEFORE:-}" ]; then
@@ -22,7 +21,7 @@ fi
 echo "== now: $(git -C "$root" log --oneline -1)"
 (cd "$root" && "$py" -m bench.planner_speed $cases && "$py" -m bench.planner_speed --exhaustive $cases)
 echo "== DistServe (its runtime benchmark's settings, $procs processes)"
-(cd "$DISTSERVE" && PYTHONPATH="$DISTSERVE" "$DS_PYTHON" "$here/distserve_search.py" 2 8 "$procs")
-(cd "$DISTSERVE" && PYTHONPATH="$DISTSERVE" "$DS_PYTHON" "$here/distserve_search.py" 1 4 "$procs")
+(cd "$DISTSERVE" && PYTHONPATH="$DISTSERVE" "$DS_PYTHON" "$here/distserve_search.py" 2 8 "$procs" "$shared/sharegpt_opt_lengths.csv")
+(cd "$DISTSERVE" && PYTHONPATH="$DISTSERVE" "$DS_PYTHON" "$here/distserve_search.py" 1 4 "$procs" "$shared/sharegpt_opt_lengths.csv")
 echo "== now, 2x8 again"
 (cd "$root" && "$py" -m bench.planner_speed opt13b-sharegpt-2x8)
