@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from cluster.planner.online import (AddInstances, DrainInstance, Effect, InstanceStatus, Replanner,
-                                    Role, TrafficSnapshot)
+                                    ReplanSettings, Role, TrafficSnapshot)
 from router.metrics import request_latencies
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ def _output_estimate(median_out: int | None, max_tokens: int | None) -> int | No
 
 
 def snapshot_from_router(deps: "RouterDeps", now: float | None = None,
-                         window_s: float = DEFAULT_WINDOW_S, min_sample: int = 50) -> TrafficSnapshot:
+                         window_s: float = DEFAULT_WINDOW_S,
+                         min_sample: int = ReplanSettings.model_fields["min_requests"].default,
+                         ) -> TrafficSnapshot:
     """What the router saw over the last `window_s` seconds.
 
     Arrival rate: requests that arrived in the window / its length (the first window is as
@@ -308,7 +310,7 @@ def replan_task(config: "ServeConfig", deps: "RouterDeps", actuator: object) -> 
     from pydantic import ValidationError
 
     from cluster.planner.inputs import PlanRequest
-    from cluster.planner.online import PoolBounds, PoolSizer, ReplanSettings
+    from cluster.planner.online import PoolBounds, PoolSizer
     from cluster.planner.plans import ParallelConfig
     from cluster.planner.problem import build_problem
 

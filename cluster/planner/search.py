@@ -30,6 +30,7 @@ from typing import Iterator, Literal
 
 from cluster.config import SLOConfig
 
+from .colocated import ColocatedScheduler
 from .goodput import MAX_RATE, RateMeasurement, RateJudge, max_feasible_rate
 from .phase_goodput import (ColocatedGoodput, PhaseGoodput, colocated_goodput, enumerate_configs,
                             phase_goodput)
@@ -375,7 +376,7 @@ class _Search:
             out.append(baseline)
         return out
 
-    def colocated_baseline(self, config: ParallelConfig, scheduler) -> ColocatedGoodput:
+    def colocated_baseline(self, config: ParallelConfig, scheduler: ColocatedScheduler) -> ColocatedGoodput:
         c = self.cluster
         count = min((c.gpus_per_node // config.num_gpus) * c.num_nodes, c.gpu_budget // config.num_gpus)
         one, runs = colocated_goodput(self.problem, config, scheduler, self.traces(self.req.search.num_requests))

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 import yaml
 
 from kvtransfer.staging import POOL_PREFIX
+from tests.net import free_port
 
 pytestmark = pytest.mark.engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     staging = tmp / "staging"
     staging.mkdir()
-    port = _free_port()
+    port = free_port()
     config = tmp / "pdserve.yaml"
     config.write_text(yaml.safe_dump({"kv_transfer": {"staging_dir": str(staging)},
                                       "router": {"port": port}}))

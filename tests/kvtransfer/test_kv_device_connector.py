@@ -13,7 +13,6 @@ Every test ends with the arena empty and no slab record left: no leak.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from kvtransfer.testing import (
     scheduler_output,
 )
 from tests.kvtransfer.conftest import wait_until
+from tests.net import free_port
 
 SHAPE = ModelShape(num_layers=3, num_kv_heads=4, head_size=16, block_size=16, num_blocks=12)
 NUM_PROMPT_TOKENS = 40  # 3 blocks of 16, the last one partial
@@ -52,17 +52,11 @@ SRC_BLOCKS = (5, 1, 9)  # the prefill's blocks: two in step 1, one more in step 
 DST_BLOCKS = (7, 2, 10)  # the decode's own blocks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def store():
     from torch.distributed import TCPStore
 
-    port = _free_port()
+    port = free_port()
     master = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                       timeout=timedelta(seconds=30))
     yield port

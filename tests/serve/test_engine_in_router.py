@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from cluster.config import ConfigError, ServeConfig, load_config
 from pdserve.placement import (INGRESS_ENV_VARS, count_free, engine_deployment_options,
                                ingress_deployment_options, relay_deployment_options, replica_pools)
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,19 +60,13 @@ def test_layouts_it_cannot_run_are_refused(overrides, field):
         load_config(None, overrides)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_router_replica_serves_with_its_own_engine():
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     from pdserve.serve_app import build_application, parse_args
 
     app = "pdserve-in-router"
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "PDSERVE_FAKE_TOKEN_DELAY_S": "0.005"}})
     try:

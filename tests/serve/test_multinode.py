@@ -13,7 +13,6 @@ transfer server, a TCP connection, the consumer's staging."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.net import free_port
+
 pytestmark = pytest.mark.engine
 
 ray = pytest.importorskip("ray")
@@ -31,12 +32,6 @@ serve = pytest.importorskip("ray.serve")
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,",
            "1, 2, 3, 4, 5,"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_run(config: dict, tmp: Path, address: str, name: str) -> None:
@@ -110,7 +105,7 @@ def deployments(cluster):
     c, nodes, tmp = cluster
     staging = tmp / "staging"
     staging.mkdir()
-    port = _free_port()
+    port = free_port()
     _serve_run(_yaml_config(port, staging), tmp, c.address, "pd")
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url)

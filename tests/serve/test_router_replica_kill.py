@@ -20,17 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.net import free_port
+
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "pdserve-router-kill"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -50,7 +46,7 @@ def test_sigkilled_router_replica_is_replaced_on_its_port(monkeypatch):
     from pdserve.serve_app import build_application, parse_args
     from pdserve.serving import direct_ingress_env
 
-    port = _free_port()
+    port = free_port()
     config = {"prefill": {"num_instances": 1}, "decode": {"num_instances": 1},
               "router": {"port": port, "stats_interval_s": 0.1},
               "ray": {"app_name": APP, "drain_timeout_s": 5}}
@@ -59,7 +55,7 @@ def test_sigkilled_router_replica_is_replaced_on_its_port(monkeypatch):
     ray.init(num_cpus=8, include_dashboard=False, namespace="pdserve-router-kill",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         serve.run(build_application(parse_args(config),
                                     worker_factory="tests.serve.fake_workers:make_worker"),
                   name=APP, route_prefix="/", external_scaler_enabled=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.net import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -24,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "pdserve-fakes"
 TOKEN_DELAY_S = 0.02
 MAX_TOKENS = 16  # ~0.3 s per request with the fake's token delay
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _registry():
@@ -55,7 +50,7 @@ def _wait(predicate, timeout_s: float, what: str):
 def app_url():
     from pdserve.serve_app import build_application, parse_args
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, namespace="pdserve-test", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
                                        "PDSERVE_FAKE_TOKEN_DELAY_S": str(TOKEN_DELAY_S)}})

@@ -15,7 +15,6 @@ import asyncio
 import json
 import random
 import re
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from tests.net import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -40,12 +41,6 @@ PROFILE = {"pdserve-tiny": {"1": {"prefill": [5.0, 0.0, 0.0],
 SLO = {"ttft_s": 0.5, "tpot_s": 0.04, "attainment": 0.9}
 MAX_TOKENS = 16
 LIGHT_RPS, HEAVY_RPS = 3.0, 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_counts() -> dict[str, int]:
@@ -85,7 +80,7 @@ def app_url(tmp_path_factory):
         "workload": {"lengths": {"kind": "fixed", "input_len": 8, "output_len": MAX_TOKENS}},
         "cluster": {"num_nodes": 1, "gpus_per_node": 4},
         "engine": {"framework_overhead": False}}))
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, namespace="pdserve-test", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
                                        "PDSERVE_FAKE_TOKEN_DELAY_S": str(STEP_MS / 1000),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,18 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.net import free_port
+
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "pdserve-relay-kill"
 NUM_STREAMS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _router_pids() -> list[int]:
@@ -57,7 +52,7 @@ def test_a_router_replica_killed_mid_stream_behind_the_relay(monkeypatch):
     from pdserve.serve_app import build_application, parse_args
     from pdserve.serving import direct_ingress_env
 
-    port = _free_port()
+    port = free_port()
     config = {"prefill": {"num_instances": 1}, "decode": {"num_instances": 1},
               "router": {"port": port, "stats_interval_s": 0.1},
               "ray": {"app_name": APP, "drain_timeout_s": 5, "router_replicas": 2,
@@ -69,7 +64,7 @@ def test_a_router_replica_killed_mid_stream_behind_the_relay(monkeypatch):
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
                                        "PDSERVE_FAKE_TOKEN_DELAY_S": "0.02"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         serve.run(build_application(parse_args(config),
                                     worker_factory="tests.serve.fake_workers:make_worker"),
                   name=APP, route_prefix="/", external_scaler_enabled=True)
