@@ -12,6 +12,13 @@ starts their processes by spawn, and they do not inherit it (checked with the ti
 The first call in a fresh checkout compiles (about 15 s for the decode loop) and writes the
 machine code next to the module (`__pycache__`); later processes load it in well under a
 second. `NUMBA_DISABLE_JIT=1` runs the same functions as plain Python (for debugging).
+
+Each kernel keeps its helpers as closures in its own body, which is why the prefill and
+colocated kernels each write out the same few lines of queue routing (least outstanding
+tokens, then a linked-list append). A helper shared across modules would have to be
+registered with numba before any kernel compiles (numba at import, which the paragraph above
+rules out), and numba's cache checks only the kernel's own file: an edit to a helper
+elsewhere would leave stale machine code in use.
 """
 
 from __future__ import annotations
